@@ -1,0 +1,51 @@
+"""Every default of a tl_keras run, one line each. Regime configs override a few.
+
+Run:
+    python tools/finetune.py --config=configs/base.py --config.dataset=PATH
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # --- What to train (see tl_keras/trainable.py for the regimes) ---
+    config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different
+    config.backbone = "mobilenet_v2"     # a key of tl_keras.backbones.BACKBONES
+    config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (backbone, include_top=False)
+    config.init = "pretrained"           # pretrained | scratch (large regimes: every weight random)
+    config.cut = placeholder(str)        # early | middle | late | top | a layer name; None: the regime's
+    config.image_size = placeholder(int)  # None: the backbone's default
+    config.dropout = 0.2                 # before the new head
+
+    # --- Data (see tl_keras/data.py) ---
+    config.dataset = "digits"            # a folder of class subfolders | tfds:NAME | digits | fashion_mnist
+    config.val_fraction = 0.2            # held out by seed when the source has no validation split
+    config.max_examples = 0              # cap on training examples (seeded subset); 0: all
+    config.strict = False                # fail on an undecodable image instead of skipping it
+    config.train_split = "train"         # TFDS split, slicing allowed ("train[:10%]")
+    config.val_split = ""                # TFDS split; "": validation, else test, else carved from train
+    config.tfds_data_dir = ""            # TFDS data directory; "": TFDS' default
+    config.cache_bytes = 2 << 30         # cache the resized images in memory up to this size
+    config.augment = True                # training-side augmentation on/off
+    config.augment_flip = "horizontal"   # horizontal | vertical | horizontal_and_vertical | none
+    config.augment_zoom = 0.1            # RandomZoom factor; 0: off
+    config.augment_rotation = 0.05       # RandomRotation factor (fraction of a turn); 0: off
+
+    # --- Training ---
+    config.epochs = 10                   # total, across phases
+    config.head_epochs = 2               # large regimes: head-only epochs before unfreezing
+    config.batch_size = 32
+    config.learning_rate = 1e-3          # head phase (and init=scratch)
+    config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
+    config.weight_decay = 1e-4           # AdamW
+    config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
+    config.jit_compile = False           # XLA
+    config.seed = 0
+    config.verbose = "auto"              # Keras fit verbosity: auto (bar on a terminal) | 0 | 1 | 2
+
+    # --- Where ---
+    config.workdir = ""                  # "": runs/<regime>_<backbone>_<time>
+    return config

@@ -1,0 +1,17 @@
+"""Large dataset, similar to ImageNet: train a new head, then retrain everything at a low rate.
+
+Phase 1 trains the head alone for `head_epochs`; phase 2 unfreezes the
+backbone (BatchNorm stays frozen) and trains everything at
+`finetune_learning_rate` until `epochs`.
+
+Run:
+    python tools/finetune.py --regime=large_similar --dataset=PATH
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.regime = "large_similar"
+    return config

@@ -1,0 +1,13 @@
+"""Small dataset, similar to ImageNet: cut the classifier off, freeze the backbone, train a new head.
+
+Run:
+    python tools/finetune.py --regime=small_similar --dataset=PATH
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.regime = "small_similar"
+    return config

@@ -1,0 +1,23 @@
+"""A run that finishes in seconds: tiny images, random weights, one epoch per phase.
+
+For checking an install or a change, not for accuracy. The argument picks
+the regime (default small_similar).
+
+Run:
+    python tools/finetune.py --config=configs/smoke.py:large_similar --dataset=digits
+"""
+
+from configs import base
+
+
+def get_config(regime="small_similar"):
+    config = base.get_config()
+    config.regime = regime or "small_similar"
+    config.backbone = "mobilenet_v3_small"
+    config.weights = "none"
+    config.image_size = 32
+    config.epochs = 2
+    config.head_epochs = 1
+    config.batch_size = 16
+    config.max_examples = 64
+    return config

@@ -1,0 +1,92 @@
+import math
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from tl_keras import backbones
+
+STRIDES = {"early": 4, "middle": 8, "late": 16}
+
+
+@pytest.mark.slow
+def test_every_named_cut_is_a_real_layer_at_its_stride():
+    # Built one after another in one process: this also proves that Keras'
+    # automatic layer names ("add_2", "activation_17") do not depend on the
+    # models built before.
+    for name, spec in backbones.BACKBONES.items():
+        # Valid padding shrinks small inputs too much to read their strides.
+        size = spec.image_size if name in ("inception_v3", "xception") else 64
+        built = backbones.build_backbone(name, weights="none", image_size=size, cut="early")
+        assert built.layer == spec.cuts["early"]
+        base = built.base
+        assert spec.cuts["top"] == base.layers[-1].name, name
+        for cut, stride in STRIDES.items():
+            layer = backbones.get_operation(base, spec.cuts[cut])
+            measured = size / layer.output.shape[1]
+            assert round(math.log2(measured)) == math.log2(stride), (name, cut, measured)
+
+
+def test_cut_on_own_graph_gives_stage_output():
+    built = backbones.build_backbone("resnet50", weights="none", image_size=64, cut="middle")
+    assert built.layer == "conv3_block4_out"
+    assert tuple(built.model.output.shape) == (None, 8, 8, 512)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    reference = keras.Model(built.base.input, built.base.get_layer("conv3_block4_out").output)
+    np.testing.assert_allclose(built.model.predict(x, verbose=0),
+                               reference.predict(x, verbose=0), atol=1e-5)
+
+
+def test_any_layer_name_is_a_cut():
+    built = backbones.build_backbone("mobilenet_v2", weights="none", image_size=32,
+                                     cut="block_3_expand_relu")
+    assert built.layer == "block_3_expand_relu"
+    assert built.model.output.shape[-1] == 144
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="valid backbones: mobilenet_v2, .*vgg16"):
+        backbones.build_backbone("resnet5O", weights="none", image_size=32)
+    with pytest.raises(ValueError) as e:
+        backbones.build_backbone("resnet50", weights="none", image_size=64,
+                                 cut="conv3_block4_outt")
+    message = str(e.value)
+    assert "early, middle, late, top" in message
+    assert "conv3_block4_out" in message  # nearest layer name
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0",
+                                  "vgg16", "xception"])
+def test_preprocess_affine_equals_preprocess_input(name):
+    kernel, bias = backbones.preprocess_affine(name)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
+    want = np.asarray(backbones.BACKBONES[name].preprocess_input(x.copy()))
+    np.testing.assert_allclose(x @ kernel + bias, want, rtol=1e-5, atol=1e-4)
+
+
+def test_weights_from_file(tmp_path):
+    keras.utils.set_random_seed(3)
+    first = backbones.build_backbone("mobilenet_v3_small", weights="none", image_size=32)
+    path = str(tmp_path / "b.weights.h5")
+    first.base.save_weights(path)
+    keras.utils.set_random_seed(4)
+    loaded = backbones.build_backbone("mobilenet_v3_small", weights=path, image_size=32)
+    for a, b in zip(first.base.weights, loaded.base.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="not 'imagenet', 'none' or an existing"):
+        backbones.build_backbone("mobilenet_v3_small", weights=str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_without_network_is_one_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example/weights.h5: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "get_file", offline)
+    start = time.time()
+    with pytest.raises(ValueError) as e:
+        backbones.build_backbone("resnet50", weights="imagenet", image_size=64)
+    assert time.time() - start < 30
+    assert "could not download ImageNet weights for 'resnet50'" in str(e.value)
+    assert "--weights=none" in str(e.value)

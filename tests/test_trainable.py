@@ -1,0 +1,130 @@
+"""What each regime freezes and trains, checked on weights after a real `fit`."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY_BACKBONE, TINY_SIZE, tiny_arrays, tiny_config
+from tl_keras import train, trainable
+
+
+def batchnorm_layers(model):
+    return [l for l in trainable._sublayers(model.get_layer("backbone"))
+            if isinstance(l, keras.layers.BatchNormalization)]
+
+
+def snapshot(model):
+    backbone = model.get_layer("backbone")
+    return {
+        "kernels": {w.path: w.numpy().copy() for w in backbone.weights
+                    if "kernel" in w.path},
+        "bn": {w.path: w.numpy().copy() for l in batchnorm_layers(model) for w in l.weights},
+        "head": model.get_layer("predictions").kernel.numpy().copy(),
+    }
+
+
+def fit_phase(model, phase, epochs=1):
+    trainable.apply_phase(model, phase)
+    model.compile(optimizer=keras.optimizers.AdamW(phase.learning_rate), jit_compile=False,
+                  loss="sparse_categorical_crossentropy")
+    x, y = tiny_arrays(n=16, num_classes=3)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0)
+
+
+def size(weights):
+    return sum(math.prod(w.shape) for w in weights)
+
+
+@pytest.mark.parametrize("regime", ["small_similar", "small_different"])
+def test_frozen_regimes_train_only_the_head(tmp_path, regime):
+    config = train.resolve(tiny_config(tmp_path, regime))
+    model, cut_layer = train.build(config, num_classes=3, channels=3)
+    assert cut_layer == ("activation_17" if regime == "small_similar"
+                         else "expanded_conv_project_bn")
+    [phase] = trainable.plan_phases(config)
+    trainable.apply_phase(model, phase)
+    head = model.get_layer("predictions")
+    features = model.get_layer("backbone").output.shape[-1]
+    assert trainable.count_params(model) == (
+        features * 3 + 3, model.count_params() - (features * 3 + 3))
+    assert [w.path for w in model.trainable_weights] == [w.path for w in head.weights]
+
+    before = snapshot(model)
+    fit_phase(model, phase)
+    after = snapshot(model)
+    for path, value in before["kernels"].items():
+        np.testing.assert_array_equal(value, after["kernels"][path], err_msg=path)
+    for path, value in before["bn"].items():  # moving_mean, moving_variance, gamma, beta
+        np.testing.assert_array_equal(value, after["bn"][path], err_msg=path)
+    assert before["bn"], "the backbone has BatchNorm layers to check"
+    assert not np.array_equal(before["head"], after["head"])
+
+
+def test_large_similar_phase_two_trains_everything_but_batchnorm(tmp_path):
+    config = train.resolve(tiny_config(tmp_path, "large_similar"))
+    model, _ = train.build(config, num_classes=3, channels=3)
+    head_phase, finetune_phase = trainable.plan_phases(config)
+    assert (head_phase.train, finetune_phase.train) == ("head", "all")
+    assert finetune_phase.learning_rate == config.finetune_learning_rate == 1e-5
+
+    fit_phase(model, head_phase)
+    trainable.apply_phase(model, finetune_phase)
+    bn_size = size(w for l in batchnorm_layers(model) for w in l.weights)
+    preprocess_size = size(model.get_layer("preprocess").weights)
+    assert trainable.count_params(model) == (
+        model.count_params() - bn_size - preprocess_size, bn_size + preprocess_size)
+
+    finetune_phase = trainable.Phase("finetune", "all", 1, 2, 1e-3, True)  # visible steps
+    before = snapshot(model)
+    fit_phase(model, finetune_phase)
+    after = snapshot(model)
+    changed = [p for p, v in before["kernels"].items() if not np.array_equal(v, after["kernels"][p])]
+    assert len(changed) == len(before["kernels"])  # every conv kernel trained
+    for path, value in before["bn"].items():
+        np.testing.assert_array_equal(value, after["bn"][path], err_msg=path)
+    assert not np.array_equal(before["head"], after["head"])
+
+
+def test_scratch_starts_from_random_weights_and_trains_batchnorm(tmp_path):
+    keras.utils.set_random_seed(123)
+    pretrained = train.build(train.resolve(tiny_config(tmp_path, "large_different")), 3, 3)[0]
+    path = str(tmp_path / "pretrained.weights.h5")
+    pretrained.get_layer("backbone").save_weights(path)
+    base = tiny_config(tmp_path, "large_different", weights=path)
+
+    loaded, _ = train.build(train.resolve(base), 3, 3)
+    for a, b in zip(loaded.get_layer("backbone").weights, pretrained.get_layer("backbone").weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    scratch_config = train.resolve(tiny_config(tmp_path, "large_different", weights=path,
+                                               init="scratch"))
+    scratch, _ = train.build(scratch_config, 3, 3)
+    kernels = [(a, b) for a, b in zip(scratch.get_layer("backbone").weights,
+                                      pretrained.get_layer("backbone").weights)
+               if "kernel" in a.path]
+    assert all(not np.array_equal(a.numpy(), b.numpy()) for a, b in kernels)
+
+    [phase] = trainable.plan_phases(scratch_config)
+    assert (phase.train, phase.freeze_batchnorm) == ("all", False)
+    before = snapshot(scratch)
+    fit_phase(scratch, phase)
+    after = snapshot(scratch)
+    moving = [p for p in before["bn"] if "moving_mean" in p]
+    assert moving and all(not np.array_equal(before["bn"][p], after["bn"][p]) for p in moving)
+
+
+def test_phase_plans_and_bad_values(tmp_path):
+    config = tiny_config(tmp_path, "large_similar", epochs=5, head_epochs=2)
+    assert [(p.name, p.first_epoch, p.last_epoch) for p in trainable.plan_phases(config)] == [
+        ("head", 0, 2), ("finetune", 2, 5)]
+    with pytest.raises(ValueError, match="valid regimes: small_similar, small_different"):
+        trainable.plan_phases(tiny_config(tmp_path, "medium_similar"))
+    with pytest.raises(ValueError, match="use large_different"):
+        trainable.plan_phases(tiny_config(tmp_path, "small_similar", init="scratch"))
+    with pytest.raises(ValueError, match="cuts at early or middle"):
+        trainable.resolve_cut(tiny_config(tmp_path, "small_different", cut="top"))
+    with pytest.raises(ValueError, match="valid inits: pretrained, scratch"):
+        trainable.plan_phases(tiny_config(tmp_path, "large_different", init="random"))
+    assert trainable.resolve_cut(tiny_config(tmp_path, "small_different", cut="middle")) == "middle"

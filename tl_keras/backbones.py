@@ -1,0 +1,263 @@
+"""Keras Applications backbones, their preprocessing, and where to cut them.
+
+Every entry of `BACKBONES` knows its constructor, its `preprocess_input`, its
+default image size, and four named cut points at stage boundaries:
+
+- `early`:  end of the stride-4 stage (edges, colours, simple textures),
+- `middle`: end of the stride-8 stage,
+- `late`:   end of the stride-16 stage,
+- `top`:    the last layer of the backbone without its classifier.
+
+Any real layer name of the backbone is accepted as a cut as well.
+
+Example:
+    cut = build_backbone("resnet50", weights="none", image_size=64, cut="middle")
+    cut.model.output.shape  # (None, 8, 8, 512)
+"""
+
+import collections
+import contextlib
+import dataclasses
+import difflib
+import os
+from typing import Callable
+
+import keras
+import numpy as np
+
+A = keras.applications
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    constructor: Callable
+    preprocess_input: Callable
+    image_size: int
+    cuts: dict  # named cut point -> real layer name
+
+
+def _cuts(early, middle, late, top):
+    return {"early": early, "middle": middle, "late": late, "top": top}
+
+
+# Layer names were read off each model built with `include_top=False`; tests
+# check that every one exists and sits at the stride its cut point promises.
+# Names such as "add_2" are Keras' automatic names: `build_backbone` builds in a
+# fresh name scope so that they are the same in every process.
+BACKBONES = {
+    "mobilenet_v2": Backbone(
+        A.MobileNetV2, A.mobilenet_v2.preprocess_input, 224,
+        _cuts("block_2_add", "block_5_add", "block_12_add", "out_relu")),
+    "mobilenet_v3_small": Backbone(
+        A.MobileNetV3Small, A.mobilenet_v3.preprocess_input, 224,
+        _cuts("expanded_conv_project_bn", "expanded_conv_2_add",
+              "expanded_conv_7_add", "activation_17")),
+    "mobilenet_v3_large": Backbone(
+        A.MobileNetV3Large, A.mobilenet_v3.preprocess_input, 224,
+        _cuts("expanded_conv_2_add", "expanded_conv_5_add",
+              "expanded_conv_11_add", "activation_19")),
+    "resnet50": Backbone(
+        A.ResNet50, A.resnet.preprocess_input, 224,
+        _cuts("conv2_block3_out", "conv3_block4_out", "conv4_block6_out",
+              "conv5_block3_out")),
+    "resnet50_v2": Backbone(
+        A.ResNet50V2, A.resnet_v2.preprocess_input, 224,
+        # V2 downsamples in the last block of a stage, so each resolution
+        # ends one block before its stage does.
+        _cuts("conv2_block2_out", "conv3_block3_out", "conv4_block5_out",
+              "post_relu")),
+    "resnet101": Backbone(
+        A.ResNet101, A.resnet.preprocess_input, 224,
+        _cuts("conv2_block3_out", "conv3_block4_out", "conv4_block23_out",
+              "conv5_block3_out")),
+    "efficientnet_b0": Backbone(
+        A.EfficientNetB0, A.efficientnet.preprocess_input, 224,
+        _cuts("block2b_add", "block3b_add", "block5c_add", "top_activation")),
+    "efficientnet_b1": Backbone(
+        A.EfficientNetB1, A.efficientnet.preprocess_input, 240,
+        _cuts("block2c_add", "block3c_add", "block5d_add", "top_activation")),
+    "efficientnet_b2": Backbone(
+        A.EfficientNetB2, A.efficientnet.preprocess_input, 260,
+        _cuts("block2c_add", "block3c_add", "block5d_add", "top_activation")),
+    "efficientnet_b3": Backbone(
+        A.EfficientNetB3, A.efficientnet.preprocess_input, 300,
+        _cuts("block2c_add", "block3c_add", "block5e_add", "top_activation")),
+    "efficientnet_v2_b0": Backbone(
+        A.EfficientNetV2B0, A.efficientnet_v2.preprocess_input, 224,
+        _cuts("block2b_add", "block3b_add", "block5e_add", "top_activation")),
+    "efficientnet_v2_s": Backbone(
+        A.EfficientNetV2S, A.efficientnet_v2.preprocess_input, 384,
+        _cuts("block2d_add", "block3d_add", "block5i_add", "top_activation")),
+    "convnext_tiny": Backbone(
+        A.ConvNeXtTiny, A.convnext.preprocess_input, 224,
+        _cuts("add_2", "add_5", "add_14", "layer_normalization")),
+    "densenet121": Backbone(
+        A.DenseNet121, A.densenet.preprocess_input, 224,
+        _cuts("conv2_block6_concat", "conv3_block12_concat",
+              "conv4_block24_concat", "relu")),
+    "xception": Backbone(
+        A.Xception, A.xception.preprocess_input, 299,
+        _cuts("add", "add_1", "add_10", "block14_sepconv2_act")),
+    "inception_v3": Backbone(
+        A.InceptionV3, A.inception_v3.preprocess_input, 299,
+        _cuts("activation_4", "mixed2", "mixed7", "mixed10")),
+    "vgg16": Backbone(
+        A.VGG16, A.vgg16.preprocess_input, 224,
+        _cuts("block2_pool", "block3_pool", "block4_pool", "block5_pool")),
+}
+
+CUT_POINTS = ("early", "middle", "late", "top")
+
+
+def get_backbone(name):
+    """Returns the `Backbone` entry for `name`, or raises a `ValueError` listing the valid names."""
+    if name not in BACKBONES:
+        raise ValueError(
+            f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+@dataclasses.dataclass
+class CutBackbone:
+    model: keras.Model  # named "backbone": base.input -> output of `layer`
+    layer: str          # the real layer name the backbone was cut at
+    base: keras.Model   # the whole backbone (include_top=False)
+
+
+def build_backbone(name, weights="imagenet", image_size=None, cut="top"):
+    """Builds backbone `name` and cuts it at `cut`.
+
+    Args:
+      name: a key of `BACKBONES`, e.g. "resnet50".
+      weights: "imagenet", "none", or the path of a `.weights.h5` file saved
+        from the same backbone built with `include_top=False`.
+      image_size: input height and width; the backbone's default if None.
+      cut: a named cut point ("early", "middle", "late", "top") or the name of
+        any layer of the backbone.
+
+    Returns:
+      A `CutBackbone` whose `model` is cut on the backbone's own graph:
+      `keras.Model(base.input, base.get_layer(layer).output)` (never by
+      reaching into a nested model, which gives "Graph disconnected",
+      keras-team/keras#16123).
+
+    Example:
+      cut = build_backbone("mobilenet_v2", weights="none", image_size=96, cut="early")
+    """
+    spec = get_backbone(name)
+    size = image_size or spec.image_size
+    with _fresh_names():
+        base = _construct(name, spec, weights, size)
+        layer = resolve_cut(name, base, cut)
+        model = keras.Model(base.input, get_operation(base, layer).output, name="backbone")
+    return CutBackbone(model=model, layer=layer, base=base)
+
+
+def _construct(name, spec, weights, size):
+    shape = (size, size, 3)
+    if weights in (None, "none"):
+        return spec.constructor(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        try:
+            return spec.constructor(include_top=False, weights="imagenet",
+                                    input_shape=shape)
+        except ValueError:
+            raise
+        except Exception as e:  # keras.utils.get_file raises a bare Exception
+            raise ValueError(
+                f"could not download ImageNet weights for {name!r} ({_first_line(e)}); "
+                "without network use --weights=none or --weights=PATH.weights.h5") from e
+    if not os.path.isfile(weights):
+        raise ValueError(
+            f"--weights={weights!r} is not 'imagenet', 'none' or an existing .weights.h5 file")
+    base = spec.constructor(include_top=False, weights=None, input_shape=shape)
+    try:
+        base.load_weights(weights)
+    except Exception as e:
+        raise ValueError(
+            f"could not load weights {weights!r} into {name!r} built with "
+            f"include_top=False: {_first_line(e)}") from e
+    return base
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def resolve_cut(name, base, cut):
+    """Maps a named cut point or a layer name of `base` to a layer name."""
+    spec = get_backbone(name)
+    if cut in spec.cuts:
+        return spec.cuts[cut]
+    layer_names = [op.name for op in base.operations]
+    if cut in layer_names:
+        return cut
+    nearest = difflib.get_close_matches(str(cut), layer_names, n=5, cutoff=0.4)
+    hint = f"; nearest layer names: {', '.join(nearest)}" if nearest else ""
+    raise ValueError(
+        f"unknown cut {cut!r} for backbone {name!r}; named cut points: "
+        f"{', '.join(CUT_POINTS)}{hint}")
+
+
+def get_operation(base, name):
+    """`base.get_layer(name)`, also finding operations such as ConvNeXt's residual adds.
+
+    Keras records `x + y` in a functional model as an operation that is not
+    a layer; its output is a cut point all the same.
+    """
+    for op in base.operations:
+        if op.name == name:
+            return op
+    raise ValueError(f"no layer {name!r} in {base.name!r}")
+
+
+@contextlib.contextmanager
+def _fresh_names():
+    """Builds with Keras' automatic layer names counted from zero.
+
+    Keras numbers unnamed layers ("add", "add_1", ...) with a process-wide
+    counter, so the same backbone gets other names once any model has been
+    built before it. Counting afresh makes the cut table hold in every process;
+    afterwards the counters continue past both, so no name is reused.
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras without this module: names stay as Keras gives them
+        yield
+        return
+    key = "object_name_uids"
+    saved = global_state.get_global_attribute(key, default=None)
+    fresh = collections.defaultdict(int)
+    global_state.set_global_attribute(key, fresh)
+    try:
+        yield
+    finally:
+        merged = collections.defaultdict(int, saved or {})
+        for prefix, count in fresh.items():
+            merged[prefix] = max(merged[prefix], count)
+        global_state.set_global_attribute(key, merged)
+
+
+def preprocess_affine(name):
+    """The backbone's `preprocess_input` as a per-pixel affine map `x @ kernel + bias`.
+
+    Every Keras Applications family preprocesses each pixel with a fixed
+    affine map ("tf": x / 127.5 - 1; "torch": (x / 255 - mean) / std; "caffe":
+    RGB -> BGR minus mean; EfficientNet, ConvNeXt, MobileNetV3: identity,
+    they rescale inside). Measuring it from the function itself, rather than
+    restating each mode, keeps it equal to Keras' own definition; the result
+    is checked on random pixels.
+
+    Returns:
+      (kernel [3, 3], bias [3]) as float32 numpy arrays.
+    """
+    fn = get_backbone(name).preprocess_input
+    probe = np.concatenate([np.zeros((1, 3)), np.eye(3)]).astype("float32")
+    out = np.asarray(fn(probe.reshape(4, 1, 1, 3).copy())).reshape(4, 3)
+    bias = out[0]
+    kernel = out[1:] - bias
+    check = np.random.default_rng(0).uniform(0, 255, (8, 3)).astype("float32")
+    want = np.asarray(fn(check.reshape(8, 1, 1, 3).copy())).reshape(8, 3)
+    if not np.allclose(check @ kernel + bias, want, atol=1e-3):
+        raise ValueError(f"preprocess_input of {name!r} is not a per-pixel affine map")
+    return kernel.astype("float32"), bias.astype("float32")

@@ -1,0 +1,397 @@
+"""tf.data pipelines from an image folder, a TFDS dataset, a built-in dataset or numpy arrays.
+
+Every source becomes `Examples`: unbatched `(uint8 image [H, W, C], int label)`
+datasets for training and validation, plus class names and counts. `load`
+then resizes, caches, shuffles, batches, augments (training side only) and
+prefetches:
+
+    source -> Examples -> resize (uint8) -> cache -> shuffle -> batch
+           -> augment (train only) -> prefetch
+
+Example:
+    data = load(config)          # config.dataset: a folder, "tfds:NAME", "digits", ...
+    model.fit(data.train, validation_data=data.val)
+"""
+
+import concurrent.futures
+import dataclasses
+import gzip
+import os
+import socket
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+BUILTIN = ("digits", "fashion_mnist")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@dataclasses.dataclass
+class Examples:
+    """A source's examples before the pipeline: unbatched (uint8 image, label)."""
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    class_names: list
+    train_examples: int
+    val_examples: int
+    channels: int
+    skipped: list = dataclasses.field(default_factory=list)  # unreadable files
+
+
+@dataclasses.dataclass
+class Datasets:
+    """What `fit` needs: batched pipelines and what describes them."""
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    class_names: list
+    train_examples: int
+    val_examples: int
+    channels: int
+    image_size: int
+    skipped: list
+
+
+def load(config, image_size):
+    """Builds the training and validation pipelines that `config` names.
+
+    Args:
+      config: the run's ConfigDict (`dataset`, `batch_size`, `seed`,
+        `val_fraction`, `max_examples`, `strict`, augmentation keys, ...).
+      image_size: height and width the images are resized to.
+
+    Returns:
+      `Datasets`.
+    """
+    examples = load_examples(config)
+    return make_datasets(examples, config, image_size)
+
+
+def load_examples(config):
+    """The `Examples` of `config.dataset`: a folder, `tfds:NAME` or a built-in name."""
+    dataset = str(config.dataset)
+    if dataset.startswith("tfds:"):
+        examples = from_tfds(dataset[len("tfds:"):], config)
+    elif dataset in BUILTIN:
+        x, y, x_val, y_val, names = _builtin(dataset)
+        examples = from_arrays(x, y, class_names=names, x_val=x_val, y_val=y_val,
+                               val_fraction=config.val_fraction, seed=config.seed,
+                               max_examples=config.max_examples)
+    elif os.path.isdir(dataset):
+        examples = from_folder(dataset, val_fraction=config.val_fraction,
+                               seed=config.seed, max_examples=config.max_examples,
+                               strict=config.strict)
+    else:
+        raise ValueError(
+            f"dataset {dataset!r} is not a folder, not tfds:NAME and not a "
+            f"built-in dataset ({', '.join(BUILTIN)})")
+    if examples.train_examples < 1 or examples.val_examples < 1:
+        raise ValueError(
+            f"dataset {dataset!r} has an empty split: {examples.train_examples} "
+            f"training and {examples.val_examples} validation examples")
+    return examples
+
+
+# --- Sources -----------------------------------------------------------------
+
+def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, strict=False):
+    """Images in `root/<class name>/*` (JPEG, PNG, BMP, GIF), split by seed.
+
+    Every file is decoded once up front with TensorFlow's own decoder, the
+    one training will use: an undecodable, truncated or empty file is skipped
+    and counted (or, with `strict`, raises naming it), never trained on.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset folder {root!r} does not exist")
+    class_names = sorted(
+        d for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if len(class_names) < 2:
+        raise ValueError(
+            f"dataset folder {root!r} needs one subfolder per class and at least "
+            f"2 classes; found {len(class_names)}: {class_names}")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        if not files:
+            raise ValueError(
+                f"class folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [label] * len(files)
+
+    bad = check_images(paths)
+    if bad and strict:
+        path, reason = bad[0]
+        raise ValueError(f"cannot decode image {path!r}: {reason} ({len(bad)} bad files in all)")
+    if bad:
+        shown = "\n  ".join(f"{p}: {r}" for p, r in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        print(f"Skipped {len(bad)} of {len(paths)} files that cannot be decoded "
+              f"(--strict fails instead):\n  {shown}{more}", file=sys.stderr)
+        bad_paths = {p for p, _ in bad}
+        kept = [(p, l) for p, l in zip(paths, labels) if p not in bad_paths]
+        paths, labels = [p for p, _ in kept], [l for _, l in kept]
+        for label, name in enumerate(class_names):
+            if label not in labels:
+                raise ValueError(f"class folder {name!r} has no readable images left")
+
+    train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples)
+    paths, labels = np.array(paths), np.array(labels, dtype="int32")
+
+    def dataset(idx):
+        ds = tf.data.Dataset.from_tensor_slices((paths[idx], labels[idx]))
+        return ds.map(lambda p, y: (_decode(p), y), num_parallel_calls=AUTOTUNE)
+
+    return Examples(dataset(train_idx), dataset(val_idx), class_names,
+                    len(train_idx), len(val_idx), channels=3,
+                    skipped=[p for p, _ in bad])
+
+
+def _decode(path):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                               expand_animations=False)  # a GIF's first frame
+    image.set_shape([None, None, 3])
+    return image
+
+
+def check_images(paths):
+    """[(path, reason)] for each file TensorFlow cannot decode, in order."""
+    def check(path):
+        try:
+            image = _decode(tf.constant(path))
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                return "empty image"
+        except (tf.errors.OpError, ValueError) as e:
+            return (e.message if hasattr(e, "message") else str(e)).strip().splitlines()[0]
+        return None
+
+    progress = keras.utils.Progbar(len(paths), unit_name="file") if len(paths) > 2000 else None
+    bad = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for i, (path, reason) in enumerate(zip(paths, pool.map(check, paths))):
+            if reason:
+                bad.append((path, reason))
+            if progress and (i + 1) % 500 == 0:
+                progress.update(i + 1)
+    if progress:
+        progress.update(len(paths), finalize=True)
+    return bad
+
+
+def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2,
+                seed=0, max_examples=None):
+    """Examples from numpy images `x` [N, H, W] or [N, H, W, C] (0-255) and labels `y`.
+
+    Without `x_val`, a stratified `val_fraction` of `x` is held out by `seed`.
+
+    Example:
+      examples = from_arrays(images, labels, class_names=["cat", "dog"])
+    """
+    x, y = _as_images(x), np.asarray(y).astype("int32").reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    class_names = list(class_names) if class_names is not None else [
+        str(i) for i in range(num_classes)]
+    if len(class_names) < 2:
+        raise ValueError(f"need at least 2 classes, got {len(class_names)}")
+    if x_val is None:
+        train_idx, val_idx = split_indices(y, val_fraction, seed, max_examples)
+        x, y, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    else:
+        x_val, y_val = _as_images(x_val), np.asarray(y_val).astype("int32").reshape(-1)
+        train_idx, _ = split_indices(y, 0.0, seed, max_examples)
+        x, y = x[train_idx], y[train_idx]
+    return Examples(tf.data.Dataset.from_tensor_slices((x, y)),
+                    tf.data.Dataset.from_tensor_slices((x_val, y_val)),
+                    class_names, len(x), len(x_val), channels=x.shape[-1])
+
+
+def _as_images(x):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {x.shape}")
+    return np.clip(np.round(x), 0, 255).astype("uint8") if x.dtype != np.uint8 else x
+
+
+def split_indices(labels, val_fraction, seed, max_examples=None):
+    """Stratified seeded split: (train indices, val indices), each sorted.
+
+    Each class with at least 2 examples gives round(val_fraction * n) of
+    them (at least 1) to validation. `max_examples` then caps the training
+    indices with a seeded random subset.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = 0
+        if val_fraction > 0 and len(idx) >= 2:
+            n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    train, val = np.concatenate(train), np.concatenate(val)
+    if max_examples and len(train) > max_examples:
+        train = rng.choice(train, max_examples, replace=False)
+    return np.sort(train), np.sort(val)
+
+
+def _builtin(name):
+    """(x, y, x_val, y_val, class_names) of a built-in dataset; x_val may be None."""
+    if name == "digits":
+        from sklearn.datasets import load_digits  # ships with scikit-learn, offline
+        digits = load_digits()
+        x = np.round(digits.images * (255.0 / 16.0)).astype("uint8")
+        return x, digits.target, None, None, [str(i) for i in range(10)]
+    if name == "fashion_mnist":
+        if os.path.isdir(FASHION_MNIST_DIR):
+            def idx(stem):
+                with gzip.open(os.path.join(FASHION_MNIST_DIR, stem + ".gz")) as f:
+                    data = f.read()
+                # IDX: magic (2 zero bytes, dtype, ndim), ndim big-endian sizes, data.
+                ndim = data[3]
+                shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+                return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+            x, y = idx("train-images-idx3-ubyte"), idx("train-labels-idx1-ubyte")
+            x_val, y_val = idx("t10k-images-idx3-ubyte"), idx("t10k-labels-idx1-ubyte")
+        else:  # downloads: needs network
+            (x, y), (x_val, y_val) = keras.datasets.fashion_mnist.load_data()
+        return x, y, x_val, y_val, FASHION_MNIST_CLASSES
+    raise ValueError(f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN)}")
+
+
+def from_tfds(spec, config):
+    """Examples of TFDS dataset `spec` ("NAME" or "NAME/CONFIG:VERSION").
+
+    Splits: `config.train_split` (default "train"); `config.val_split`, else
+    "validation", else "test", else the last `val_fraction` of the training
+    split (TFDS slicing: by position, not by seed). Split strings take TFDS
+    slicing, e.g. "train[:10%]".
+
+    Without network, a dataset that is not prepared in the data directory
+    fails at once instead of waiting out TFDS' download timeouts.
+    """
+    import tensorflow_datasets as tfds
+
+    data_dir = config.get("tfds_data_dir") or None
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends
+        raise ValueError(f"unknown TFDS dataset {spec!r}: {str(e).splitlines()[0]}") from e
+    if not builder.is_prepared():
+        if not network_available():
+            raise ValueError(
+                f"TFDS dataset {spec!r} is not prepared in {builder.data_dir} and there "
+                "is no network to download it; prepare it where there is network "
+                "(`tfds build`) and pass --config.tfds_data_dir")
+        builder.download_and_prepare()
+
+    info = builder.info
+    splits = set(info.splits.keys()) if info.splits else set()
+    train_split = config.get("train_split") or "train"
+    val_split = config.get("val_split") or next(
+        (s for s in ("validation", "test") if s in splits), None)
+    if val_split is None:
+        percent = max(1, round(100 * config.val_fraction))
+        val_split = f"{train_split}[-{percent}%:]"
+        train_split = f"{train_split}[:-{percent}%]"
+    try:
+        train, val = builder.as_dataset(split=[train_split, val_split], as_supervised=True,
+                                        shuffle_files=False)
+    except Exception as e:
+        raise ValueError(f"TFDS dataset {spec!r}: cannot read splits "
+                         f"{train_split!r}, {val_split!r}: {str(e).splitlines()[0]}") from e
+    if config.max_examples:
+        train = train.take(config.max_examples)
+    label = info.features["label"] if "label" in info.features else None
+    num_classes = label.num_classes if label is not None else 0
+    class_names = list(label.names) if label is not None else []
+    if num_classes < 2:
+        raise ValueError(f"TFDS dataset {spec!r} has no class label with at least 2 classes")
+    image_feature = info.features["image"]
+    channels = image_feature.shape[-1] or 3
+
+    def normalise(image, y):
+        if image.shape.rank == 2:
+            image = image[..., None]
+        return tf.cast(image, tf.uint8), tf.cast(y, tf.int32)
+
+    train, val = train.map(normalise, AUTOTUNE), val.map(normalise, AUTOTUNE)
+    return Examples(train, val, class_names, _count(train), _count(val), channels)
+
+
+def _count(ds):
+    n = int(ds.cardinality())
+    if n < 0:  # unknown: count once
+        n = int(ds.reduce(0, lambda c, _: c + 1))
+    return n
+
+
+def network_available(host="storage.googleapis.com", port=443, timeout=3.0):
+    """Whether a TCP connection to TFDS' storage opens within `timeout` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --- Pipeline ------------------------------------------------------------------
+
+def make_datasets(examples, config, image_size):
+    """Batched, cached, prefetched pipelines of `examples` at `image_size`."""
+    size = (image_size, image_size)
+
+    def resize(image, y):
+        image = tf.image.resize(image, size, antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), y
+
+    augment = augmentation(config)
+    cache_limit = config.get("cache_bytes", 2 << 30)
+
+    def pipeline(ds, n, training):
+        ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
+        if n * image_size * image_size * examples.channels <= cache_limit:
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(min(n, 10_000), seed=config.seed, reshuffle_each_iteration=True)
+        ds = ds.batch(config.batch_size)
+        if training and augment is not None:
+            ds = ds.map(lambda x, y: (augment(x, training=True), y),
+                        num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    return Datasets(
+        train=pipeline(examples.train, examples.train_examples, True),
+        val=pipeline(examples.val, examples.val_examples, False),
+        class_names=list(examples.class_names),
+        train_examples=examples.train_examples, val_examples=examples.val_examples,
+        channels=examples.channels, image_size=image_size, skipped=examples.skipped)
+
+
+def augmentation(config):
+    """Keras preprocessing layers for the training side, or None when all are off.
+
+    `augment_flip`: "horizontal", "vertical", "horizontal_and_vertical" or "none";
+    `augment_zoom`, `augment_rotation`: factors (fraction of size / of a full turn), 0 = off.
+    """
+    if not config.augment:
+        return None
+    seed = config.seed
+    layers = []
+    if config.augment_flip not in ("none", ""):
+        layers.append(keras.layers.RandomFlip(config.augment_flip, seed=seed))
+    if config.augment_zoom:
+        layers.append(keras.layers.RandomZoom(config.augment_zoom, seed=seed))
+    if config.augment_rotation:
+        layers.append(keras.layers.RandomRotation(config.augment_rotation, seed=seed))
+    return keras.Sequential(layers, name="augment") if layers else None

@@ -1,0 +1,86 @@
+"""The classifier: raw pixels -> preprocessing -> cut backbone -> new head.
+
+    images [N, H, W, C], 0-255     any channel count the data has (1 to 4)
+      preprocess (1x1 Conv2D)      channels -> RGB, then the backbone's own
+                                   preprocess_input; fixed, never trained
+      backbone                     the cut backbone (see backbones.py)
+      avg_pool                     GlobalAveragePooling2D
+      dropout                      Dropout
+      predictions                  Dense(num_classes, softmax), random init
+
+Only stock Keras layers, so a saved model loads and runs without tl_keras.
+
+Example:
+    cut = backbones.build_backbone("mobilenet_v2", weights="none", image_size=64)
+    model = build_classifier(cut.model, "mobilenet_v2", num_classes=10, channels=1)
+"""
+
+import keras
+import numpy as np
+
+from tl_keras import backbones
+
+# Rows: input channels; columns: R, G, B. Grey is copied to all three; an
+# alpha channel is dropped.
+_TO_RGB = {
+    1: np.array([[1, 1, 1]]),
+    2: np.array([[1, 1, 1], [0, 0, 0]]),
+    3: np.eye(3),
+    4: np.concatenate([np.eye(3), np.zeros((1, 3))]),
+}
+
+
+def preprocess_weights(backbone_name, channels):
+    """Kernel [1, 1, channels, 3] and bias [3] of the fixed preprocessing layer."""
+    if channels not in _TO_RGB:
+        raise ValueError(f"images must have 1 to 4 channels, got {channels}")
+    kernel, bias = backbones.preprocess_affine(backbone_name)
+    fused = _TO_RGB[channels].astype("float32") @ kernel
+    return fused.reshape(1, 1, channels, 3), bias
+
+
+def build_classifier(backbone, backbone_name, num_classes, channels=3,
+                     dropout=0.2, seed=None):
+    """Joins a cut backbone and a new Dense head with the functional API.
+
+    Args:
+      backbone: the cut backbone model (`CutBackbone.model`), named "backbone".
+      backbone_name: its key in `backbones.BACKBONES`, for its preprocessing.
+      num_classes: outputs of the new head.
+      channels: channels of the images the model takes.
+      dropout: dropout rate before the head.
+      seed: seed of the head's random initialisation.
+
+    Returns:
+      A `keras.Model` from raw pixels (0-255) to class probabilities.
+
+    Example:
+      model = build_classifier(cut.model, "resnet50", num_classes=5)
+    """
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    height, width = backbone.input.shape[1:3]
+
+    # === Layers ===
+    # Preprocessing is float32 even under mixed precision: it is cheap, and
+    # float16 would round 0-255 inputs.
+    preprocess = keras.layers.Conv2D(
+        3, 1, name="preprocess", trainable=False, dtype="float32")
+    pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
+    drop = keras.layers.Dropout(dropout, name="dropout", seed=seed)
+    head = keras.layers.Dense(
+        num_classes, activation="softmax", name="predictions", dtype="float32",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
+
+    # === Functional Model ===
+    inputs = keras.Input((height, width, channels), name="images")
+    x = preprocess(inputs)
+    x = backbone(x)
+    x = pool(x)
+    x = drop(x)
+    outputs = head(x)
+    model = keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+
+    # === Config ===
+    preprocess.set_weights(list(preprocess_weights(backbone_name, channels)))
+    return model

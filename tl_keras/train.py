@@ -1,0 +1,243 @@
+"""Training: build the model for a regime, run its phases with `model.fit`, write the run folder.
+
+No TensorFlow import here: given numpy arrays instead of tf.data pipelines,
+the same code runs with `KERAS_BACKEND=jax`.
+
+The run folder (`config.workdir`):
+
+    config.json     every resolved setting
+    history.csv     one row per epoch, across phases
+    logs/           TensorBoard
+    best.keras      the model with the best val_accuracy so far
+    model.keras     the final model
+    metrics.json    what the run measured; written last, so it marks a finished run
+    backup/         BackupAndRestore state while a run is unfinished
+
+A run killed before it finished resumes when re-run with the same workdir and
+config. A finished run is never overwritten.
+
+Example:
+    data = tl_keras.data.load(config, image_size=96)
+    metrics = finetune(config, data)
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import keras
+
+from tl_keras import backbones, model as model_lib, trainable
+
+
+class RunFolderError(ValueError):
+    """The workdir holds a finished run or another run's config."""
+
+
+def build(config, num_classes, channels):
+    """The classifier `config` asks for, before any phase is applied.
+
+    Returns:
+      (model, cut_layer_name)
+    """
+    weights = "none" if config.init == "scratch" else config.weights
+    cut = backbones.build_backbone(
+        config.backbone, weights=weights, image_size=image_size(config),
+        cut=trainable.resolve_cut(config))
+    model = model_lib.build_classifier(
+        cut.model, config.backbone, num_classes, channels=channels,
+        dropout=config.dropout, seed=config.seed)
+    return model, cut.layer
+
+
+def image_size(config):
+    return config.image_size or backbones.get_backbone(config.backbone).image_size
+
+
+def resolve(config):
+    """A copy of `config` with the regime's defaults filled in, checked before any work."""
+    config = config.copy_and_resolve_references()
+    backbones.get_backbone(config.backbone)
+    config.cut = trainable.resolve_cut(config)
+    config.image_size = image_size(config)
+    trainable.plan_phases(config)
+    return config
+
+
+def finetune(config, data):
+    """Trains `config`'s regime on `data` and writes the run folder.
+
+    Args:
+      config: the run's ConfigDict (see configs/base.py).
+      data: an object with `train`, `val` (anything `fit` takes: tf.data
+        pipelines, or `(x, y)` numpy tuples), `class_names`, `channels`,
+        `train_examples`, `val_examples` -- e.g. `tl_keras.data.Datasets`.
+
+    Returns:
+      The metrics dict also written to `metrics.json`.
+    """
+    start = time.time()
+    config = resolve(config)  # validates regime, backbone, cut, init, epochs first
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_dtype_policy(config.mixed_precision or "float32")
+    try:
+        # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
+        model, cut_layer = build(config, len(data.class_names), data.channels)
+        workdir = prepare_workdir(config)
+        history = run_phases(model, config, data, workdir)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+    val_loss, val_accuracy = model.evaluate(data.val, verbose=0)
+    model.save(os.path.join(workdir, "model.keras"))
+    trainable_params, non_trainable_params = trainable.count_params(model)
+    best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
+    metrics = {
+        "regime": config.regime,
+        "backbone": config.backbone,
+        "weights": config.weights if config.init == "pretrained" else "none (init=scratch)",
+        "init": config.init,
+        "cut_layer": cut_layer,
+        "image_size": image_size(config),
+        "num_classes": len(data.class_names),
+        "class_names": list(data.class_names),
+        "train_examples": int(data.train_examples),
+        "val_examples": int(data.val_examples),
+        "skipped_files": len(getattr(data, "skipped", []) or []),
+        "trainable_params": trainable_params,
+        "non_trainable_params": non_trainable_params,
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        "best_val_accuracy": float(max(best)) if best else None,
+        "epochs_run": len(history),
+        "phases": [p.name for p in trainable.plan_phases(config)],
+        "backend": keras.backend.backend(),
+        "wall_seconds": round(time.time() - start, 2),
+    }
+    _write_json(os.path.join(workdir, "metrics.json"), metrics)
+    shutil.rmtree(os.path.join(workdir, "backup"), ignore_errors=True)
+    return metrics
+
+
+def run_phases(model, config, data, workdir):
+    """Runs each phase of `config` on `model`; returns the history rows of all epochs.
+
+    A phase that finished in an earlier, interrupted attempt is not redone:
+    its weights are loaded from `backup/<phase>.done.weights.h5`.
+    """
+    history = []
+    best = None
+    verbose = int(config.verbose) if config.verbose != "auto" else (
+        1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
+    for phase in trainable.plan_phases(config):
+        trainable.apply_phase(model, phase)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=config.jit_compile)
+        done = os.path.join(workdir, "backup", f"{phase.name}.done.weights.h5")
+        if os.path.exists(done):
+            model.load_weights(done)
+            print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
+            history += _read_history(workdir, phase)
+            continue
+        print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
+              f"training {'the head' if phase.train == 'head' else 'everything'}, "
+              f"learning rate {phase.learning_rate:g}; "
+              f"trainable / frozen params: {trainable.count_params(model)}")
+        checkpoint = keras.callbacks.ModelCheckpoint(
+            os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
+            save_best_only=True, initial_value_threshold=best)
+        fit = model.fit(
+            data.train, validation_data=data.val,
+            initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
+            verbose=verbose,
+            shuffle=not hasattr(data.train, "element_spec"),  # tf.data shuffles itself
+            callbacks=[
+                keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", phase.name)),
+                keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+                keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
+                checkpoint,
+            ])
+        if model.stop_training and any(
+                v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
+            raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
+                                     "try a lower learning rate")
+        best = checkpoint.best
+        model.save_weights(done)
+        history += _read_history(workdir, phase)
+    return history
+
+
+def _read_history(workdir, phase):
+    """Rows of history.csv within `phase`'s epochs (CSVLogger counts from 0)."""
+    path = os.path.join(workdir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line.strip().split(",") for line in f if line.strip()]
+    rows = {}
+    header = None
+    for line in lines:
+        if line[0] == "epoch":
+            header = line
+            continue
+        row = dict(zip(header, line))
+        epoch = int(row["epoch"])
+        if phase.first_epoch <= epoch < phase.last_epoch:
+            rows[epoch] = {k: float(v) for k, v in row.items() if k != "epoch"}
+    return [rows[e] for e in sorted(rows)]
+
+
+# --- Run folder -------------------------------------------------------------------
+
+def prepare_workdir(config):
+    """Creates `config.workdir` and writes config.json; resumes an unfinished run.
+
+    Raises `RunFolderError` if the workdir holds a finished run (metrics.json)
+    or an unfinished run with another config: nothing is overwritten.
+    """
+    workdir = config.workdir
+    if not workdir:
+        raise ValueError("config.workdir is not set")
+    metrics = os.path.join(workdir, "metrics.json")
+    saved = os.path.join(workdir, "config.json")
+    resolved = config_to_dict(config)
+    if os.path.exists(metrics):
+        raise RunFolderError(
+            f"workdir {workdir!r} already holds a finished run; choose another --workdir")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            previous = json.load(f)
+        if previous != resolved:
+            changed = sorted(k for k in set(previous) | set(resolved)
+                             if previous.get(k) != resolved.get(k))
+            raise RunFolderError(
+                f"workdir {workdir!r} holds an unfinished run with another config "
+                f"(differs in: {', '.join(changed)}); re-run it with the same settings "
+                "to resume, or choose another --workdir")
+        print(f"Resuming the unfinished run in {workdir}")
+    elif os.path.isdir(workdir) and os.listdir(workdir):
+        raise RunFolderError(
+            f"workdir {workdir!r} is not empty and holds no tl_keras run; "
+            "choose another --workdir")
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(saved, resolved)
+    return workdir
+
+
+def config_to_dict(config):
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _write_json(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

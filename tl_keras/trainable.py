@@ -1,0 +1,144 @@
+"""The four regimes as data, and the one function that applies them.
+
+A regime says where the backbone is cut and what trains. `plan_phases` turns
+a config into training phases; `apply_phase` sets `trainable` on the model for
+one phase. After `apply_phase` the model must be (re)compiled: Keras collects
+the trainable weights at compile time.
+
+| regime           | cut    | trains                                       |
+|------------------|--------|----------------------------------------------|
+| small_similar    | top    | the head; the backbone is frozen             |
+| small_different  | early  | the head; the backbone is frozen             |
+| large_similar    | top    | the head, then everything at a low rate      |
+| large_different  | top    | as large_similar; init=scratch: everything   |
+|                  |        | from random weights, BatchNorm included      |
+
+BatchNorm layers stay in inference mode, their moving statistics unchanged,
+whenever the backbone starts from pretrained weights, in every phase.
+Calling the backbone with `training=False` does not achieve this in Keras 3
+(`fit` passes `training=True` through it, keras-team/keras#20285), so each
+BatchNormalization layer is frozen on its own.
+
+Example:
+    for phase in plan_phases(config):
+        apply_phase(model, phase)
+        model.compile(...)
+        model.fit(..., initial_epoch=phase.first_epoch, epochs=phase.last_epoch)
+"""
+
+import dataclasses
+import math
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    cut: str                  # default cut point
+    train: str                # "head": backbone frozen; "all": head first, then everything
+    cuts: tuple = ()          # named cut points allowed; () allows all of them
+
+
+REGIMES = {
+    "small_similar": Regime(cut="top", train="head"),
+    "small_different": Regime(cut="early", train="head", cuts=("early", "middle")),
+    "large_similar": Regime(cut="top", train="all"),
+    "large_different": Regime(cut="top", train="all"),
+}
+
+INITS = ("pretrained", "scratch")
+
+
+def get_regime(name):
+    """Returns the `Regime` for `name`, or raises a `ValueError` listing the valid names."""
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {name!r}; valid regimes: {', '.join(REGIMES)}")
+    return REGIMES[name]
+
+
+def resolve_cut(config):
+    """The cut the run uses: `config.cut`, or the regime's default."""
+    regime = get_regime(config.regime)
+    cut = config.cut or regime.cut
+    named = ("early", "middle", "late", "top")
+    if regime.cuts and cut in named and cut not in regime.cuts:
+        raise ValueError(
+            f"regime {config.regime!r} cuts at {' or '.join(regime.cuts)} "
+            f"(or a layer name), not {cut!r}")
+    return cut
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    train: str               # "head" or "all"
+    first_epoch: int         # `initial_epoch` of fit
+    last_epoch: int          # `epochs` of fit
+    learning_rate: float
+    freeze_batchnorm: bool
+
+
+def plan_phases(config):
+    """The training phases of `config`, in order.
+
+    Frozen regimes train the head alone for `config.epochs`. The large
+    regimes from pretrained weights train the head alone for
+    `config.head_epochs` (a random head's large gradients would wreck the
+    pretrained features), then everything at `config.finetune_learning_rate`
+    until `config.epochs`. `init="scratch"` trains everything from the start.
+    Epochs count across phases, so `history.csv` reads as one run.
+    """
+    regime = get_regime(config.regime)
+    if config.init not in INITS:
+        raise ValueError(f"unknown init {config.init!r}; valid inits: {', '.join(INITS)}")
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+    if regime.train == "head":
+        if config.init == "scratch":
+            raise ValueError(
+                f"init='scratch' trains every weight; regime {config.regime!r} "
+                "freezes the backbone (use large_different)")
+        return [Phase("head", "head", 0, config.epochs, config.learning_rate, True)]
+    if config.init == "scratch":
+        return [Phase("scratch", "all", 0, config.epochs, config.learning_rate, False)]
+    head_epochs = min(config.head_epochs, config.epochs)
+    phases = []
+    if head_epochs > 0:
+        phases.append(Phase("head", "head", 0, head_epochs, config.learning_rate, True))
+    if config.epochs > head_epochs:
+        phases.append(Phase("finetune", "all", head_epochs, config.epochs,
+                            config.finetune_learning_rate, True))
+    return phases
+
+
+def apply_phase(model, phase):
+    """Sets `trainable` on `model` for `phase`; recompile afterwards.
+
+    The head always trains; the backbone (the layer named "backbone") trains
+    only when `phase.train == "all"`, and then without its BatchNormalization
+    layers if `phase.freeze_batchnorm`.
+    """
+    backbone = model.get_layer("backbone")
+    backbone.trainable = phase.train == "all"  # Keras sets every sublayer
+    if phase.train == "all" and phase.freeze_batchnorm:
+        for layer in _sublayers(backbone):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    model.get_layer("predictions").trainable = True
+
+
+def _sublayers(layer):
+    for sub in getattr(layer, "layers", ()):
+        yield sub
+        yield from _sublayers(sub)
+
+
+def count_params(model):
+    """(trainable, non_trainable) parameter counts of `model` as it is now."""
+    trainable = sum(_size(w) for w in model.trainable_weights)
+    non_trainable = sum(_size(w) for w in model.non_trainable_weights)
+    return trainable, non_trainable
+
+
+def _size(weight):
+    return math.prod(weight.shape)
