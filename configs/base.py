@@ -40,6 +40,7 @@ def get_config():
     config.batch_size = 32
     config.learning_rate = 1e-3          # head phase (and init=scratch)
     config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
+    config.scratch_batchnorm_momentum = 0.9  # init=scratch: BatchNorm momentum (Keras Applications: 0.99-0.999)
     config.weight_decay = 1e-4           # AdamW
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA

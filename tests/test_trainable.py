@@ -108,6 +108,8 @@ def test_scratch_starts_from_random_weights_and_trains_batchnorm(tmp_path):
 
     [phase] = trainable.plan_phases(scratch_config)
     assert (phase.train, phase.freeze_batchnorm) == ("all", False)
+    trainable.apply_phase(scratch, phase)
+    assert {l.momentum for l in batchnorm_layers(scratch)} == {0.9}
     before = snapshot(scratch)
     fit_phase(scratch, phase)
     after = snapshot(scratch)

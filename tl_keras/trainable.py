@@ -76,6 +76,7 @@ class Phase:
     last_epoch: int          # `epochs` of fit
     learning_rate: float
     freeze_batchnorm: bool
+    batchnorm_momentum: float = 0.0  # > 0: set on every BatchNorm layer (init=scratch)
 
 
 def plan_phases(config):
@@ -100,7 +101,12 @@ def plan_phases(config):
                 "freezes the backbone (use large_different)")
         return [Phase("head", "head", 0, config.epochs, config.learning_rate, True)]
     if config.init == "scratch":
-        return [Phase("scratch", "all", 0, config.epochs, config.learning_rate, False)]
+        # Keras Applications' BatchNorm momentum (0.999 in MobileNet, EfficientNet)
+        # suits ImageNet-length training; from random weights on a few thousand
+        # images the moving statistics would still be near their initial values
+        # at the end, and validation accuracy stays at chance (measured).
+        return [Phase("scratch", "all", 0, config.epochs, config.learning_rate, False,
+                      batchnorm_momentum=config.scratch_batchnorm_momentum)]
     head_epochs = min(config.head_epochs, config.epochs)
     phases = []
     if head_epochs > 0:
@@ -120,10 +126,12 @@ def apply_phase(model, phase):
     """
     backbone = model.get_layer("backbone")
     backbone.trainable = phase.train == "all"  # Keras sets every sublayer
-    if phase.train == "all" and phase.freeze_batchnorm:
-        for layer in _sublayers(backbone):
-            if isinstance(layer, keras.layers.BatchNormalization):
+    for layer in _sublayers(backbone):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if phase.train == "all" and phase.freeze_batchnorm:
                 layer.trainable = False
+            if phase.batchnorm_momentum:
+                layer.momentum = phase.batchnorm_momentum
     model.get_layer("predictions").trainable = True
 
 
