@@ -13,17 +13,19 @@ def get_config():
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
     config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different
-    config.backbone = "mobilenet_v2"     # a key of tl_keras.backbones.BACKBONES
-    config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (backbone, include_top=False)
+    config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES
+    config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)
     config.init = "pretrained"           # pretrained | scratch (large regimes: every weight random)
     config.cut = placeholder(str)        # early | middle | late | top | a layer name; None: the regime's
-    config.image_size = placeholder(int)  # None: the backbone's default
+    config.image_size = 96               # 0: the backbone's default (224-384 px; slow on a CPU)
+    config.pool_grid = 1                 # head input: 1 global average; g: a g x g grid of averages
     config.dropout = 0.2                 # before the new head
 
     # --- Data (see tl_keras/data.py) ---
-    config.dataset = "digits"            # a folder of class subfolders | tfds:NAME | digits | fashion_mnist
+    config.dataset = "fashion_mnist"     # a folder of class subfolders | tfds:NAME | fashion_mnist | digits
     config.val_fraction = 0.2            # held out by seed when the source has no validation split
     config.max_examples = 0              # cap on training examples (seeded subset); 0: all
+    config.examples_per_class = 0        # cap on training examples per class (seeded); 0: all
     config.strict = False                # fail on an undecodable image instead of skipping it
     config.train_split = "train"         # TFDS split, slicing allowed ("train[:10%]")
     config.val_split = ""                # TFDS split; "": validation, else test, else carved from train
@@ -38,6 +40,8 @@ def get_config():
     config.epochs = 10                   # total, across phases
     config.head_epochs = 2               # large regimes: head-only epochs before unfreezing
     config.batch_size = 32
+    config.cache_features = True         # frozen backbone: compute its features once, train the head on them
+    config.cached_views = 2              # augmented views cached per training image (1 without augmentation)
     config.learning_rate = 1e-3          # head phase (and init=scratch)
     config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
     config.scratch_batchnorm_momentum = 0.9  # init=scratch: BatchNorm momentum (Keras Applications: 0.99-0.999)

@@ -46,7 +46,7 @@ def test_any_layer_name_is_a_cut():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="valid backbones: mobilenet_v2, .*vgg16"):
+    with pytest.raises(ValueError, match="valid backbones: efficientnet_lite0, .*mobilenet_v2, .*vgg16"):
         backbones.build_backbone("resnet5O", weights="none", image_size=32)
     with pytest.raises(ValueError) as e:
         backbones.build_backbone("resnet50", weights="none", image_size=64,
@@ -56,7 +56,7 @@ def test_unknown_names_list_valid_ones():
     assert "conv3_block4_out" in message  # nearest layer name
 
 
-@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0",
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0",
                                   "vgg16", "xception"])
 def test_preprocess_affine_equals_preprocess_input(name):
     kernel, bias = backbones.preprocess_affine(name)
@@ -89,4 +89,5 @@ def test_imagenet_without_network_is_one_clear_error(monkeypatch):
         backbones.build_backbone("resnet50", weights="imagenet", image_size=64)
     assert time.time() - start < 30
     assert "could not download ImageNet weights for 'resnet50'" in str(e.value)
-    assert "--weights=none" in str(e.value)
+    for hint in ("network", "--weights=none", "--weights=PATH.weights.h5", "efficientnet_lite0"):
+        assert hint in str(e.value)

@@ -1,3 +1,4 @@
+import os
 import time
 
 import numpy as np
@@ -119,3 +120,56 @@ def test_tfds_offline_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
     assert time.time() - start < 10
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset'"):
         data.load_examples(tiny_config_plain(dataset="tfds:no_such_dataset"))
+
+
+def test_examples_per_class_caps_each_class_by_seed():
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    train, val = data.split_indices(labels, 0.2, seed=0, examples_per_class=4)
+    assert np.bincount(labels[train]).tolist() == [4, 4, 4]
+    assert np.bincount(labels[val]).tolist() == [2, 4, 6]  # validation is never capped
+    again, _ = data.split_indices(labels, 0.2, seed=0, examples_per_class=4)
+    np.testing.assert_array_equal(train, again)
+    other, _ = data.split_indices(labels, 0.2, seed=1, examples_per_class=4)
+    assert not np.array_equal(train, other)
+    both, _ = data.split_indices(labels, 0.2, seed=0, examples_per_class=4, max_examples=5)
+    assert len(both) == 5 and set(both) <= set(train)
+
+
+def test_builtin_digits_with_examples_per_class():
+    examples = data.load_examples(tiny_config_plain(dataset="digits", examples_per_class=20))
+    labels = [int(y) for _, y in examples.train.as_numpy_iterator()]
+    assert np.bincount(labels).tolist() == [20] * 10
+    uncapped = data.load_examples(tiny_config_plain(dataset="digits"))
+    assert examples.val_examples == uncapped.val_examples  # validation is never capped
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                    reason=f"{data.FASHION_MNIST_DIR} is missing: "
+                           "apt-get install dataset-fashion-mnist")
+def test_builtin_fashion_mnist_is_the_real_dataset():
+    x, y, x_val, y_val, names = data._builtin("fashion_mnist")
+    assert x.shape == (60000, 28, 28) and x_val.shape == (10000, 28, 28)
+    assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(y_val).tolist() == [1000] * 10
+    assert names[int(y[0])] == "Ankle boot"  # the dataset's first training image
+    examples = data.load_examples(tiny_config_plain(dataset="fashion_mnist", max_examples=2000))
+    assert (examples.train_examples, examples.val_examples) == (2000, 10000)
+    assert examples.channels == 1 and examples.class_names[0] == "T-shirt/top"
+
+
+def test_fashion_mnist_without_package_or_network_says_what_to_do(monkeypatch, tmp_path):
+    def offline():
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "missing"))
+    monkeypatch.setattr(data.keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist.*--dataset=digits"):
+        data.load_examples(tiny_config_plain(dataset="fashion_mnist"))
+
+
+def test_tfds_rejects_examples_per_class(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "network_available", lambda: True)
+    config = tiny_config_plain(dataset="tfds:mnist", tfds_data_dir=str(tmp_path),
+                               examples_per_class=5)
+    with tfds.testing.mock_data(num_examples=20):
+        with pytest.raises(ValueError, match="examples_per_class is not supported for tfds"):
+            data.load_examples(config)

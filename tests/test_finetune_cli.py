@@ -10,9 +10,9 @@ from conftest import ROOT
 TOOL = os.path.join(ROOT, "tools", "finetune.py")
 
 
-def run(*args, cwd):
+def run(*args, cwd, env=None):
     return subprocess.run([sys.executable, TOOL, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def test_cli_runs_a_regime_on_a_folder(tmp_path, image_folder):
@@ -42,7 +42,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, image_folder):
     result = run("--regime=small_similar", "--backbone=resnet5", f"--dataset={image_folder}",
                  "--weights=none", cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown backbone 'resnet5'; valid backbones: mobilenet_v2" in last_line(result)
+    assert "unknown backbone 'resnet5'; valid backbones: efficientnet_lite0" in last_line(result)
 
     result = run("--regime=small_similar", "--epochs=many", cwd=tmp_path)
     assert result.returncode == 2 and "epochs" in last_line(result)
@@ -55,3 +55,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, image_folder):
     assert result.returncode == 2
     assert "unknown cut 'conv9'" in last_line(result) and "nearest layer names" in last_line(result)
     assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+
+
+def test_cli_imagenet_weights_without_network_is_one_line(tmp_path, image_folder):
+    # No network: every HTTPS request goes to a closed local port. An empty
+    # KERAS_HOME makes sure no cached download hides the failure.
+    env = dict(os.environ, https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               KERAS_HOME=str(tmp_path / "keras_home"))
+    result = run("--regime=small_similar", "--backbone=resnet50", "--weights=imagenet",
+                 "--image_size=32", f"--dataset={image_folder}", "--workdir=out",
+                 cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = last_line(result)
+    assert line.startswith("finetune.py: error: could not download ImageNet weights for 'resnet50'")
+    for hint in ("network", "--weights=PATH.weights.h5", "efficientnet_lite0"):
+        assert hint in line
+    assert "Traceback" not in result.stderr
+
+
+def test_the_default_run_is_offline_pretrained():
+    from configs import small_similar
+    from tl_keras import backbones, train
+
+    config = train.resolve(small_similar.get_config())
+    assert (config.backbone, config.weights, config.dataset, config.image_size) == (
+        "efficientnet_lite0", "imagenet", "fashion_mnist", 96)
+    assert config.backbone in backbones.OFFLINE_IMAGENET

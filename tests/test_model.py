@@ -20,10 +20,34 @@ def test_head_is_a_new_dense_named_predictions():
     head = model.get_layer("predictions")
     assert isinstance(head, keras.layers.Dense)
     assert head.units == 4
-    assert [layer.name for layer in model.layers[-3:]] == ["avg_pool", "dropout", "predictions"]
+    assert [layer.name for layer in model.layers[-4:]] == [
+        "avg_pool", "feature_norm", "dropout", "predictions"]
     x = np.random.default_rng(0).integers(0, 256, (3, TINY_SIZE, TINY_SIZE, 3))
     probabilities = model.predict(x.astype("uint8"), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", range(1, 30))
+def test_grid_window_gives_the_grid(size):
+    window, stride = model_lib.grid_window(size, 3)
+    assert (size - window) // stride + 1 == min(size, 3)
+    assert window >= stride  # every cell is inside some window
+
+
+def test_grid_pooling_keeps_where_features_are():
+    cut = backbones.build_backbone(TINY_BACKBONE, weights="none", image_size=TINY_SIZE,
+                                   cut="early")  # an 8x8 map of 16 channels at 32 px
+    model = model_lib.build_classifier(cut.model, TINY_BACKBONE, 3, seed=0, pool_grid=3)
+    assert model.get_layer("feature_norm").input.shape[-1] == 3 * 3 * 16
+    grid = keras.Model(model.input, model.get_layer("grid_pool").output)
+    maps = keras.Model(model.input, model.get_layer("grid_pool").input)
+    x = np.random.default_rng(0).integers(0, 256, (2, TINY_SIZE, TINY_SIZE, 3)).astype("uint8")
+    window, stride = model_lib.grid_window(8, 3)
+    m = maps.predict(x, verbose=0)
+    corner = m[:, 2 * stride:2 * stride + window, 0:window].mean(axis=(1, 2))
+    np.testing.assert_allclose(grid.predict(x, verbose=0)[:, 2, 0], corner, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool_grid must be 1"):
+        model_lib.build_classifier(cut.model, TINY_BACKBONE, 3, pool_grid=0)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])

@@ -44,7 +44,8 @@ class Crash(keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
-def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder, monkeypatch):
+def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder, monkeypatch,
+                                                         capsys):
     config = tiny_config(tmp_path, "large_similar", dataset=str(image_folder),
                          epochs=4, head_epochs=1)
     monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", Crash)
@@ -57,14 +58,19 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder
     with pytest.raises(train.RunFolderError, match="another config .*epochs"):
         train.finetune(other, tiny_data(other))
 
+    capsys.readouterr()
     metrics = train.finetune(config, tiny_data(config))
+    out = capsys.readouterr().out
+    assert "Phase 'head' finished in an earlier attempt" in out
+    assert "Caching backbone features" not in out  # the finished head phase needs none
     rows = list(csv.DictReader(open(os.path.join(config.workdir, "history.csv"))))
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]  # no epoch run twice
     assert metrics["epochs_run"] == 4 and metrics["phases"] == ["head", "finetune"]
 
 
 def test_model_and_training_code_import_no_tensorflow():
-    for module in ("backbones", "model", "trainable", "train"):
+    for module in ("torch_state_dict", "efficientnet_lite", "backbones", "model", "features",
+                   "trainable", "train"):
         tree = ast.parse(open(os.path.join(ROOT, "tl_keras", module + ".py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}

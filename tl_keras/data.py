@@ -55,6 +55,7 @@ class Datasets:
     channels: int
     image_size: int
     skipped: list
+    augmented: bool = False  # the training pipeline gives new random views on every read
 
 
 def load(config, image_size):
@@ -81,10 +82,12 @@ def load_examples(config):
         x, y, x_val, y_val, names = _builtin(dataset)
         examples = from_arrays(x, y, class_names=names, x_val=x_val, y_val=y_val,
                                val_fraction=config.val_fraction, seed=config.seed,
-                               max_examples=config.max_examples)
+                               max_examples=config.max_examples,
+                               examples_per_class=config.examples_per_class)
     elif os.path.isdir(dataset):
         examples = from_folder(dataset, val_fraction=config.val_fraction,
                                seed=config.seed, max_examples=config.max_examples,
+                               examples_per_class=config.examples_per_class,
                                strict=config.strict)
     else:
         raise ValueError(
@@ -99,7 +102,8 @@ def load_examples(config):
 
 # --- Sources -----------------------------------------------------------------
 
-def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, strict=False):
+def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_class=None,
+                strict=False):
     """Images in `root/<class name>/*` (JPEG, PNG, BMP, GIF), split by seed.
 
     Every file is decoded once up front with TensorFlow's own decoder, the
@@ -142,7 +146,8 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, strict=False)
             if label not in labels:
                 raise ValueError(f"class folder {name!r} has no readable images left")
 
-    train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples)
+    train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples,
+                                       examples_per_class)
     paths, labels = np.array(paths), np.array(labels, dtype="int32")
 
     def dataset(idx):
@@ -186,7 +191,7 @@ def check_images(paths):
 
 
 def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2,
-                seed=0, max_examples=None):
+                seed=0, max_examples=None, examples_per_class=None):
     """Examples from numpy images `x` [N, H, W] or [N, H, W, C] (0-255) and labels `y`.
 
     Without `x_val`, a stratified `val_fraction` of `x` is held out by `seed`.
@@ -203,11 +208,12 @@ def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2
     if len(class_names) < 2:
         raise ValueError(f"need at least 2 classes, got {len(class_names)}")
     if x_val is None:
-        train_idx, val_idx = split_indices(y, val_fraction, seed, max_examples)
+        train_idx, val_idx = split_indices(y, val_fraction, seed, max_examples,
+                                           examples_per_class)
         x, y, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
     else:
         x_val, y_val = _as_images(x_val), np.asarray(y_val).astype("int32").reshape(-1)
-        train_idx, _ = split_indices(y, 0.0, seed, max_examples)
+        train_idx, _ = split_indices(y, 0.0, seed, max_examples, examples_per_class)
         x, y = x[train_idx], y[train_idx]
     return Examples(tf.data.Dataset.from_tensor_slices((x, y)),
                     tf.data.Dataset.from_tensor_slices((x_val, y_val)),
@@ -223,12 +229,16 @@ def _as_images(x):
     return np.clip(np.round(x), 0, 255).astype("uint8") if x.dtype != np.uint8 else x
 
 
-def split_indices(labels, val_fraction, seed, max_examples=None):
+def split_indices(labels, val_fraction, seed, max_examples=None, examples_per_class=None):
     """Stratified seeded split: (train indices, val indices), each sorted.
 
     Each class with at least 2 examples gives round(val_fraction * n) of
-    them (at least 1) to validation. `max_examples` then caps the training
-    indices with a seeded random subset.
+    them (at least 1) to validation. Then `examples_per_class` caps each
+    class's training indices and `max_examples` the total, both with seeded
+    random subsets. Validation is never capped.
+
+    Example:
+      train, val = split_indices(labels, 0.2, seed=0, examples_per_class=200)
     """
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -238,7 +248,7 @@ def split_indices(labels, val_fraction, seed, max_examples=None):
         if val_fraction > 0 and len(idx) >= 2:
             n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
         val.append(idx[:n_val])
-        train.append(idx[n_val:])
+        train.append(idx[n_val:][:examples_per_class or None])
     train, val = np.concatenate(train), np.concatenate(val)
     if max_examples and len(train) > max_examples:
         train = rng.choice(train, max_examples, replace=False)
@@ -263,8 +273,15 @@ def _builtin(name):
                 return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
             x, y = idx("train-images-idx3-ubyte"), idx("train-labels-idx1-ubyte")
             x_val, y_val = idx("t10k-images-idx3-ubyte"), idx("t10k-labels-idx1-ubyte")
-        else:  # downloads: needs network
-            (x, y), (x_val, y_val) = keras.datasets.fashion_mnist.load_data()
+        else:
+            try:  # downloads: needs network
+                (x, y), (x_val, y_val) = keras.datasets.fashion_mnist.load_data()
+            except Exception as e:  # keras.utils.get_file raises a bare Exception
+                raise ValueError(
+                    f"fashion_mnist: {FASHION_MNIST_DIR} is missing and the download failed "
+                    f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                    "install the Debian package (apt-get install dataset-fashion-mnist), "
+                    "or use --dataset=digits") from e
         return x, y, x_val, y_val, FASHION_MNIST_CLASSES
     raise ValueError(f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN)}")
 
@@ -310,6 +327,9 @@ def from_tfds(spec, config):
     except Exception as e:
         raise ValueError(f"TFDS dataset {spec!r}: cannot read splits "
                          f"{train_split!r}, {val_split!r}: {str(e).splitlines()[0]}") from e
+    if config.get("examples_per_class"):
+        raise ValueError("examples_per_class is not supported for tfds: datasets; "
+                         "use --max_examples or a train_split slice such as 'train[:2000]'")
     if config.max_examples:
         train = train.take(config.max_examples)
     label = info.features["label"] if "label" in info.features else None
@@ -375,7 +395,8 @@ def make_datasets(examples, config, image_size):
         val=pipeline(examples.val, examples.val_examples, False),
         class_names=list(examples.class_names),
         train_examples=examples.train_examples, val_examples=examples.val_examples,
-        channels=examples.channels, image_size=image_size, skipped=examples.skipped)
+        channels=examples.channels, image_size=image_size, skipped=examples.skipped,
+        augmented=augment is not None)
 
 
 def augmentation(config):

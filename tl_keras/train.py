@@ -12,6 +12,8 @@ The run folder (`config.workdir`):
     model.keras     the final model
     metrics.json    what the run measured; written last, so it marks a finished run
     backup/         BackupAndRestore state while a run is unfinished
+    features/       cached backbone features, only while a run is unfinished and
+                    only when they do not fit in `cache_bytes` of memory
 
 A run killed before it finished resumes when re-run with the same workdir and
 config. A finished run is never overwritten.
@@ -29,7 +31,7 @@ import time
 
 import keras
 
-from tl_keras import backbones, model as model_lib, trainable
+from tl_keras import backbones, features, model as model_lib, trainable
 
 
 class RunFolderError(ValueError):
@@ -48,7 +50,7 @@ def build(config, num_classes, channels):
         cut=trainable.resolve_cut(config))
     model = model_lib.build_classifier(
         cut.model, config.backbone, num_classes, channels=channels,
-        dropout=config.dropout, seed=config.seed)
+        dropout=config.dropout, seed=config.seed, pool_grid=config.pool_grid)
     return model, cut.layer
 
 
@@ -86,11 +88,15 @@ def finetune(config, data):
         # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
         model, cut_layer = build(config, len(data.class_names), data.channels)
         workdir = prepare_workdir(config)
-        history = run_phases(model, config, data, workdir)
+        phases = trainable.plan_phases(config)
+        history, final = run_phases(model, config, data, workdir, phases)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
-    val_loss, val_accuracy = model.evaluate(data.val, verbose=0)
+    # The last phase's model and validation data: the head on cached features
+    # when that phase trained on them (equal to the full model's outputs).
+    val = final.val if isinstance(final.val, tuple) else (final.val,)
+    val_loss, val_accuracy = final.model.evaluate(*val, verbose=0)
     model.save(os.path.join(workdir, "model.keras"))
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
@@ -112,18 +118,31 @@ def finetune(config, data):
         "val_loss": float(val_loss),
         "best_val_accuracy": float(max(best)) if best else None,
         "epochs_run": len(history),
-        "phases": [p.name for p in trainable.plan_phases(config)],
+        "phases": [p.name for p in phases],
+        "train_path": final.paths,  # phase -> "cached_features" | "fit"
+        "cached_features": final.cache_info,
         "backend": keras.backend.backend(),
         "wall_seconds": round(time.time() - start, 2),
     }
     _write_json(os.path.join(workdir, "metrics.json"), metrics)
-    shutil.rmtree(os.path.join(workdir, "backup"), ignore_errors=True)
+    for scratch in ("backup", "features"):
+        shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
     return metrics
 
 
-def run_phases(model, config, data, workdir):
-    """Runs each phase of `config` on `model`; returns the history rows of all epochs.
+class _Final:
+    """What `run_phases` leaves for the final evaluation and metrics.json."""
 
+    def __init__(self):
+        self.model = self.val = self.cache_info = None
+        self.paths = {}
+
+
+def run_phases(model, config, data, workdir, phases):
+    """Runs `phases` on `model`; returns (history rows of all epochs, `_Final`).
+
+    A phase that trains only the head of a frozen backbone trains it on
+    cached backbone features when `config.cache_features` (see features.py).
     A phase that finished in an earlier, interrupted attempt is not redone:
     its weights are loaded from `backup/<phase>.done.weights.h5`.
     """
@@ -131,32 +150,62 @@ def run_phases(model, config, data, workdir):
     best = None
     verbose = int(config.verbose) if config.verbose != "auto" else (
         1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
-    for phase in trainable.plan_phases(config):
+    final = _Final()
+    cache = None
+    for phase in phases:
         trainable.apply_phase(model, phase)
-        model.compile(
-            optimizer=keras.optimizers.AdamW(
-                learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=config.jit_compile)
         done = os.path.join(workdir, "backup", f"{phase.name}.done.weights.h5")
-        if os.path.exists(done):
+        finished = os.path.exists(done)
+        cached = bool(config.cache_features) and phase.train == "head"
+        final.paths[phase.name] = "cached_features" if cached else "fit"
+        # Features are computed once, and not for a finished phase unless the
+        # final evaluation needs them.
+        if cached and cache is None and (not finished or phase is phases[-1]):
+            cache = _compute_features(model, config, data, workdir, verbose,
+                                      epochs=phase.last_epoch - phase.first_epoch)
+            final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
+                                "stored": cache.stored}
+        if phase is phases[0]:
+            # Statistics of the starting backbone's features; a resumed run
+            # then loads the ones it saved over them.
+            features.adapt_feature_norm(
+                model, cache.train[0] if cache is not None else features.sample(model, data))
+        if cached and cache is not None:
+            fit_model = features.head_model(model)
+            train_data = cache.train_batches(config.batch_size, seed=config.seed)
+            val_data = (cache.val, cache.val_labels)
+        else:
+            fit_model, train_data, val_data = model, data.train, data.val
+        final.model, final.val = fit_model, val_data
+        for m in {id(model): model, id(fit_model): fit_model}.values():
+            # The full model is compiled even when only its head trains, so
+            # model.keras loads ready to evaluate.
+            m.compile(
+                optimizer=keras.optimizers.AdamW(
+                    learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                jit_compile=config.jit_compile)
+        if fit_model is not model:  # built now, so best.keras and model.keras load without warnings
+            model.optimizer.build(model.trainable_variables)
+        if finished:
             model.load_weights(done)
             print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
             history += _read_history(workdir, phase)
             continue
         print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
-              f"training {'the head' if phase.train == 'head' else 'everything'}, "
+              f"training {'the head' if phase.train == 'head' else 'everything'}"
+              f"{' on cached features' if cached else ''}, "
               f"learning rate {phase.learning_rate:g}; "
               f"trainable / frozen params: {trainable.count_params(model)}")
-        checkpoint = keras.callbacks.ModelCheckpoint(
-            os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
+        checkpoint = _FullModelCheckpoint(
+            model, os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
             save_best_only=True, initial_value_threshold=best)
-        fit = model.fit(
-            data.train, validation_data=data.val,
+        fit = fit_model.fit(
+            train_data, validation_data=val_data,
             initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
             verbose=verbose,
-            shuffle=not hasattr(data.train, "element_spec"),  # tf.data shuffles itself
+            shuffle=isinstance(train_data, tuple),  # tf.data and PyDataset shuffle themselves
             callbacks=[
                 keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", phase.name)),
                 keras.callbacks.TerminateOnNaN(),
@@ -164,14 +213,38 @@ def run_phases(model, config, data, workdir):
                 keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
                 checkpoint,
             ])
-        if model.stop_training and any(
+        if fit_model.stop_training and any(
                 v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
             raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
                                      "try a lower learning rate")
         best = checkpoint.best
         model.save_weights(done)
         history += _read_history(workdir, phase)
-    return history
+    return history, final
+
+
+def _compute_features(model, config, data, workdir, verbose, epochs):
+    # A view per epoch at most; one when the pipeline does not augment.
+    views = min(max(1, int(config.cached_views)), epochs)
+    if not getattr(data, "augmented", False):
+        views = 1
+    print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
+          f"and {data.val_examples} validation images")
+    return features.compute(
+        model, data, views=views, batch_size=config.batch_size,
+        max_bytes=config.get("cache_bytes", 2 << 30),
+        spill_dir=os.path.join(workdir, "features"), verbose=verbose)
+
+
+class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Saves the full classifier even when `fit` runs on its head alone."""
+
+    def __init__(self, full_model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._full_model = full_model
+
+    def set_model(self, model):
+        super().set_model(self._full_model)
 
 
 def _read_history(workdir, phase):

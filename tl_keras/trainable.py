@@ -120,9 +120,11 @@ def plan_phases(config):
 def apply_phase(model, phase):
     """Sets `trainable` on `model` for `phase`; recompile afterwards.
 
-    The head always trains; the backbone (the layer named "backbone") trains
-    only when `phase.train == "all"`, and then without its BatchNormalization
-    layers if `phase.freeze_batchnorm`.
+    The head's Dense layer always trains (its `feature_norm` never does); the
+    backbone (the layer named "backbone") trains only when
+    `phase.train == "all"`, and then without its BatchNormalization layers if
+    `phase.freeze_batchnorm`. A `phase.batchnorm_momentum` (init=scratch) is
+    set on every BatchNormalization layer of the backbone.
     """
     backbone = model.get_layer("backbone")
     backbone.trainable = phase.train == "all"  # Keras sets every sublayer

@@ -1,6 +1,7 @@
-"""Fine-tune a Keras Applications backbone in one of the four transfer-learning regimes.
+"""Fine-tune a pretrained backbone in one of the four transfer-learning regimes.
 
 Usage:
+    python tools/finetune.py --regime=small_similar --max_examples=2000   # offline default
     python tools/finetune.py --regime=small_similar --dataset=path/to/folder
     python tools/finetune.py --regime=large_similar --dataset=tfds:tf_flowers --epochs=20
     python tools/finetune.py --config=configs/smoke.py:large_different --config.init=scratch
@@ -24,17 +25,21 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/large_similar.py.")
 flags.DEFINE_string("regime", None, f"One of: {', '.join(trainable.REGIMES)}.")
-flags.DEFINE_string("backbone", None, "A backbone name, e.g. mobilenet_v2, resnet50.")
-flags.DEFINE_string("dataset", None, "A folder of class subfolders, tfds:NAME, digits or fashion_mnist.")
+flags.DEFINE_string("backbone", None, "A backbone name, e.g. efficientnet_lite0, resnet50.")
+flags.DEFINE_string("dataset", None, "fashion_mnist, digits, a folder of class subfolders or tfds:NAME.")
 flags.DEFINE_string("weights", None, "imagenet | none | PATH.weights.h5")
 flags.DEFINE_string("init", None, "pretrained | scratch (large regimes)")
 flags.DEFINE_string("cut", None, "early | middle | late | top | a layer name")
-flags.DEFINE_integer("image_size", None, "Input height and width.")
+flags.DEFINE_integer("image_size", None, "Input height and width (0: the backbone's default).")
 flags.DEFINE_integer("epochs", None, "Total epochs, across phases.")
 flags.DEFINE_integer("batch_size", None, "Batch size.")
 flags.DEFINE_float("learning_rate", None, "Learning rate of the head phase.")
 flags.DEFINE_integer("max_examples", None, "Cap on training examples (0: all).")
+flags.DEFINE_integer("examples_per_class", None, "Cap on training examples per class (0: all).")
 flags.DEFINE_integer("seed", None, "Random seed.")
+flags.DEFINE_integer("pool_grid", None, "Head input: 1 global average, g a g x g grid of averages.")
+flags.DEFINE_bool("cache_features", None, "Frozen backbone: train the head on features computed once.")
+flags.DEFINE_integer("cached_views", None, "Augmented views cached per training image.")
 flags.DEFINE_string("workdir", None, "Run folder (default runs/<regime>_<backbone>_<time>).")
 flags.DEFINE_bool("strict", None, "Fail on an undecodable image instead of skipping it.")
 flags.DEFINE_string("mixed_precision", None, "mixed_float16 | mixed_bfloat16")
@@ -42,8 +47,9 @@ flags.DEFINE_bool("jit_compile", None, "Compile with XLA.")
 FLAGS = flags.FLAGS
 
 _PLAIN = ("regime", "backbone", "dataset", "weights", "init", "cut", "image_size", "epochs",
-          "batch_size", "learning_rate", "max_examples", "seed", "workdir", "strict",
-          "mixed_precision", "jit_compile")
+          "batch_size", "learning_rate", "max_examples", "examples_per_class", "seed", "workdir",
+          "strict", "pool_grid", "cache_features", "cached_views", "mixed_precision",
+          "jit_compile")
 
 
 def fail(message):

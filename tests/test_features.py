@@ -1,0 +1,143 @@
+"""Cached-feature training: same model, same answers, backbone untouched."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from tl_keras import data, features, train, trainable
+
+
+def tiny_data(config):
+    return data.load(config, image_size=config.image_size)
+
+
+def built(config, data_):
+    config = train.resolve(config)
+    model, _ = train.build(config, len(data_.class_names), data_.channels)
+    [phase, *_] = trainable.plan_phases(config)
+    trainable.apply_phase(model, phase)
+    return model
+
+
+def val_images(datasets):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in datasets.val])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_full_model_equals_head_on_cached_features(tmp_path, image_folder):
+    config = tiny_config(tmp_path, "small_similar", dataset=str(image_folder), val_fraction=0.4)
+    datasets = tiny_data(config)
+    model = built(config, datasets)
+    backbone_before = [w.numpy().copy() for w in model.get_layer("backbone").weights]
+    cache = features.compute(model, datasets, views=1, verbose=0)
+    head = features.head_model(model)
+    head.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    head_before = model.get_layer("predictions").kernel.numpy().copy()
+    head.fit(cache.train_batches(4, seed=0), epochs=2, verbose=0)
+
+    # Training the head model trained the full model's head, and nothing else.
+    assert not np.array_equal(head_before, model.get_layer("predictions").kernel.numpy())
+    for before, after in zip(backbone_before, model.get_layer("backbone").weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    x, y = val_images(datasets)
+    np.testing.assert_array_equal(cache.val_labels, y)
+    np.testing.assert_allclose(model.predict(x, verbose=0), head.predict(cache.val, verbose=0),
+                               atol=1e-5)
+
+
+def test_augmented_views_differ_and_every_epoch_draws_one(tmp_path, image_folder):
+    # Cut early: the random tiny backbone's top features are too small to compare.
+    config = tiny_config(tmp_path, "small_different", dataset=str(image_folder), augment=True,
+                         augment_flip="horizontal", augment_zoom=0.3, augment_rotation=0.2)
+    datasets = tiny_data(config)
+    assert datasets.augmented
+    model = built(config, datasets)
+    cache = features.compute(model, datasets, views=3, verbose=0)
+    assert cache.views == 3 and all(len(v) == datasets.train_examples for v in cache.train)
+    # Each pass reads the images in a new order; without augmentation its rows
+    # are the same rows reordered, with augmentation they are new rows.
+    # (The folder's two single-colour images look the same under any flip, zoom or rotation.)
+    assert sum(matches(row, cache.train[1]) for row in cache.train[0]) <= 2
+    config.augment = False
+    plain = features.compute(model, tiny_data(config), views=2, verbose=0)
+    assert all(matches(row, plain.train[1]) for row in plain.train[0])
+    batches = cache.train_batches(5, seed=0)
+    seen = set()
+    for _ in range(20):
+        seen.add(batches.view)
+        x, y = batches[0]
+        assert x.shape == (5, cache.train[0].shape[1])
+        batches.on_epoch_end()
+    assert seen == {0, 1, 2}
+
+
+def matches(row, rows):
+    return bool(np.any(np.all(np.isclose(rows, row, rtol=1e-4, atol=0), axis=1)))
+
+
+def test_features_spill_to_the_run_folder_when_over_the_limit(tmp_path, image_folder):
+    config = tiny_config(tmp_path, "small_similar", dataset=str(image_folder))
+    datasets = tiny_data(config)
+    model = built(config, datasets)
+    in_memory = features.compute(model, datasets, views=1, verbose=0)
+    spill = tmp_path / "features"
+    on_disk = features.compute(model, datasets, views=1, max_bytes=100, spill_dir=str(spill),
+                               verbose=0)
+    assert in_memory.stored == "memory" and on_disk.stored == str(spill)
+    assert sorted(os.listdir(spill)) == ["train_view0.npy", "val.npy"]
+    assert isinstance(on_disk.val, np.memmap)
+    np.testing.assert_allclose(on_disk.val, in_memory.val, atol=1e-6)
+
+
+@pytest.mark.parametrize("regime,cache,paths", [
+    ("small_different", True, {"head": "cached_features"}),
+    ("small_different", False, {"head": "fit"}),
+    ("large_similar", True, {"head": "cached_features", "finetune": "fit"}),
+])
+def test_metrics_say_which_path_ran(tmp_path, image_folder, regime, cache, paths):
+    config = tiny_config(tmp_path, regime, dataset=str(image_folder), cache_features=cache,
+                         cache_bytes=100)  # also spills the features to the run folder
+    metrics = train.finetune(config, tiny_data(config))
+    assert metrics["train_path"] == paths
+    saved = json.load(open(os.path.join(config.workdir, "metrics.json")))
+    assert saved["train_path"] == paths
+    if cache:
+        assert saved["cached_features"]["views"] == 1  # tiny_config: no augmentation
+        assert saved["cached_features"]["stored"] == os.path.join(config.workdir, "features")
+    else:
+        assert saved["cached_features"] is None
+    assert not os.path.exists(os.path.join(config.workdir, "features"))  # removed when done
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_feature_norm_standardises_the_training_features(tmp_path, image_folder, cache):
+    import keras
+
+    config = tiny_config(tmp_path, "small_different", dataset=str(image_folder),
+                         cache_features=cache, epochs=1)
+    datasets = tiny_data(config)
+    train.finetune(config, datasets)
+    model = keras.saving.load_model(os.path.join(config.workdir, "model.keras"))
+    x = np.concatenate([x for x, _ in datasets.train.as_numpy_iterator()])
+    raw = features.extractor(model).predict(x, verbose=0)
+    z = np.asarray(model.get_layer("feature_norm")(raw))
+    varying = raw.std(axis=0) > 1e-3 * np.abs(raw).max()
+    # Something to standardise: the raw features are far from unit variance.
+    assert varying.sum() > 10 and abs(np.log(raw[:, varying].std(axis=0).mean())) > 1
+    np.testing.assert_allclose(z[:, varying].mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(z[:, varying].std(axis=0), 1, rtol=1e-2)
+
+
+@pytest.mark.parametrize("regime,head_epochs,epochs,want", [
+    ("small_similar", 1, 2, 2),   # 3 views asked, 2 epochs on them: 2 views
+    ("large_similar", 1, 2, 1),   # head phase of 1 epoch: 1 view
+])
+def test_no_more_views_than_epochs_that_use_them(tmp_path, image_folder, regime, head_epochs,
+                                                 epochs, want):
+    config = tiny_config(tmp_path, regime, dataset=str(image_folder), augment=True,
+                         cached_views=3, head_epochs=head_epochs, epochs=epochs)
+    metrics = train.finetune(config, tiny_data(config))
+    assert metrics["cached_features"]["views"] == want

@@ -1,0 +1,190 @@
+"""Cached backbone features: train the head of a frozen backbone without re-running it.
+
+When everything below the head is frozen (the small regimes, and the head
+phase of the large ones), every epoch of a plain `fit` computes the same
+backbone forward pass again while the head's own update costs almost nothing.
+Here the frozen part (preprocess -> backbone -> pooling) runs once per view,
+and the head (feature_norm -> dropout -> predictions) trains on the pooled
+features:
+
+    images --(frozen, once per view)--> pooled features --(every epoch)--> head
+
+Augmentation survives: the training pipeline is read `views` times, each
+time freshly augmented, and every epoch draws one of those views. The head
+model shares its layers with the full model, so training it trains the full
+model's head: no weights are copied back, and the full model's predictions
+equal the head's on the cached features.
+
+Features live in memory up to `max_bytes`, else in `.npy` files in the run
+folder (memory-mapped). No TensorFlow import: inputs are any iterable of
+`(images, labels)` batches, or an `(x, y)` tuple of numpy arrays.
+
+Example:
+    cache = compute(model, data, views=2)
+    head_model(model).fit(cache.train_batches(32, seed=0),
+                          validation_data=(cache.val, cache.val_labels))
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+HEAD_LAYERS = ("feature_norm", "dropout", "predictions")  # the head, in order
+
+
+def extractor(model):
+    """The frozen part of a classifier: raw pixels -> pooled backbone features."""
+    return keras.Model(model.input, model.get_layer(HEAD_LAYERS[0]).input,
+                       name="feature_extractor")
+
+
+def head_model(model):
+    """The head of a classifier as its own model, sharing the full model's head layers."""
+    inputs = keras.Input(model.get_layer(HEAD_LAYERS[0]).input.shape[1:], name="features")
+    x = inputs
+    for name in HEAD_LAYERS:
+        x = model.get_layer(name)(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def adapt_feature_norm(model, features, floor=1e-3):
+    """Sets `feature_norm` to standardise `features` [N, D] with their mean and variance.
+
+    A feature that barely varies in the training data (a random backbone has
+    many) would be divided by almost zero and explode on new images, so each
+    variance is at least `floor` times the features' mean variance.
+    """
+    features = np.asarray(features, "float64")
+    mean, variance = features.mean(axis=0), features.var(axis=0)
+    variance = np.maximum(variance, floor * variance.mean())
+    layer = model.get_layer(HEAD_LAYERS[0])
+    layer.set_weights([mean.astype("float32"), variance.astype("float32"),
+                       np.asarray(len(features), layer.count.dtype)])
+    layer.finalize_state()  # Normalization caches mean and variance as tensors
+
+
+def sample(model, data, max_examples=4096, batch_size=32):
+    """Pooled features of up to `max_examples` training images, for `adapt_feature_norm`."""
+    extract = extractor(model)
+    out, n = [], 0
+    for x, _ in _batches(data.train, batch_size):
+        out.append(np.asarray(extract.predict_on_batch(x), "float32"))
+        n += len(out[-1])
+        if n >= max_examples:
+            break
+    return np.concatenate(out)[:max_examples]
+
+
+@dataclasses.dataclass
+class FeatureCache:
+    train: list            # one [N, D] float32 array per view
+    train_labels: list     # one [N] int32 array per view (each view is read in its own order)
+    val: np.ndarray        # [M, D]
+    val_labels: np.ndarray
+    seconds: float         # time spent computing them
+    stored: str            # "memory" or the folder of the .npy files
+
+    @property
+    def views(self):
+        return len(self.train)
+
+    def train_batches(self, batch_size, seed):
+        """A `keras.utils.PyDataset` over one view per epoch, reshuffled every epoch."""
+        return _ViewBatches(self.train, self.train_labels, batch_size, seed)
+
+
+def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=None,
+            verbose=1):
+    """Runs the frozen part of `model` over `data.train` (`views` times) and `data.val` (once).
+
+    Args:
+      model: a classifier from `model.build_classifier`.
+      data: `train` and `val` -- iterables of `(images, labels)` batches
+        (e.g. tf.data pipelines; the training one augments each time it is
+        read) or `(x, y)` numpy tuples -- and their sizes `train_examples`,
+        `val_examples`.
+      views: passes over `train`; 1 when the pipeline does not augment.
+      batch_size: batch size for numpy inputs.
+      max_bytes: features larger than this go to `.npy` files in `spill_dir`.
+      verbose: 0 silent, 1 a progress bar per pass, 2 a line per pass.
+
+    Returns:
+      `FeatureCache`.
+    """
+    start = time.time()
+    extract = extractor(model)
+    dim = int(extract.output.shape[-1])
+    n_train, n_val = int(data.train_examples), int(data.val_examples)
+    total_bytes = 4 * dim * (views * n_train + n_val)
+    spill = total_bytes > max_bytes
+    if spill and not spill_dir:
+        raise ValueError(f"features need {total_bytes / 2**30:.1f} GiB, over the memory "
+                         "limit, and no folder to spill them to")
+    stored = spill_dir if spill else "memory"
+    if spill:
+        os.makedirs(spill_dir, exist_ok=True)
+
+    def allocate(name, n):
+        if not spill:
+            return np.empty((n, dim), "float32")
+        return np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), "w+",
+                                         "float32", (n, dim))
+
+    def run(source, n, name):
+        out, labels = allocate(name, n), np.empty((n,), "int32")
+        progress = keras.utils.Progbar(n, unit_name="image") if verbose == 1 else None
+        i, began = 0, time.time()
+        for x, y in _batches(source, batch_size):
+            f = np.asarray(extract.predict_on_batch(x), "float32")
+            k = len(f)
+            if i + k > n:
+                raise ValueError(f"{name}: the pipeline gave more than its {n} examples")
+            out[i:i + k], labels[i:i + k] = f, keras.ops.convert_to_numpy(y).reshape(-1)
+            i += k
+            if progress:
+                progress.update(i)
+        if i != n:
+            raise ValueError(f"{name}: the pipeline gave {i} examples, expected {n}")
+        if verbose == 2:
+            print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
+        return out, labels
+
+    train_views = [run(data.train, n_train, f"train_view{v}") for v in range(views)]
+    val_features, val_labels = run(data.val, n_val, "val")
+    return FeatureCache(
+        train=[f for f, _ in train_views], train_labels=[y for _, y in train_views],
+        val=val_features, val_labels=val_labels, seconds=time.time() - start, stored=stored)
+
+
+def _batches(source, batch_size):
+    if isinstance(source, tuple):
+        x, y = source
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+    else:
+        yield from source
+
+
+class _ViewBatches(keras.utils.PyDataset):
+    """Batches of one cached view per epoch; a new view and a new order after every epoch."""
+
+    def __init__(self, views, labels, batch_size, seed):
+        super().__init__()
+        self.views, self.labels, self.batch_size = views, labels, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self):
+        return math.ceil(len(self.labels[0]) / self.batch_size)
+
+    def __getitem__(self, i):
+        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        return self.views[self.view][idx], self.labels[self.view][idx]
+
+    def on_epoch_end(self):
+        self.view = int(self.rng.integers(len(self.views)))
+        self.order = self.rng.permutation(len(self.labels[0]))
