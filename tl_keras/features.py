@@ -129,35 +129,70 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         os.makedirs(spill_dir, exist_ok=True)
 
     def allocate(name, n):
-        if not spill:
-            return np.empty((n, dim), "float32")
         return np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), "w+",
                                          "float32", (n, dim))
 
+    paired = _with_labels(extract)
+
     def run(source, n, name):
-        out, labels = allocate(name, n), np.empty((n,), "int32")
-        progress = keras.utils.Progbar(n, unit_name="image") if verbose == 1 else None
-        i, began = 0, time.time()
-        for x, y in _batches(source, batch_size):
-            f = np.asarray(extract.predict_on_batch(x), "float32")
-            k = len(f)
-            if i + k > n:
-                raise ValueError(f"{name}: the pipeline gave more than its {n} examples")
-            out[i:i + k], labels[i:i + k] = f, keras.ops.convert_to_numpy(y).reshape(-1)
-            i += k
-            if progress:
-                progress.update(i)
-        if i != n:
-            raise ValueError(f"{name}: the pipeline gave {i} examples, expected {n}")
+        began = time.time()
+        if spill:
+            out, labels = _pass_by_batch(extract, source, allocate(name, n), batch_size, verbose)
+        else:
+            out, labels = _pass(paired, source, batch_size, verbose=int(verbose == 1))
+        if len(labels) != n:
+            raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
         if verbose == 2:
             print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
-        return out, labels
+        return out, labels.astype("int32")
 
     train_views = [run(data.train, n_train, f"train_view{v}") for v in range(views)]
     val_features, val_labels = run(data.val, n_val, "val")
     return FeatureCache(
         train=[f for f, _ in train_views], train_labels=[y for _, y in train_views],
         val=val_features, val_labels=val_labels, seconds=time.time() - start, stored=stored)
+
+
+def _with_labels(extract):
+    """`extract` with the labels passed through, so one `predict` keeps them in step."""
+    labels = keras.Input((), dtype="int32", name="labels")
+    return keras.Model([extract.input, labels],
+                       [extract.output, keras.layers.Identity(name="labels_out")(labels)])
+
+
+def _pass(paired, source, batch_size, verbose):
+    """Features and labels of one pass, in memory, with `predict`.
+
+    `predict` ran twice as fast as `predict_on_batch` batch by batch
+    (EfficientNet-Lite0 at 96 px, 512 images: 2.5 s against 5.1 s).
+    """
+    if isinstance(source, tuple):
+        x, y = source
+        y = np.asarray(y).reshape(-1).astype("int32")
+        features, _ = paired.predict([x, y], batch_size=batch_size, verbose=verbose)
+        return np.asarray(features, "float32"), y
+    # A tf.data pipeline (used through its own API: this module imports no
+    # TensorFlow): images and labels go in together, in the pass's own order.
+    features, labels = paired.predict(source.map(lambda x, y: ((x, y),)), verbose=verbose)
+    return np.asarray(features, "float32"), np.asarray(labels).reshape(-1)
+
+
+def _pass_by_batch(extract, source, out, batch_size, verbose):
+    """Features of one pass written batch by batch into `out` (a memory-mapped file)."""
+    n = len(out)
+    labels = np.empty((n,), "int32")
+    progress = keras.utils.Progbar(n, unit_name="image") if verbose == 1 else None
+    i = 0
+    for x, y in _batches(source, batch_size):
+        f = np.asarray(extract.predict_on_batch(x), "float32")
+        k = len(f)
+        if i + k > n:
+            raise ValueError(f"the pipeline gave more than its {n} examples")
+        out[i:i + k], labels[i:i + k] = f, keras.ops.convert_to_numpy(y).reshape(-1)
+        i += k
+        if progress:
+            progress.update(i)
+    return out, labels[:i]
 
 
 def _batches(source, batch_size):

@@ -1,0 +1,32 @@
+"""tools/benchmark.py on tiny settings: it runs to the end and its results hold together."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_benchmark_writes_consistent_results(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+         "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
+         "--dataset=digits", "--train_examples=48", "--val_examples=24", "--epochs=2",
+         "--finetune_examples=32", "--finetune_epochs=1", f"--out={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.load(open(out))
+    frozen, full = r["frozen_regime"], r["full_finetune"]
+    assert (frozen["train_examples"], frozen["val_examples"], frozen["epochs"]) == (48, 24, 2)
+    assert frozen["full_model_vs_head_max_abs_difference"] < 1e-5
+    assert frozen["cached_seconds"] >= frozen["cached_features_seconds"] + frozen[
+        "cached_head_seconds"] - 0.01
+    assert frozen["speedup"] == pytest.approx(
+        frozen["plain_fit_seconds"] / frozen["cached_seconds"], abs=0.02)
+    assert full["images"] == 32 and full["model_only_images_per_second"] > 0
+    assert r["backend"] == "tensorflow" and "speedup" in result.stdout

@@ -1,0 +1,270 @@
+"""Benchmark: cached-feature head training against plain `fit`, and input pipelines against memory.
+
+Usage:
+    python tools/benchmark.py                  # small defaults: about 3 minutes on 2 CPU cores
+    python tools/benchmark.py --train_examples=2000 --val_examples=2000
+
+Measured side by side in one process, same data, same seed:
+  1. A frozen regime (small_similar), `epochs` epochs: the head trained on
+     cached features vs plain `fit` on the frozen full model. Also the floor:
+     one forward pass over the training set, and the head's own training time.
+  2. Training everything (the large regimes' phase 2): `fit` fed by tl_keras's
+     tf.data pipeline from an image folder vs `fit` on the same images in memory.
+  3. The same, fed by the TensorFlow transfer-learning tutorial's pipeline
+     (`image_dataset_from_directory` + `prefetch`).
+Prints a table and writes `--out` (benchmarks/results.json).
+"""
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone.")
+flags.DEFINE_string("weights", "imagenet", "imagenet | none")
+flags.DEFINE_integer("image_size", 96, "Input height and width.")
+flags.DEFINE_string("dataset", "fashion_mnist", "A built-in dataset: fashion_mnist | digits.")
+flags.DEFINE_integer("train_examples", 1000, "Part 1: training images.")
+flags.DEFINE_integer("val_examples", 500, "Part 1: validation images.")
+flags.DEFINE_integer("epochs", 10, "Part 1: epochs of each path.")
+flags.DEFINE_integer("finetune_examples", 192, "Parts 2-3: images per epoch.")
+flags.DEFINE_integer("finetune_epochs", 2, "Parts 2-3: timed epochs per feed, after a warm-up.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_string("out", "benchmarks/results.json", "Where the results go.")
+FLAGS = flags.FLAGS
+
+
+def config_for(**overrides):
+    from configs import small_similar
+
+    config = small_similar.get_config()
+    config.update(dict(backbone=FLAGS.backbone, weights=FLAGS.weights,
+                       image_size=FLAGS.image_size, dataset=FLAGS.dataset,
+                       batch_size=FLAGS.batch_size, augment=False, seed=0, verbose="0"))
+    config.update(overrides)
+    return config
+
+
+def compile_(model, learning_rate=1e-3):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+# --- Part 1: cached features vs plain fit ---------------------------------------
+
+def frozen_regime():
+    import keras
+    import numpy as np
+
+    from tl_keras import data, features, train, trainable
+
+    config = train.resolve(config_for(max_examples=FLAGS.train_examples))
+    examples = data.load_examples(config)
+    examples.val = examples.val.take(FLAGS.val_examples)
+    examples.val_examples = min(examples.val_examples, FLAGS.val_examples)
+    datasets = data.make_datasets(examples, config, config.image_size)
+    for batch in (datasets.train, datasets.val):  # fill the image caches before timing
+        for _ in batch:
+            pass
+
+    def fresh_model():
+        keras.utils.set_random_seed(0)
+        model, _ = train.build(config, len(datasets.class_names), datasets.channels)
+        [phase] = trainable.plan_phases(config)
+        trainable.apply_phase(model, phase)
+        return model
+
+    # Plain fit on the frozen full model: the backbone runs every epoch.
+    model = fresh_model()
+    features.adapt_feature_norm(model, features.sample(model, datasets))
+    compile_(model)
+    start = time.perf_counter()
+    plain = model.fit(datasets.train, validation_data=datasets.val, epochs=FLAGS.epochs,
+                      verbose=0)
+    plain_seconds = time.perf_counter() - start
+
+    # Cached: the backbone runs once over train and val, then the head trains.
+    model = fresh_model()
+    start = time.perf_counter()
+    cache = features.compute(model, datasets, views=1, batch_size=FLAGS.batch_size, verbose=0)
+    features.adapt_feature_norm(model, cache.train[0])
+    head = features.head_model(model)
+    compile_(head)
+    head_start = time.perf_counter()
+    cached = head.fit(cache.train_batches(FLAGS.batch_size, seed=0),
+                      validation_data=(cache.val, cache.val_labels), epochs=FLAGS.epochs,
+                      verbose=0)
+    head_seconds = time.perf_counter() - head_start
+    cached_seconds = time.perf_counter() - start
+
+    # The floor: one forward pass over the training set, warm (no tracing);
+    # and over the validation set, which both paths also run.
+    extract = features.extractor(model)
+    extract.predict(datasets.train, verbose=0)
+    start = time.perf_counter()
+    extract.predict(datasets.train, verbose=0)
+    floor_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    extract.predict(datasets.val, verbose=0)
+    val_floor_seconds = time.perf_counter() - start
+
+    # The full model agrees with the head on the cached features.
+    x = np.concatenate([x for x, _ in datasets.val.as_numpy_iterator()])
+    gap = float(np.abs(model.predict(x, verbose=0) - head.predict(cache.val, verbose=0)).max())
+    return {
+        "train_examples": datasets.train_examples, "val_examples": datasets.val_examples,
+        "epochs": FLAGS.epochs,
+        "plain_fit_seconds": round(plain_seconds, 2),
+        "cached_seconds": round(cached_seconds, 2),
+        "cached_features_seconds": round(cache.seconds, 2),
+        "cached_head_seconds": round(head_seconds, 2),
+        "speedup": round(plain_seconds / cached_seconds, 2),
+        "forward_pass_floor_seconds": round(floor_seconds, 2),
+        "cached_over_floor_plus_head": round(cached_seconds / (floor_seconds + head_seconds), 2),
+        "val_forward_pass_seconds": round(val_floor_seconds, 2),
+        "cached_over_floor_val_pass_plus_head": round(
+            cached_seconds / (floor_seconds + val_floor_seconds + head_seconds), 2),
+        "plain_val_accuracy": round(float(plain.history["val_accuracy"][-1]), 4),
+        "cached_val_accuracy": round(float(cached.history["val_accuracy"][-1]), 4),
+        "full_model_vs_head_max_abs_difference": gap,
+    }
+
+
+# --- Parts 2 and 3: feeding a full fine-tune ----------------------------------------
+
+def write_folder(root, n):
+    """`n` training images of the dataset as PNG files in class subfolders."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tl_keras import data
+
+    x, y, _, _, names = data._builtin(FLAGS.dataset)
+    idx, _ = data.split_indices(y, 0.0, seed=0, max_examples=n)
+    for i in idx:
+        folder = os.path.join(root, f"{int(y[i]):02d}")
+        os.makedirs(folder, exist_ok=True)
+        image = np.asarray(x[i]).reshape(x.shape[1], x.shape[2], -1)
+        image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+        with open(os.path.join(folder, f"{i}.png"), "wb") as f:
+            f.write(tf.io.encode_png(image).numpy())
+    return len(idx)
+
+
+def full_finetune(root):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tl_keras import data, train, trainable
+
+    config = train.resolve(config_for(regime="large_similar", val_fraction=0.0))
+    size = config.image_size
+    ours = data.make_datasets(
+        data.from_folder(root, val_fraction=0.0, seed=0), config, size).train
+    tutorial = keras.utils.image_dataset_from_directory(
+        root, image_size=(size, size), batch_size=FLAGS.batch_size, seed=0,
+        verbose=False).prefetch(tf.data.AUTOTUNE)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ours])
+    memory = (np.concatenate(xs), np.concatenate(ys))
+
+    # One model for all three feeds, timed epoch by epoch in turn, so that
+    # the machine's noise falls on every feed alike; the median epoch counts.
+    keras.utils.set_random_seed(0)
+    model, _ = train.build(config, 10, 3)
+    trainable.apply_phase(model, trainable.plan_phases(config)[-1])  # everything trains
+    compile_(model, 1e-5)
+    feeds = {"memory": (memory, dict(batch_size=FLAGS.batch_size, shuffle=True)),
+             "ours": ((ours,), {}), "tutorial": ((tutorial,), {})}
+    for args, kwargs in feeds.values():
+        model.fit(*args, epochs=1, verbose=0, **kwargs)  # warm-up: tracing, caches
+    seconds = {name: [] for name in feeds}
+    for _ in range(FLAGS.finetune_epochs):
+        for name, (args, kwargs) in feeds.items():
+            start = time.perf_counter()
+            model.fit(*args, epochs=1, verbose=0, **kwargs)
+            seconds[name].append(time.perf_counter() - start)
+    rate = {name: len(memory[1]) / float(np.median(s)) for name, s in seconds.items()}
+    memory_rate, ours_rate, tutorial_rate = rate["memory"], rate["ours"], rate["tutorial"]
+    return {
+        "images": int(len(memory[1])), "timed_epochs_per_feed": FLAGS.finetune_epochs,
+        "model_only_images_per_second": round(memory_rate, 1),
+        "tl_keras_pipeline_images_per_second": round(ours_rate, 1),
+        "tutorial_pipeline_images_per_second": round(tutorial_rate, 1),
+        "tl_keras_over_model_only": round(ours_rate / memory_rate, 3),
+        "tutorial_over_model_only": round(tutorial_rate / memory_rate, 3),
+    }
+
+
+def main(argv):
+    del argv
+    import keras
+
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "backend": keras.backend.backend(),
+        "device": _device(),
+        "cpu_count": os.cpu_count(),
+        "backbone": FLAGS.backbone, "weights": FLAGS.weights, "image_size": FLAGS.image_size,
+        "dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
+        "command": " ".join(["python"] + sys.argv),
+    }
+    start = time.perf_counter()
+    results["frozen_regime"] = frozen_regime()
+    with tempfile.TemporaryDirectory() as root:
+        write_folder(root, FLAGS.finetune_examples)
+        results["full_finetune"] = full_finetune(root)
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    _print_table(results)
+    print(f"Results: {FLAGS.out}")
+
+
+def _device():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{len(gpus)} GPU(s)" if gpus else f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _print_table(r):
+    f, t = r["frozen_regime"], r["full_finetune"]
+    rows = [
+        ("1. frozen regime", f"{f['epochs']} epochs, {f['train_examples']} train / "
+                             f"{f['val_examples']} val images"),
+        ("   plain fit", f"{f['plain_fit_seconds']} s, val_accuracy {f['plain_val_accuracy']}"),
+        ("   cached features", f"{f['cached_seconds']} s (features {f['cached_features_seconds']} s"
+                               f" + head {f['cached_head_seconds']} s), val_accuracy "
+                               f"{f['cached_val_accuracy']}"),
+        ("   speedup", f"{f['speedup']}x"),
+        ("   floor (1 forward pass)", f"{f['forward_pass_floor_seconds']} s; cached / (floor + "
+                                      f"head) = {f['cached_over_floor_plus_head']}"),
+        ("   + the val pass", f"{f['val_forward_pass_seconds']} s; cached / (floor + val pass + "
+                              f"head) = {f['cached_over_floor_val_pass_plus_head']}"),
+        ("2. full fine-tune", f"{t['images']} images, median of {t['timed_epochs_per_feed']} "
+                              "epochs per feed"),
+        ("   in memory (model only)", f"{t['model_only_images_per_second']} img/s"),
+        ("   tl_keras pipeline", f"{t['tl_keras_pipeline_images_per_second']} img/s "
+                                 f"({t['tl_keras_over_model_only']} of model only)"),
+        ("3. tutorial pipeline", f"{t['tutorial_pipeline_images_per_second']} img/s "
+                                 f"({t['tutorial_over_model_only']} of model only)"),
+    ]
+    width = max(len(a) for a, _ in rows)
+    print(f"\n{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px")
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+
+
+if __name__ == "__main__":
+    app.run(main)
