@@ -165,9 +165,10 @@ def run_phases(model, config, data, workdir, phases):
                                       epochs=phase.last_epoch - phase.first_epoch)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored}
-        if phase is phases[0]:
-            # Statistics of the starting backbone's features; a resumed run
-            # then loads the ones it saved over them.
+        if phase is phases[0] and not finished:
+            # Statistics of the starting backbone's features. A finished first
+            # phase has them in its saved weights, loaded below; a resumed
+            # unfinished one gets its saved ones back from BackupAndRestore.
             features.adapt_feature_norm(
                 model, cache.train[0] if cache is not None else features.sample(model, data))
         if cached and cache is not None:
