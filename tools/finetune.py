@@ -5,6 +5,7 @@ Usage:
     python tools/finetune.py --regime=small_similar --dataset=path/to/folder
     python tools/finetune.py --regime=large_similar --dataset=tfds:tf_flowers --epochs=20
     python tools/finetune.py --config=configs/smoke.py:large_different --config.init=scratch
+    python tools/finetune.py --regime=small_similar --export_dir=exports/fashion  # + SavedModel
 
 `--regime=R` reads configs/R.py unless `--config` is given; plain flags and
 `--config.KEY=VALUE` override it. Errors in flags or data: one line, exit 2.
@@ -44,6 +45,8 @@ flags.DEFINE_string("workdir", None, "Run folder (default runs/<regime>_<backbon
 flags.DEFINE_bool("strict", None, "Fail on an undecodable image instead of skipping it.")
 flags.DEFINE_string("mixed_precision", None, "mixed_float16 | mixed_bfloat16")
 flags.DEFINE_bool("jit_compile", None, "Compile with XLA.")
+flags.DEFINE_string("export_dir", None, "Also export the final model for TF Serving as "
+                    "EXPORT_DIR/<next version>/ (see tools/export.py).")
 FLAGS = flags.FLAGS
 
 _PLAIN = ("regime", "backbone", "dataset", "weights", "init", "cut", "image_size", "epochs",
@@ -95,11 +98,13 @@ def resolved_config():
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import data, train
+    from tl_keras import data, export, train
 
     config = resolved_config()
     try:
         config = train.resolve(config)
+        if FLAGS.export_dir:  # checked before training, not after
+            export.check_export_dir(FLAGS.export_dir)
         print(f"Run folder: {config.workdir}")
         datasets = data.load(config, image_size=config.image_size)
         print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
@@ -111,6 +116,12 @@ def main(argv):
     print(f"Run folder: {config.workdir}")
     print(f"val_accuracy: {metrics['val_accuracy']:.4f}  val_loss: {metrics['val_loss']:.4f}  "
           f"({metrics['epochs_run']} epochs, {metrics['wall_seconds']:.0f} s)")
+    if FLAGS.export_dir:
+        try:
+            export.export_run(config.workdir, FLAGS.export_dir)
+        except ValueError as e:
+            fail(f"{str(e).splitlines()[0]} (the run is complete in {config.workdir}; "
+                 "export it later with tools/export.py)")
 
 
 if __name__ == "__main__":
