@@ -30,3 +30,40 @@ def test_benchmark_writes_consistent_results(tmp_path):
         frozen["plain_fit_seconds"] / frozen["cached_seconds"], abs=0.02)
     assert full["images"] == 32 and full["model_only_images_per_second"] > 0
     assert r["backend"] == "tensorflow" and "speedup" in result.stdout
+
+
+# As on a GPU machine that has Keras and JAX but no TensorFlow: importing it
+# fails. (Not sys.modules["tensorflow"] = None: Keras takes a key there for a
+# loaded TensorFlow.)
+_WITHOUT_TENSORFLOW = """
+import runpy, sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"No module named {name!r} (blocked: no TensorFlow here)")
+
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_jax_without_tensorflow(tmp_path):
+    pytest.importorskip("jax", reason="pip install jax (the [test] extra has it)")
+    out = tmp_path / "results.json"
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, os.path.join(ROOT, "tools", "benchmark.py"),
+         "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
+         "--dataset=digits", "--train_examples=48", "--val_examples=24", "--epochs=2",
+         "--finetune_examples=32", "--finetune_epochs=1", f"--out={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.load(open(out))
+    frozen, full = r["frozen_regime"], r["full_finetune"]
+    assert r["backend"] == "jax" and r["device"].startswith("CPU")
+    assert (frozen["train_examples"], frozen["val_examples"]) == (48, 24)
+    assert frozen["full_model_vs_head_max_abs_difference"] < 1e-5
+    assert full["images"] == 32 and "tl_keras_pipeline_images_per_second" not in full

@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import tiny_config
-from tl_keras import data
+from tl_keras import arrays, data
 
 
 def test_folder_reads_every_format_and_class(image_folder):
@@ -50,12 +50,12 @@ def test_folder_errors_before_training(tmp_path, image_folder):
 
 def test_split_is_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(4), 10)
-    train, val = data.split_indices(labels, 0.2, seed=0)
+    train, val = arrays.split_indices(labels, 0.2, seed=0)
     assert set(train).isdisjoint(val) and len(train) + len(val) == 40
     assert np.bincount(labels[val]).tolist() == [2, 2, 2, 2]
-    np.testing.assert_array_equal(val, data.split_indices(labels, 0.2, seed=0)[1])
-    assert not np.array_equal(val, data.split_indices(labels, 0.2, seed=1)[1])
-    capped, _ = data.split_indices(labels, 0.2, seed=0, max_examples=5)
+    np.testing.assert_array_equal(val, arrays.split_indices(labels, 0.2, seed=0)[1])
+    assert not np.array_equal(val, arrays.split_indices(labels, 0.2, seed=1)[1])
+    capped, _ = arrays.split_indices(labels, 0.2, seed=0, max_examples=5)
     assert len(capped) == 5 and set(capped) <= set(train)
 
 
@@ -79,7 +79,7 @@ def test_pipeline_resizes_batches_and_augments_only_training(tmp_path):
 
 
 def examples_val_indices(y):
-    return data.split_indices(np.asarray(y), 0.5, seed=0)[1]
+    return arrays.split_indices(np.asarray(y), 0.5, seed=0)[1]
 
 
 def test_builtin_digits():
@@ -124,14 +124,14 @@ def test_tfds_offline_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
 
 def test_examples_per_class_caps_each_class_by_seed():
     labels = np.repeat(np.arange(3), [10, 20, 30])
-    train, val = data.split_indices(labels, 0.2, seed=0, examples_per_class=4)
+    train, val = arrays.split_indices(labels, 0.2, seed=0, examples_per_class=4)
     assert np.bincount(labels[train]).tolist() == [4, 4, 4]
     assert np.bincount(labels[val]).tolist() == [2, 4, 6]  # validation is never capped
-    again, _ = data.split_indices(labels, 0.2, seed=0, examples_per_class=4)
+    again, _ = arrays.split_indices(labels, 0.2, seed=0, examples_per_class=4)
     np.testing.assert_array_equal(train, again)
-    other, _ = data.split_indices(labels, 0.2, seed=1, examples_per_class=4)
+    other, _ = arrays.split_indices(labels, 0.2, seed=1, examples_per_class=4)
     assert not np.array_equal(train, other)
-    both, _ = data.split_indices(labels, 0.2, seed=0, examples_per_class=4, max_examples=5)
+    both, _ = arrays.split_indices(labels, 0.2, seed=0, examples_per_class=4, max_examples=5)
     assert len(both) == 5 and set(both) <= set(train)
 
 
@@ -143,11 +143,11 @@ def test_builtin_digits_with_examples_per_class():
     assert examples.val_examples == uncapped.val_examples  # validation is never capped
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
-                    reason=f"{data.FASHION_MNIST_DIR} is missing: "
+@pytest.mark.skipif(not os.path.isdir(arrays.FASHION_MNIST_DIR),
+                    reason=f"{arrays.FASHION_MNIST_DIR} is missing: "
                            "apt-get install dataset-fashion-mnist")
 def test_builtin_fashion_mnist_is_the_real_dataset():
-    x, y, x_val, y_val, names = data._builtin("fashion_mnist")
+    x, y, x_val, y_val, names = arrays.load_builtin("fashion_mnist")
     assert x.shape == (60000, 28, 28) and x_val.shape == (10000, 28, 28)
     assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(y_val).tolist() == [1000] * 10
     assert names[int(y[0])] == "Ankle boot"  # the dataset's first training image
@@ -160,8 +160,8 @@ def test_fashion_mnist_without_package_or_network_says_what_to_do(monkeypatch, t
     def offline():
         raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "missing"))
-    monkeypatch.setattr(data.keras.datasets.fashion_mnist, "load_data", offline)
+    monkeypatch.setattr(arrays, "FASHION_MNIST_DIR", str(tmp_path / "missing"))
+    monkeypatch.setattr(arrays.keras.datasets.fashion_mnist, "load_data", offline)
     with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist.*--dataset=digits"):
         data.load_examples(tiny_config_plain(dataset="fashion_mnist"))
 

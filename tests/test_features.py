@@ -131,6 +131,17 @@ def test_feature_norm_standardises_the_training_features(tmp_path, image_folder,
     np.testing.assert_allclose(z[:, varying].std(axis=0), 1, rtol=1e-2)
 
 
+def test_feature_norm_of_features_that_never_vary_is_finite(tmp_path):
+    # All-zero features (a float16 underflow, measured with a random backbone)
+    # once gave variance 0 and NaN losses as soon as training-mode features moved.
+    config = tiny_config(tmp_path)
+    model, _ = train.build(train.resolve(config), 3, 3)
+    dim = model.get_layer("feature_norm").input.shape[-1]
+    features.adapt_feature_norm(model, np.zeros((8, dim)))
+    z = np.asarray(model.get_layer("feature_norm")(np.full((2, dim), 0.5, "float32")))
+    np.testing.assert_array_equal(z, 0.5)  # nothing to standardise: identity
+
+
 @pytest.mark.parametrize("regime,head_epochs,epochs,want", [
     ("small_similar", 1, 2, 2),   # 3 views asked, 2 epochs on them: 2 views
     ("large_similar", 1, 2, 1),   # head phase of 1 epoch: 1 view

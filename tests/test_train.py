@@ -4,6 +4,7 @@ import json
 import os
 
 import keras
+import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
@@ -75,11 +76,69 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder
 
 
 def test_model_and_training_code_import_no_tensorflow():
-    for module in ("torch_state_dict", "efficientnet_lite", "backbones", "model", "features",
-                   "trainable", "train"):
+    for module in ("arrays", "torch_state_dict", "efficientnet_lite", "backbones", "model",
+                   "features", "trainable", "train"):
         tree = ast.parse(open(os.path.join(ROOT, "tl_keras", module + ".py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not any(name.split(".")[0] == "tensorflow" for name in imported), module
+
+
+# float16 is paired with the regimes where it is realistic: the tiny random
+# backbone standing in for a pretrained one, its BatchNorm frozen at initial
+# statistics, shrinks activations until they underflow float16 to 0 (measured),
+# so its gradients are never finite. Compiling a whole backbone's train step
+# with XLA takes about a minute and a half here, hence `slow`.
+@pytest.mark.parametrize("regime, policy, init, jit_compile", [
+    ("small_similar", "mixed_bfloat16", "pretrained", True),
+    ("small_different", "mixed_float16", "pretrained", True),
+    pytest.param("large_similar", "mixed_bfloat16", "pretrained", True, marks=pytest.mark.slow),
+    ("large_different", "mixed_float16", "scratch", False)])
+def test_mixed_precision_and_xla_keep_every_regime(tmp_path, image_folder, monkeypatch,
+                                                  regime, policy, init, jit_compile):
+    config = tiny_config(tmp_path, regime, dataset=str(image_folder), mixed_precision=policy,
+                         jit_compile=jit_compile, init=init)
+    compiled = []
+    compile_ = keras.Model.compile
+
+    def spy(model, *args, **kwargs):
+        compiled.append(kwargs.get("jit_compile"))
+        return compile_(model, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", spy)
+    metrics = train.finetune(config, tiny_data(config))
+    assert compiled and all(c is jit_compile for c in compiled)  # every model fit, XLA or not
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored after the run
+    assert np.isfinite(metrics["val_loss"])
+
+    trained = keras.saving.load_model(os.path.join(config.workdir, "model.keras"))
+    conv = next(l for l in trained.get_layer("backbone").layers
+                if isinstance(l, keras.layers.Conv2D))
+    assert conv.dtype_policy.compute_dtype == policy.split("_")[1]
+    assert conv.kernel.dtype == "float32"  # variables stay float32
+    for name in ("preprocess", "feature_norm", "predictions"):
+        assert trained.get_layer(name).dtype_policy.name == "float32", name
+    assert trained.output.dtype == "float32"
+
+    # The regime still holds: against the same model before training, a frozen
+    # backbone is unchanged; phase 2 of a large regime moves it, but moves
+    # BatchNorm's moving statistics only when training from scratch.
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        start, _ = train.build(train.resolve(config), 3, 3)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    before = {v.path: v.numpy() for v in start.get_layer("backbone").weights}
+    after = {v.path: v.numpy() for v in trained.get_layer("backbone").weights}
+    assert before.keys() == after.keys()
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    moving = {p for p in changed if "moving_" in p}
+    if regime.startswith("small"):
+        assert not changed
+    elif init == "scratch":
+        assert changed - moving and moving
+    else:
+        assert changed and not moving

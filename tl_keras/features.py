@@ -56,11 +56,15 @@ def adapt_feature_norm(model, features, floor=1e-3):
 
     A feature that barely varies in the training data (a random backbone has
     many) would be divided by almost zero and explode on new images, so each
-    variance is at least `floor` times the features' mean variance.
+    variance is at least `floor` times the features' mean variance; when no
+    feature varies, the variances are 1.
     """
     features = np.asarray(features, "float64")
     mean, variance = features.mean(axis=0), features.var(axis=0)
-    variance = np.maximum(variance, floor * variance.mean())
+    if variance.mean() > 0:
+        variance = np.maximum(variance, floor * variance.mean())
+    else:  # no feature varies at all (e.g. all 0 after a float16 underflow): scale 1
+        variance = np.ones_like(variance)
     layer = model.get_layer(HEAD_LAYERS[0])
     layer.set_weights([mean.astype("float32"), variance.astype("float32"),
                        np.asarray(len(features), layer.count.dtype)])

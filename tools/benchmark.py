@@ -3,6 +3,7 @@
 Usage:
     python tools/benchmark.py                  # small defaults: about 3 minutes on 2 CPU cores
     python tools/benchmark.py --train_examples=2000 --val_examples=2000
+    KERAS_BACKEND=jax python tools/benchmark.py --out=benchmarks/results_jax.json
 
 Measured side by side in one process, same data, same seed:
   1. A frozen regime (small_similar), `epochs` epochs: the head trained on
@@ -13,6 +14,10 @@ Measured side by side in one process, same data, same seed:
   3. The same, fed by the TensorFlow transfer-learning tutorial's pipeline
      (`image_dataset_from_directory` + `prefetch`).
 Prints a table and writes `--out` (benchmarks/results.json).
+
+With `KERAS_BACKEND=jax` it needs no TensorFlow (as on a GPU machine with JAX
+alone): parts 1-2 run on numpy arrays resized with keras.ops; part 2 then
+measures the in-memory feed only, and part 3 (tf.data) is left out.
 """
 
 import json
@@ -61,12 +66,16 @@ def compile_(model, learning_rate=1e-3):
 # --- Part 1: cached features vs plain fit ---------------------------------------
 
 def frozen_regime():
-    import keras
-    import numpy as np
-
-    from tl_keras import data, features, train, trainable
+    from tl_keras import train
 
     config = train.resolve(config_for(max_examples=FLAGS.train_examples))
+    return config, (tf_datasets(config) if _tensorflow() else numpy_datasets(config))
+
+
+def tf_datasets(config):
+    """Part 1's data as tl_keras's tf.data pipelines, images cached before timing."""
+    from tl_keras import data
+
     examples = data.load_examples(config)
     examples.val = examples.val.take(FLAGS.val_examples)
     examples.val_examples = min(examples.val_examples, FLAGS.val_examples)
@@ -74,6 +83,50 @@ def frozen_regime():
     for batch in (datasets.train, datasets.val):  # fill the image caches before timing
         for _ in batch:
             pass
+    return datasets
+
+
+def numpy_datasets(config):
+    """The same images as `tf_datasets`, as numpy arrays resized with keras.ops: no TensorFlow."""
+    import types
+
+    from tl_keras import arrays
+
+    x, y, x_val, y_val, names = arrays.load_builtin(config.dataset)
+    if x_val is None:
+        train_idx, val_idx = arrays.split_indices(y, config.val_fraction, config.seed,
+                                                  config.max_examples)
+        x, y, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    else:
+        train_idx, _ = arrays.split_indices(y, 0.0, config.seed, config.max_examples)
+        x, y = x[train_idx], y[train_idx]
+    x_val, y_val = x_val[:FLAGS.val_examples], y_val[:FLAGS.val_examples]
+
+    x, x_val = resize(x, config.image_size), resize(x_val, config.image_size)
+    return types.SimpleNamespace(
+        train=(x, y.astype("int32")), val=(x_val, y_val.astype("int32")), class_names=names,
+        train_examples=len(y), val_examples=len(y_val), channels=x.shape[-1])
+
+
+def resize(images, size):
+    """uint8 [N, size, size, C] as data.make_datasets resizes (antialiased, rounded), via keras.ops."""
+    import keras
+    import numpy as np
+
+    images = images[..., None] if images.ndim == 3 else images
+    out = keras.ops.image.resize(images.astype("float32"), (size, size), antialias=True)
+    return np.clip(np.round(keras.ops.convert_to_numpy(out)), 0, 255).astype("uint8")
+
+
+def part1(config, datasets):
+    import keras
+    import numpy as np
+
+    from tl_keras import features, train, trainable
+
+    def fit_data(d):  # numpy arrays: batched and shuffled by fit
+        return ({"x": d[0], "y": d[1], "batch_size": FLAGS.batch_size, "shuffle": True}
+                if isinstance(d, tuple) else {"x": d})
 
     def fresh_model():
         keras.utils.set_random_seed(0)
@@ -87,8 +140,8 @@ def frozen_regime():
     features.adapt_feature_norm(model, features.sample(model, datasets))
     compile_(model)
     start = time.perf_counter()
-    plain = model.fit(datasets.train, validation_data=datasets.val, epochs=FLAGS.epochs,
-                      verbose=0)
+    plain = model.fit(**fit_data(datasets.train), validation_data=datasets.val,
+                      epochs=FLAGS.epochs, verbose=0)
     plain_seconds = time.perf_counter() - start
 
     # Cached: the backbone runs once over train and val, then the head trains.
@@ -108,16 +161,21 @@ def frozen_regime():
     # The floor: one forward pass over the training set, warm (no tracing);
     # and over the validation set, which both paths also run.
     extract = features.extractor(model)
-    extract.predict(datasets.train, verbose=0)
+
+    def images(d):
+        return {"x": d[0], "batch_size": FLAGS.batch_size} if isinstance(d, tuple) else {"x": d}
+
+    extract.predict(**images(datasets.train), verbose=0)
     start = time.perf_counter()
-    extract.predict(datasets.train, verbose=0)
+    extract.predict(**images(datasets.train), verbose=0)
     floor_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    extract.predict(datasets.val, verbose=0)
+    extract.predict(**images(datasets.val), verbose=0)
     val_floor_seconds = time.perf_counter() - start
 
     # The full model agrees with the head on the cached features.
-    x = np.concatenate([x for x, _ in datasets.val.as_numpy_iterator()])
+    x = datasets.val[0] if isinstance(datasets.val, tuple) else np.concatenate(
+        [x for x, _ in datasets.val.as_numpy_iterator()])
     gap = float(np.abs(model.predict(x, verbose=0) - head.predict(cache.val, verbose=0)).max())
     return {
         "train_examples": datasets.train_examples, "val_examples": datasets.val_examples,
@@ -145,10 +203,10 @@ def write_folder(root, n):
     import numpy as np
     import tensorflow as tf
 
-    from tl_keras import data
+    from tl_keras import arrays
 
-    x, y, _, _, names = data._builtin(FLAGS.dataset)
-    idx, _ = data.split_indices(y, 0.0, seed=0, max_examples=n)
+    x, y, _, _, _ = arrays.load_builtin(FLAGS.dataset)
+    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=n)
     for i in idx:
         folder = os.path.join(root, f"{int(y[i]):02d}")
         os.makedirs(folder, exist_ok=True)
@@ -160,13 +218,14 @@ def write_folder(root, n):
 
 
 def full_finetune(root):
+    """Part 2 (tl_keras pipeline vs memory) and part 3 (tutorial pipeline), TensorFlow backend."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from tl_keras import data, train, trainable
+    from tl_keras import data
 
-    config = train.resolve(config_for(regime="large_similar", val_fraction=0.0))
+    config, model = finetune_model()
     size = config.image_size
     ours = data.make_datasets(
         data.from_folder(root, val_fraction=0.0, seed=0), config, size).train
@@ -175,15 +234,59 @@ def full_finetune(root):
         verbose=False).prefetch(tf.data.AUTOTUNE)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ours])
     memory = (np.concatenate(xs), np.concatenate(ys))
+    rate = time_feeds(model, len(memory[1]), {
+        "memory": (memory, dict(batch_size=FLAGS.batch_size, shuffle=True)),
+        "ours": ((ours,), {}), "tutorial": ((tutorial,), {})})
+    return {
+        "images": int(len(memory[1])), "timed_epochs_per_feed": FLAGS.finetune_epochs,
+        "model_only_images_per_second": round(rate["memory"], 1),
+        "tl_keras_pipeline_images_per_second": round(rate["ours"], 1),
+        "tutorial_pipeline_images_per_second": round(rate["tutorial"], 1),
+        "tl_keras_over_model_only": round(rate["ours"] / rate["memory"], 3),
+        "tutorial_over_model_only": round(rate["tutorial"] / rate["memory"], 3),
+    }
 
-    # One model for all three feeds, timed epoch by epoch in turn, so that
-    # the machine's noise falls on every feed alike; the median epoch counts.
+
+def full_finetune_in_memory():
+    """Part 2's model-only feed alone, on numpy arrays: any backend, no tf.data."""
+    import numpy as np
+
+    from tl_keras import arrays
+
+    config, model = finetune_model()
+    x, y, _, _, _ = arrays.load_builtin(FLAGS.dataset)
+    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=FLAGS.finetune_examples)
+    x = resize(x[idx], config.image_size)
+    x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x  # as the folder's RGB PNGs
+    rate = time_feeds(model, len(idx), {
+        "memory": ((x, y[idx].astype("int32")), dict(batch_size=FLAGS.batch_size,
+                                                     shuffle=True))})
+    return {"images": int(len(idx)), "timed_epochs_per_feed": FLAGS.finetune_epochs,
+            "model_only_images_per_second": round(rate["memory"], 1)}
+
+
+def finetune_model():
+    """The large regimes' phase 2: everything trains, for 10 classes of RGB images."""
+    import keras
+
+    from tl_keras import train, trainable
+
+    config = train.resolve(config_for(regime="large_similar", val_fraction=0.0))
     keras.utils.set_random_seed(0)
     model, _ = train.build(config, 10, 3)
-    trainable.apply_phase(model, trainable.plan_phases(config)[-1])  # everything trains
+    trainable.apply_phase(model, trainable.plan_phases(config)[-1])
     compile_(model, 1e-5)
-    feeds = {"memory": (memory, dict(batch_size=FLAGS.batch_size, shuffle=True)),
-             "ours": ((ours,), {}), "tutorial": ((tutorial,), {})}
+    return config, model
+
+
+def time_feeds(model, n, feeds):
+    """Images per second of one `fit` epoch per feed: the median of the timed epochs.
+
+    One model for all feeds, timed epoch by epoch in turn, so that the
+    machine's noise falls on every feed alike.
+    """
+    import numpy as np
+
     for args, kwargs in feeds.values():
         model.fit(*args, epochs=1, verbose=0, **kwargs)  # warm-up: tracing, caches
     seconds = {name: [] for name in feeds}
@@ -192,16 +295,7 @@ def full_finetune(root):
             start = time.perf_counter()
             model.fit(*args, epochs=1, verbose=0, **kwargs)
             seconds[name].append(time.perf_counter() - start)
-    rate = {name: len(memory[1]) / float(np.median(s)) for name, s in seconds.items()}
-    memory_rate, ours_rate, tutorial_rate = rate["memory"], rate["ours"], rate["tutorial"]
-    return {
-        "images": int(len(memory[1])), "timed_epochs_per_feed": FLAGS.finetune_epochs,
-        "model_only_images_per_second": round(memory_rate, 1),
-        "tl_keras_pipeline_images_per_second": round(ours_rate, 1),
-        "tutorial_pipeline_images_per_second": round(tutorial_rate, 1),
-        "tl_keras_over_model_only": round(ours_rate / memory_rate, 3),
-        "tutorial_over_model_only": round(tutorial_rate / memory_rate, 3),
-    }
+    return {name: n / float(np.median(s)) for name, s in seconds.items()}
 
 
 def main(argv):
@@ -218,10 +312,13 @@ def main(argv):
         "command": " ".join(["python"] + sys.argv),
     }
     start = time.perf_counter()
-    results["frozen_regime"] = frozen_regime()
-    with tempfile.TemporaryDirectory() as root:
-        write_folder(root, FLAGS.finetune_examples)
-        results["full_finetune"] = full_finetune(root)
+    results["frozen_regime"] = part1(*frozen_regime())
+    if _tensorflow():
+        with tempfile.TemporaryDirectory() as root:
+            write_folder(root, FLAGS.finetune_examples)
+            results["full_finetune"] = full_finetune(root)
+    else:  # parts 1-2 on numpy arrays; part 3 is tf.data's
+        results["full_finetune"] = full_finetune_in_memory()
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
@@ -231,11 +328,23 @@ def main(argv):
     print(f"Results: {FLAGS.out}")
 
 
-def _device():
-    import tensorflow as tf
+def _tensorflow():
+    import keras
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"{len(gpus)} GPU(s)" if gpus else f"CPU ({platform.processor() or platform.machine()})"
+    return keras.backend.backend() == "tensorflow"
+
+
+def _device():
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    if _tensorflow():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return f"{len(gpus)} GPU(s)" if gpus else cpu
+    import jax
+
+    devices = jax.devices()
+    return cpu if devices[0].platform == "cpu" else f"{len(devices)} x {devices[0].device_kind}"
 
 
 def _print_table(r):
@@ -255,11 +364,14 @@ def _print_table(r):
         ("2. full fine-tune", f"{t['images']} images, median of {t['timed_epochs_per_feed']} "
                               "epochs per feed"),
         ("   in memory (model only)", f"{t['model_only_images_per_second']} img/s"),
-        ("   tl_keras pipeline", f"{t['tl_keras_pipeline_images_per_second']} img/s "
-                                 f"({t['tl_keras_over_model_only']} of model only)"),
-        ("3. tutorial pipeline", f"{t['tutorial_pipeline_images_per_second']} img/s "
-                                 f"({t['tutorial_over_model_only']} of model only)"),
     ]
+    if "tl_keras_pipeline_images_per_second" in t:  # the tf.data feeds: TensorFlow backend
+        rows += [
+            ("   tl_keras pipeline", f"{t['tl_keras_pipeline_images_per_second']} img/s "
+                                     f"({t['tl_keras_over_model_only']} of model only)"),
+            ("3. tutorial pipeline", f"{t['tutorial_pipeline_images_per_second']} img/s "
+                                     f"({t['tutorial_over_model_only']} of model only)"),
+        ]
     width = max(len(a) for a, _ in rows)
     print(f"\n{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px")
     for a, b in rows:
