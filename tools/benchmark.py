@@ -65,7 +65,8 @@ def compile_(model, learning_rate=1e-3):
 
 # --- Part 1: cached features vs plain fit ---------------------------------------
 
-def frozen_regime():
+def frozen_regime_data():
+    """Part 1's config and data: tf.data pipelines, or numpy arrays without TensorFlow."""
     from tl_keras import train
 
     config = train.resolve(config_for(max_examples=FLAGS.train_examples))
@@ -118,7 +119,7 @@ def resize(images, size):
     return np.clip(np.round(keras.ops.convert_to_numpy(out)), 0, 255).astype("uint8")
 
 
-def part1(config, datasets):
+def frozen_regime(config, datasets):
     import keras
     import numpy as np
 
@@ -312,7 +313,7 @@ def main(argv):
         "command": " ".join(["python"] + sys.argv),
     }
     start = time.perf_counter()
-    results["frozen_regime"] = part1(*frozen_regime())
+    results["frozen_regime"] = frozen_regime(*frozen_regime_data())
     if _tensorflow():
         with tempfile.TemporaryDirectory() as root:
             write_folder(root, FLAGS.finetune_examples)
