@@ -36,8 +36,6 @@ import tempfile
 
 import keras
 
-SERVING_METHOD = "tensorflow/serving/predict"
-
 
 class ExportError(ValueError):
     """The export directory cannot be written, or the run cannot be exported."""

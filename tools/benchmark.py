@@ -125,9 +125,12 @@ def frozen_regime(config, datasets):
 
     from tl_keras import features, train, trainable
 
-    def fit_data(d):  # numpy arrays: batched and shuffled by fit
-        return ({"x": d[0], "y": d[1], "batch_size": FLAGS.batch_size, "shuffle": True}
-                if isinstance(d, tuple) else {"x": d})
+    def feed(d, labels=True):  # numpy arrays are batched (and, for fit, shuffled) by Keras
+        if not isinstance(d, tuple):
+            return {"x": d}
+        if not labels:
+            return {"x": d[0], "batch_size": FLAGS.batch_size}
+        return {"x": d[0], "y": d[1], "batch_size": FLAGS.batch_size, "shuffle": True}
 
     def fresh_model():
         keras.utils.set_random_seed(0)
@@ -141,7 +144,7 @@ def frozen_regime(config, datasets):
     features.adapt_feature_norm(model, features.sample(model, datasets))
     compile_(model)
     start = time.perf_counter()
-    plain = model.fit(**fit_data(datasets.train), validation_data=datasets.val,
+    plain = model.fit(**feed(datasets.train), validation_data=datasets.val,
                       epochs=FLAGS.epochs, verbose=0)
     plain_seconds = time.perf_counter() - start
 
@@ -162,16 +165,12 @@ def frozen_regime(config, datasets):
     # The floor: one forward pass over the training set, warm (no tracing);
     # and over the validation set, which both paths also run.
     extract = features.extractor(model)
-
-    def images(d):
-        return {"x": d[0], "batch_size": FLAGS.batch_size} if isinstance(d, tuple) else {"x": d}
-
-    extract.predict(**images(datasets.train), verbose=0)
+    extract.predict(**feed(datasets.train, labels=False), verbose=0)
     start = time.perf_counter()
-    extract.predict(**images(datasets.train), verbose=0)
+    extract.predict(**feed(datasets.train, labels=False), verbose=0)
     floor_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    extract.predict(**images(datasets.val), verbose=0)
+    extract.predict(**feed(datasets.val, labels=False), verbose=0)
     val_floor_seconds = time.perf_counter() - start
 
     # The full model agrees with the head on the cached features.
