@@ -44,6 +44,8 @@ def get_config():
     config.cached_views = 2              # augmented views cached per training image (1 without augmentation)
     config.learning_rate = 1e-3          # head phase (and init=scratch)
     config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
+    config.unfreeze = 0                  # large regimes, phase 2: train only the top k stages of the backbone; 0: all
+    config.label_smoothing = 0.0         # cross-entropy against labels smoothed by this much
     config.scratch_batchnorm_momentum = 0.9  # init=scratch: BatchNorm momentum (Keras Applications: 0.99-0.999)
     config.weight_decay = 1e-4           # AdamW
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16

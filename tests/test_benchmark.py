@@ -17,7 +17,7 @@ def test_benchmark_writes_consistent_results(tmp_path):
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
          "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
          "--dataset=digits", "--train_examples=48", "--val_examples=24", "--epochs=2",
-         "--finetune_examples=32", "--finetune_epochs=1", f"--out={out}"],
+         "--finetune_examples=32", "--finetune_epochs=1", "--tune_trials=3", f"--out={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.load(open(out))
@@ -30,6 +30,11 @@ def test_benchmark_writes_consistent_results(tmp_path):
         frozen["plain_fit_seconds"] / frozen["cached_seconds"], abs=0.02)
     assert full["images"] == 32 and full["model_only_images_per_second"] > 0
     assert r["backend"] == "tensorflow" and "speedup" in result.stdout
+    tuning = r["tuning"]
+    assert tuning["trials"] == 3 and len(tuning["rss_mb_after_each_trial"]) == 3
+    assert 1 <= tuning["trials_computing_features"] <= 3  # one per distinct cut
+    assert tuning["peak_rss_mb_after_each_trial"] == sorted(
+        tuning["peak_rss_mb_after_each_trial"])
 
 
 # As on a GPU machine that has Keras and JAX but no TensorFlow: importing it
@@ -58,7 +63,7 @@ def test_benchmark_runs_on_jax_without_tensorflow(tmp_path):
         [sys.executable, "-c", _WITHOUT_TENSORFLOW, os.path.join(ROOT, "tools", "benchmark.py"),
          "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
          "--dataset=digits", "--train_examples=48", "--val_examples=24", "--epochs=2",
-         "--finetune_examples=32", "--finetune_epochs=1", f"--out={out}"],
+         "--finetune_examples=32", "--finetune_epochs=1", "--tune_trials=2", f"--out={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.load(open(out))
@@ -67,3 +72,5 @@ def test_benchmark_runs_on_jax_without_tensorflow(tmp_path):
     assert (frozen["train_examples"], frozen["val_examples"]) == (48, 24)
     assert frozen["full_model_vs_head_max_abs_difference"] < 1e-5
     assert full["images"] == 32 and "tl_keras_pipeline_images_per_second" not in full
+    # Part 4: finetune's trials run without TensorFlow too (no TensorBoard logs then).
+    assert r["tuning"]["trials"] == 2 and r["tuning"]["best_val_accuracy"] > 0

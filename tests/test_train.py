@@ -77,7 +77,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder
 
 def test_model_and_training_code_import_no_tensorflow():
     for module in ("arrays", "torch_state_dict", "efficientnet_lite", "backbones", "model",
-                   "features", "trainable", "train"):
+                   "features", "trainable", "train", "tune"):
         tree = ast.parse(open(os.path.join(ROOT, "tl_keras", module + ".py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
@@ -142,3 +142,20 @@ def test_mixed_precision_and_xla_keep_every_regime(tmp_path, image_folder, monke
         assert changed - moving and moving
     else:
         assert changed and not moving
+
+
+def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, image_folder):
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "float32")
+    labels = np.array([1, 2])
+    loss = train.loss(tiny_config(tmp_path, label_smoothing=0.1))
+    targets = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
+    np.testing.assert_allclose(float(loss(labels, probabilities)), expected, rtol=1e-6)
+    assert train.loss(tiny_config(tmp_path)) == "sparse_categorical_crossentropy"
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
+        train.resolve(tiny_config(tmp_path, label_smoothing=1.5))
+
+    config = tiny_config(tmp_path, dataset=str(image_folder), label_smoothing=0.2)
+    train.finetune(config, tiny_data(config))
+    loaded = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
+    assert loaded.loss.label_smoothing == 0.2

@@ -131,3 +131,38 @@ def test_phase_plans_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="valid inits: pretrained, scratch"):
         trainable.plan_phases(tiny_config(tmp_path, "large_different", init="random"))
     assert trainable.resolve_cut(tiny_config(tmp_path, "small_different", cut="middle")) == "middle"
+
+
+@pytest.mark.parametrize("unfreeze, cut, stages_frozen", [
+    (1, "top", "expanded_conv_7_add"),      # the top stage trains: everything after "late"
+    (1, "middle", "expanded_conv_project_bn"),  # a middle cut has two stages
+    (2, "middle", None),                    # as many stages as there are: all of them train
+])
+def test_phase_two_unfreezes_only_the_top_stages(tmp_path, unfreeze, cut, stages_frozen):
+    config = train.resolve(tiny_config(tmp_path, "large_similar", cut=cut, unfreeze=unfreeze))
+    model, _ = train.build(config, num_classes=3, channels=3)
+    head_phase, finetune_phase = trainable.plan_phases(config)
+    assert finetune_phase.unfreeze == unfreeze
+    fit_phase(model, head_phase)
+    finetune_phase = trainable.Phase("finetune", "all", 1, 2, 1e-3, True, unfreeze=unfreeze,
+                                     stage_ends=finetune_phase.stage_ends)  # visible steps
+    backbone = model.get_layer("backbone")
+    names = [layer.name for layer in backbone.layers]
+    boundary = names.index(stages_frozen) + 1 if stages_frozen else 0
+    below = {w.path for layer in backbone.layers[:boundary] for w in layer.weights}
+
+    before = snapshot(model)
+    fit_phase(model, finetune_phase)
+    after = snapshot(model)
+    changed = {p for p, v in before["kernels"].items() if not np.array_equal(v, after["kernels"][p])}
+    assert changed == set(before["kernels"]) - below  # every kernel above trained, none below
+    assert changed and (below or stages_frozen is None)
+    for path, value in before["bn"].items():
+        np.testing.assert_array_equal(value, after["bn"][path], err_msg=path)
+
+
+def test_unfreeze_is_for_phase_two_only(tmp_path):
+    with pytest.raises(ValueError, match="unfreeze applies to phase 2 of the large regimes"):
+        trainable.plan_phases(tiny_config(tmp_path, "small_similar", unfreeze=1))
+    with pytest.raises(ValueError, match="unfreeze must be 0"):
+        trainable.plan_phases(tiny_config(tmp_path, "large_similar", unfreeze=-1))

@@ -26,6 +26,7 @@ Example:
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -99,6 +100,40 @@ class FeatureCache:
     def train_batches(self, batch_size, seed):
         """A `keras.utils.PyDataset` over one view per epoch, reshuffled every epoch."""
         return _ViewBatches(self.train, self.train_labels, batch_size, seed)
+
+
+class FeatureStore(dict):
+    """Feature caches kept across runs on the same data (tuner trials).
+
+    A cache is keyed by what determines it: a fingerprint of every weight of
+    the frozen part, its input and output shapes, and the number of views.
+    Two trials that cut the same backbone at the same layer share their
+    features; a trial whose backbone differs in any weight gets its own.
+    Caches too big for memory go to `spill_root/<key>/`.
+
+    Example:
+        store = FeatureStore(spill_root="sweep/features")
+        train.finetune(config, data, feature_store=store)  # computes
+        train.finetune(other_config, data, feature_store=store)  # reuses, same cut
+    """
+
+    def __init__(self, spill_root=None):
+        super().__init__()
+        self.spill_root = spill_root
+
+    @staticmethod
+    def key(model, views):
+        extract = extractor(model)
+        digest = hashlib.sha1()
+        for weight in extract.weights:
+            digest.update(str(tuple(weight.shape)).encode())
+            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+        shapes = f"{extract.input.shape}->{extract.output.shape}x{views}"
+        digest.update(shapes.encode())
+        return digest.hexdigest()[:16]
+
+    def spill_dir(self, key):
+        return os.path.join(self.spill_root, key) if self.spill_root else None
 
 
 def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=None,

@@ -7,7 +7,7 @@ The run folder (`config.workdir`):
 
     config.json     every resolved setting
     history.csv     one row per epoch, across phases
-    logs/           TensorBoard
+    logs/           TensorBoard (when TensorFlow is installed)
     best.keras      the model with the best val_accuracy so far
     model.keras     the final model
     metrics.json    what the run measured; written last, so it marks a finished run
@@ -23,6 +23,9 @@ Example:
     metrics = finetune(config, data)
 """
 
+import contextlib
+import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -54,6 +57,16 @@ def build(config, num_classes, channels):
     return model, cut.layer
 
 
+@contextlib.contextmanager
+def dtype_policy(config):
+    """`config.mixed_precision` as Keras' global dtype policy, float32 again afterwards."""
+    keras.mixed_precision.set_dtype_policy(config.mixed_precision or "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
 def image_size(config):
     return config.image_size or backbones.get_backbone(config.backbone).image_size
 
@@ -65,10 +78,11 @@ def resolve(config):
     config.cut = trainable.resolve_cut(config)
     config.image_size = image_size(config)
     trainable.plan_phases(config)
+    loss(config)
     return config
 
 
-def finetune(config, data):
+def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save_models=True):
     """Trains `config`'s regime on `data` and writes the run folder.
 
     Args:
@@ -76,28 +90,39 @@ def finetune(config, data):
       data: an object with `train`, `val` (anything `fit` takes: tf.data
         pipelines, or `(x, y)` numpy tuples), `class_names`, `channels`,
         `train_examples`, `val_examples` -- e.g. `tl_keras.data.Datasets`.
+      model: the model `build(config, ...)` returns, when already built
+        (tuner trials); by default it is built here.
+      initial_epoch: epochs before this one are taken as done by `model`'s
+        weights (Keras Tuner's Hyperband continues a trial this way).
+      feature_store: a `features.FeatureStore` whose cached features this
+        run may reuse and adds to (tuner trials on the same data).
+      save_models: write best.keras and model.keras (tuner trials do not).
 
     Returns:
       The metrics dict also written to `metrics.json`.
     """
     start = time.time()
     config = resolve(config)  # validates regime, backbone, cut, init, epochs first
+    if not 0 <= initial_epoch < config.epochs:
+        raise ValueError(f"initial_epoch must be in [0, epochs={config.epochs}), "
+                         f"got {initial_epoch}")
     keras.utils.set_random_seed(config.seed)
-    keras.mixed_precision.set_dtype_policy(config.mixed_precision or "float32")
-    try:
-        # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
-        model, cut_layer = build(config, len(data.class_names), data.channels)
+    with dtype_policy(config):
+        if model is None:
+            # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
+            model, _ = build(config, len(data.class_names), data.channels)
         workdir = prepare_workdir(config)
         phases = trainable.plan_phases(config)
-        history, final = run_phases(model, config, data, workdir, phases)
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+        history, final = run_phases(model, config, data, workdir, phases,
+                                    initial_epoch=initial_epoch, feature_store=feature_store,
+                                    save_models=save_models)
 
     # The last phase's model and validation data: the head on cached features
     # when that phase trained on them (equal to the full model's outputs).
     val = final.val if isinstance(final.val, tuple) else (final.val,)
     val_loss, val_accuracy = final.model.evaluate(*val, verbose=0)
-    model.save(os.path.join(workdir, "model.keras"))
+    if save_models:
+        model.save(os.path.join(workdir, "model.keras"))
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     metrics = {
@@ -105,7 +130,7 @@ def finetune(config, data):
         "backbone": config.backbone,
         "weights": config.weights if config.init == "pretrained" else "none (init=scratch)",
         "init": config.init,
-        "cut_layer": cut_layer,
+        "cut_layer": model.get_layer("backbone").layers[-1].name,
         "image_size": image_size(config),
         "num_classes": len(data.class_names),
         "class_names": list(data.class_names),
@@ -138,13 +163,16 @@ class _Final:
         self.paths = {}
 
 
-def run_phases(model, config, data, workdir, phases):
+def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_store=None,
+               save_models=True):
     """Runs `phases` on `model`; returns (history rows of all epochs, `_Final`).
 
     A phase that trains only the head of a frozen backbone trains it on
-    cached backbone features when `config.cache_features` (see features.py).
-    A phase that finished in an earlier, interrupted attempt is not redone:
-    its weights are loaded from `backup/<phase>.done.weights.h5`.
+    cached backbone features when `config.cache_features` (see features.py),
+    taken from `feature_store` when it holds them. A phase that finished in an
+    earlier, interrupted attempt is not redone: its weights are loaded from
+    `backup/<phase>.done.weights.h5`. Epochs before `initial_epoch` are not
+    run: `model` comes with them done.
     """
     history = []
     best = None
@@ -152,6 +180,8 @@ def run_phases(model, config, data, workdir, phases):
         1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
     final = _Final()
     cache = None
+    phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, initial_epoch))
+              for p in phases if p.last_epoch > initial_epoch]
     for phase in phases:
         trainable.apply_phase(model, phase)
         done = os.path.join(workdir, "backup", f"{phase.name}.done.weights.h5")
@@ -161,11 +191,11 @@ def run_phases(model, config, data, workdir, phases):
         # Features are computed once, and not for a finished phase unless the
         # final evaluation needs them.
         if cached and cache is None and (not finished or phase is phases[-1]):
-            cache = _compute_features(model, config, data, workdir, verbose,
-                                      epochs=phase.last_epoch - phase.first_epoch)
+            cache, reused = _cached_features(model, config, data, workdir, verbose,
+                                             phase.last_epoch - phase.first_epoch, feature_store)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
-                                "stored": cache.stored}
-        if phase is phases[0] and not finished:
+                                "stored": cache.stored, "reused": reused}
+        if phase is phases[0] and not finished and initial_epoch == 0:
             # Statistics of the starting backbone's features. A finished first
             # phase has them in its saved weights, loaded below; a resumed
             # unfinished one gets its saved ones back from BackupAndRestore.
@@ -184,7 +214,7 @@ def run_phases(model, config, data, workdir, phases):
             m.compile(
                 optimizer=keras.optimizers.AdamW(
                     learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
-                loss="sparse_categorical_crossentropy",
+                loss=loss(config),
                 metrics=["accuracy"],
                 jit_compile=config.jit_compile)
         if fit_model is not model:  # built now, so best.keras and model.keras load without warnings
@@ -199,42 +229,95 @@ def run_phases(model, config, data, workdir, phases):
               f"{' on cached features' if cached else ''}, "
               f"learning rate {phase.learning_rate:g}; "
               f"trainable / frozen params: {trainable.count_params(model)}")
-        checkpoint = _FullModelCheckpoint(
-            model, os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
-            save_best_only=True, initial_value_threshold=best)
+        callbacks = [
+            keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", phase.name)),
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+        ]
+        if _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
+        if save_models:
+            checkpoint = _FullModelCheckpoint(
+                model, os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
+                save_best_only=True, initial_value_threshold=best)
+            callbacks.append(checkpoint)
         fit = fit_model.fit(
             train_data, validation_data=val_data,
             initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
             verbose=verbose,
             shuffle=isinstance(train_data, tuple),  # tf.data and PyDataset shuffle themselves
-            callbacks=[
-                keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", phase.name)),
-                keras.callbacks.TerminateOnNaN(),
-                keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
-                keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
-                checkpoint,
-            ])
+            callbacks=callbacks)
         if fit_model.stop_training and any(
                 v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
             raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
                                      "try a lower learning rate")
-        best = checkpoint.best
+        if save_models:
+            best = checkpoint.best
         model.save_weights(done)
         history += _read_history(workdir, phase)
     return history, final
 
 
-def _compute_features(model, config, data, workdir, verbose, epochs):
+def _cached_features(model, config, data, workdir, verbose, epochs, store):
+    """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
     # A view per epoch at most; one when the pipeline does not augment.
     views = min(max(1, int(config.cached_views)), epochs)
     if not getattr(data, "augmented", False):
         views = 1
+    key = store.key(model, views) if store is not None else None
+    if key is not None and key in store:
+        print(f"Backbone features: reusing the {views} view(s) computed by an earlier run")
+        return store[key], True
     print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
           f"and {data.val_examples} validation images")
-    return features.compute(
+    cache = features.compute(
         model, data, views=views, batch_size=config.batch_size,
         max_bytes=config.get("cache_bytes", 2 << 30),
-        spill_dir=os.path.join(workdir, "features"), verbose=verbose)
+        spill_dir=store.spill_dir(key) if key is not None else os.path.join(workdir, "features"),
+        verbose=verbose)
+    if key is not None:
+        store[key] = cache
+    return cache, False
+
+
+def loss(config):
+    """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`."""
+    smoothing = float(config.get("label_smoothing", 0.0))
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+    if smoothing == 0:
+        return "sparse_categorical_crossentropy"  # stock Keras: model.keras loads anywhere
+    return SmoothedSparseCrossentropy(smoothing)
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of integer labels, one-hot encoded and smoothed.
+
+    Keras' `SparseCategoricalCrossentropy` has no `label_smoothing`. A model
+    compiled with this loss loads with `import tl_keras` first, or
+    `compile=False`.
+    """
+
+    def __init__(self, label_smoothing, name="smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def _has_tensorflow():
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:
+        return False
 
 
 class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):

@@ -13,6 +13,10 @@ the trainable weights at compile time.
 | large_different  | top    | as large_similar; init=scratch: everything   |
 |                  |        | from random weights, BatchNorm included      |
 
+Phase 2 of the large regimes can unfreeze only the top `unfreeze` stages of
+the backbone, a stage being the layers between two named cut points
+(backbones.py: early, middle, late); the stages below stay frozen.
+
 BatchNorm layers stay in inference mode, their moving statistics unchanged,
 whenever the backbone starts from pretrained weights, in every phase.
 Calling the backbone with `training=False` does not achieve this in Keras 3
@@ -30,6 +34,8 @@ import dataclasses
 import math
 
 import keras
+
+from tl_keras import backbones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,7 @@ def resolve_cut(config):
     """The cut the run uses: `config.cut`, or the regime's default."""
     regime = get_regime(config.regime)
     cut = config.cut or regime.cut
-    named = ("early", "middle", "late", "top")
-    if regime.cuts and cut in named and cut not in regime.cuts:
+    if regime.cuts and cut in backbones.CUT_POINTS and cut not in regime.cuts:
         raise ValueError(
             f"regime {config.regime!r} cuts at {' or '.join(regime.cuts)} "
             f"(or a layer name), not {cut!r}")
@@ -77,6 +82,8 @@ class Phase:
     learning_rate: float
     freeze_batchnorm: bool
     batchnorm_momentum: float = 0.0  # > 0: set on every BatchNorm layer (init=scratch)
+    unfreeze: int = 0        # train == "all": only the top `unfreeze` stages train; 0: all
+    stage_ends: tuple = ()   # the layers that end the backbone's stages (named cut points)
 
 
 def plan_phases(config):
@@ -94,6 +101,13 @@ def plan_phases(config):
         raise ValueError(f"unknown init {config.init!r}; valid inits: {', '.join(INITS)}")
     if config.epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+    unfreeze = config.get("unfreeze", 0)
+    if unfreeze < 0:
+        raise ValueError(f"unfreeze must be 0 (all) or a number of stages, got {unfreeze}")
+    if unfreeze and (regime.train == "head" or config.init == "scratch"):
+        raise ValueError(
+            "unfreeze applies to phase 2 of the large regimes from pretrained weights; "
+            f"regime {config.regime!r} with init={config.init!r} has no such phase")
     if regime.train == "head":
         if config.init == "scratch":
             raise ValueError(
@@ -112,8 +126,10 @@ def plan_phases(config):
     if head_epochs > 0:
         phases.append(Phase("head", "head", 0, head_epochs, config.learning_rate, True))
     if config.epochs > head_epochs:
+        cuts = backbones.get_backbone(config.backbone).cuts
         phases.append(Phase("finetune", "all", head_epochs, config.epochs,
-                            config.finetune_learning_rate, True))
+                            config.finetune_learning_rate, True, unfreeze=unfreeze,
+                            stage_ends=tuple(cuts[c] for c in backbones.CUT_POINTS[:-1])))
     return phases
 
 
@@ -124,10 +140,15 @@ def apply_phase(model, phase):
     backbone (the layer named "backbone") trains only when
     `phase.train == "all"`, and then without its BatchNormalization layers if
     `phase.freeze_batchnorm`. A `phase.batchnorm_momentum` (init=scratch) is
-    set on every BatchNormalization layer of the backbone.
+    set on every BatchNormalization layer of the backbone. With
+    `phase.unfreeze = k`, the backbone's layers up to the end of its k-th
+    stage from the top stay frozen.
     """
     backbone = model.get_layer("backbone")
     backbone.trainable = phase.train == "all"  # Keras sets every sublayer
+    if phase.train == "all" and phase.unfreeze:
+        for layer in frozen_stages(backbone, phase.unfreeze, phase.stage_ends):
+            layer.trainable = False
     for layer in _sublayers(backbone):
         if isinstance(layer, keras.layers.BatchNormalization):
             if phase.train == "all" and phase.freeze_batchnorm:
@@ -135,6 +156,22 @@ def apply_phase(model, phase):
             if phase.batchnorm_momentum:
                 layer.momentum = phase.batchnorm_momentum
     model.get_layer("predictions").trainable = True
+
+
+def frozen_stages(backbone, unfreeze, stage_ends):
+    """The layers of `backbone` below its top `unfreeze` stages, in order.
+
+    Stages end at the `stage_ends` layers the backbone has below its output
+    (a backbone cut at `middle` has two stages: up to `early`, and the rest).
+    Asking for as many stages as there are, or more, freezes nothing.
+    """
+    layers = backbone.layers  # topological order; a cut backbone is flat
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    ends = sorted(index[name] for name in stage_ends
+                  if name in index and index[name] < len(layers) - 1)
+    if unfreeze > len(ends):
+        return []
+    return layers[:ends[-unfreeze] + 1]
 
 
 def _sublayers(layer):

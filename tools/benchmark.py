@@ -13,6 +13,11 @@ Measured side by side in one process, same data, same seed:
      tf.data pipeline from an image folder vs `fit` on the same images in memory.
   3. The same, fed by the TensorFlow transfer-learning tutorial's pipeline
      (`image_dataset_from_directory` + `prefetch`).
+  4. A Keras Tuner sweep of part 1's regime (`tune_trials` random trials over
+     cut, dropout, learning rate, label smoothing): seconds per trial that
+     computes its cut's features against one that reuses them, and the
+     process's resident memory after every trial (Keras Tuner clears the
+     session between trials).
 Prints a table and writes `--out` (benchmarks/results.json).
 
 With `KERAS_BACKEND=jax` it needs no TensorFlow (as on a GPU machine with JAX
@@ -41,6 +46,7 @@ flags.DEFINE_integer("epochs", 10, "Part 1: epochs of each path.")
 flags.DEFINE_integer("finetune_examples", 192, "Parts 2-3: images per epoch.")
 flags.DEFINE_integer("finetune_epochs", 2, "Parts 2-3: timed epochs per feed, after a warm-up.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("tune_trials", 10, "Part 4: trials of the sweep (0: no part 4).")
 flags.DEFINE_string("out", "benchmarks/results.json", "Where the results go.")
 FLAGS = flags.FLAGS
 
@@ -196,6 +202,48 @@ def frozen_regime(config, datasets):
     }
 
 
+# --- Part 4: a tuner sweep on shared cached features ---------------------------------
+
+def tuning(config, datasets):
+    import statistics
+
+    from tl_keras import tune
+
+    config = config.copy_and_resolve_references()
+    config.epochs = FLAGS.epochs  # as part 1
+    with tempfile.TemporaryDirectory() as root:
+        sweep = os.path.join(root, "sweep")
+        tuner = tune.make_tuner("random", config, datasets, FLAGS.tune_trials, sweep)
+        start = time.perf_counter()
+        tuner.search(verbose=0)
+        total = time.perf_counter() - start
+        trials = sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id))
+        failed = [r for r in tune.results(tuner) if r["status"] != "COMPLETED"]
+        if failed:
+            raise RuntimeError(f"trial {failed[0]['trial_id']} failed: {failed[0].get('error')}")
+        reused = []
+        for trial in trials:
+            with open(os.path.join(sweep, "trials", trial.trial_id, "metrics.json")) as f:
+                reused.append(json.load(f)["cached_features"]["reused"])
+
+    def metric(name):
+        return [round(t.metrics.get_last_value(name), 1) for t in trials]
+
+    seconds = metric("seconds")
+    computing = [s for s, r in zip(seconds, reused) if not r]
+    reusing = [s for s, r in zip(seconds, reused) if r]
+    rss, peak = metric("rss_mb"), metric("peak_rss_mb")
+    return {
+        "trials": len(trials), "epochs_per_trial": config.epochs,
+        "total_seconds": round(total, 1),
+        "trials_computing_features": len(computing),
+        "median_seconds_computing_features": statistics.median(computing) if computing else None,
+        "median_seconds_reusing_features": statistics.median(reusing) if reusing else None,
+        "best_val_accuracy": round(max(t.score for t in trials), 4),
+        "rss_mb_after_each_trial": rss, "peak_rss_mb_after_each_trial": peak,
+    }
+
+
 # --- Parts 2 and 3: feeding a full fine-tune ----------------------------------------
 
 def write_folder(root, n):
@@ -312,7 +360,10 @@ def main(argv):
         "command": " ".join(["python"] + sys.argv),
     }
     start = time.perf_counter()
-    results["frozen_regime"] = frozen_regime(*frozen_regime_data())
+    config, datasets = frozen_regime_data()
+    results["frozen_regime"] = frozen_regime(config, datasets)
+    if FLAGS.tune_trials:
+        results["tuning"] = tuning(config, datasets)
     if _tensorflow():
         with tempfile.TemporaryDirectory() as root:
             write_folder(root, FLAGS.finetune_examples)
@@ -371,6 +422,19 @@ def _print_table(r):
                                      f"({t['tl_keras_over_model_only']} of model only)"),
             ("3. tutorial pipeline", f"{t['tutorial_pipeline_images_per_second']} img/s "
                                      f"({t['tutorial_over_model_only']} of model only)"),
+        ]
+    if "tuning" in r:
+        u = r["tuning"]
+        rows += [
+            ("4. tuner sweep", f"{u['trials']} trials of {u['epochs_per_trial']} epochs, "
+                               f"{u['total_seconds']} s, best val_accuracy {u['best_val_accuracy']}"),
+            ("   trial, computing features", f"{u['median_seconds_computing_features']} s (median "
+                                             f"of {u['trials_computing_features']})"),
+            ("   trial, reusing features", f"{u['median_seconds_reusing_features']} s (median)"),
+            ("   RSS after trial 1 / last", f"{u['rss_mb_after_each_trial'][0]} / "
+                                           f"{u['rss_mb_after_each_trial'][-1]} MB (peak "
+                                           f"{u['peak_rss_mb_after_each_trial'][0]} / "
+                                           f"{u['peak_rss_mb_after_each_trial'][-1]} MB)"),
         ]
     width = max(len(a) for a, _ in rows)
     print(f"\n{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px")

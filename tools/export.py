@@ -15,14 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from _common import fail  # noqa: E402
+
 flags.DEFINE_string("workdir", None, "A finished run folder (holds model.keras and metrics.json).")
 flags.DEFINE_string("export_dir", None, "The model's base directory for TF Serving.")
 FLAGS = flags.FLAGS
 
 
-def fail(message):
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_flags(argv):

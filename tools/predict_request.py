@@ -27,6 +27,8 @@ import urllib.request
 
 from absl import app, flags
 
+from _common import fail, first_line
+
 flags.DEFINE_enum("format", "rest", ["rest", "grpc"], "Request format.")
 flags.DEFINE_enum("signature", "serve_bytes", ["serve_bytes", "serving_default"],
                   "The exported signature to call.")
@@ -38,9 +40,6 @@ flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the server.")
 FLAGS = flags.FLAGS
 
 
-def fail(message):
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def read_images(paths):
@@ -112,10 +111,6 @@ def send_grpc(request, server, timeout):
     return {k: tf.make_ndarray(v).tolist() for k, v in response.outputs.items()}
 
 
-def _first_line(text):
-    return text.strip().splitlines()[0] if text.strip() else "(no details)"
-
-
 def main(argv):
     paths = argv[1:]
     if not paths:
@@ -144,12 +139,12 @@ def main(argv):
     except ValueError as e:
         fail(str(e).splitlines()[0])
     except urllib.error.HTTPError as e:  # the server answered with an error, e.g. a bad image
-        fail(f"server answered {e.code}: {_first_line(e.read().decode(errors='replace'))}")
+        fail(f"server answered {e.code}: {first_line(e.read().decode(errors='replace'))}")
     except OSError as e:  # URLError, connection refused, timeouts
         fail(f"no answer from {FLAGS.server}: {getattr(e, 'reason', None) or e}")
     except Exception as e:  # grpc.RpcError: unavailable, deadline, the model's InvalidArgument
         if hasattr(e, "code") and hasattr(e, "details"):
-            fail(f"gRPC {e.code().name} from {FLAGS.server}: {_first_line(e.details() or '')}")
+            fail(f"gRPC {e.code().name} from {FLAGS.server}: {first_line(e.details() or '')}")
         raise
     print(json.dumps(answer))
 

@@ -1,0 +1,101 @@
+"""What the tools share: one-line errors, and the config flags of finetune.py and tune.py.
+
+`define_config_flags()` defines `--config` (a config file, default
+configs/<regime>.py), `--config.KEY=VALUE` overrides, and a plain flag for
+each common key (`--regime`, `--backbone`, `--dataset`, ...).
+"""
+
+import os
+import sys
+import time
+
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CONFIGS = os.path.join(ROOT, "configs")
+FLAGS = flags.FLAGS
+
+# Plain flags: name -> (type, help). Each, when given, overrides config.<name>.
+CONFIG_FLAGS = {
+    "regime": (str, "small_similar | small_different | large_similar | large_different"),
+    "backbone": (str, "A backbone name, e.g. efficientnet_lite0, resnet50."),
+    "dataset": (str, "fashion_mnist, digits, a folder of class subfolders or tfds:NAME."),
+    "weights": (str, "imagenet | none | PATH.weights.h5"),
+    "init": (str, "pretrained | scratch (large regimes)"),
+    "cut": (str, "early | middle | late | top | a layer name"),
+    "image_size": (int, "Input height and width (0: the backbone's default)."),
+    "epochs": (int, "Total epochs, across phases."),
+    "batch_size": (int, "Batch size."),
+    "learning_rate": (float, "Learning rate of the head phase."),
+    "max_examples": (int, "Cap on training examples (0: all)."),
+    "examples_per_class": (int, "Cap on training examples per class (0: all)."),
+    "seed": (int, "Random seed."),
+    "workdir": (str, "Run folder (default runs/<regime>_<backbone>_<time>)."),
+    "strict": (bool, "Fail on an undecodable image instead of skipping it."),
+    "pool_grid": (int, "Head input: 1 global average, g a g x g grid of averages."),
+    "cache_features": (bool, "Frozen backbone: train the head on features computed once."),
+    "cached_views": (int, "Augmented views cached per training image."),
+    "mixed_precision": (str, "mixed_float16 | mixed_bfloat16"),
+    "jit_compile": (bool, "Compile with XLA."),
+}
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           bool: flags.DEFINE_bool}
+
+
+def fail(message):
+    """Prints `PROGRAM: error: MESSAGE` on stderr and exits with status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(text):
+    text = str(text).strip()
+    return text.splitlines()[0] if text else "(no details)"
+
+
+def define_config_flags(workdir_help=None):
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/large_similar.py.")
+    for name, (kind, help_) in CONFIG_FLAGS.items():
+        _DEFINE[kind](name, None, workdir_help if name == "workdir" and workdir_help else help_)
+
+
+def parse_config_flags(argv):
+    """absl parsing with the regime's config file as the default --config; bad flags exit 2."""
+    from tl_keras import trainable
+
+    argv = list(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        regime = "small_similar"
+        for i, a in enumerate(argv):
+            if a.startswith("--regime="):
+                regime = a.split("=", 1)[1]
+            elif a == "--regime" and i + 1 < len(argv):
+                regime = argv[i + 1]
+        if regime not in trainable.REGIMES:
+            fail(f"unknown regime {regime!r}; valid regimes: {', '.join(trainable.REGIMES)}")
+        argv.insert(1, f"--config={os.path.join(CONFIGS, regime + '.py')}")
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(first_line(e))
+    except AttributeError as e:  # ml_collections: --config.KEY for a KEY the config lacks
+        fail(f"unknown config key {str(e).strip(chr(34))} (every key is in configs/base.py)")
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"bad --config value: {first_line(e)}")
+
+
+def resolved_config(folder):
+    """FLAGS.config with the plain flags applied; with no workdir set, a new
+    `folder/<regime>_<backbone>_<time>`."""
+    config = FLAGS.config
+    for name in CONFIG_FLAGS:
+        value = getattr(FLAGS, name)
+        if value is not None:
+            config[name] = value
+    if not config.workdir:
+        config.workdir = os.path.join(
+            folder, f"{config.regime}_{config.backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
+    return config

@@ -1,0 +1,90 @@
+"""Sweep a regime's hyperparameters with Keras Tuner; retrain the winner with one command.
+
+Usage:
+    python tools/tune.py --regime=small_similar --max_examples=2000 --max_trials=10 \
+        --workdir=sweeps/fashion
+    python tools/tune.py --regime=large_similar --tuner=hyperband --epochs=9 --dataset=PATH
+    python tools/finetune.py --config=sweeps/fashion/best_config.py --export_dir=exports/best
+
+Takes finetune.py's flags (`--regime`, `--config`, `--dataset`, `--backbone`,
+`--weights`, ...): they set the sweep's base config, and each trial changes the
+regime's hyperparameters (tl_keras/tune.py). A sweep re-run with the same
+`--workdir` continues where it stopped. Prints the trials best first and
+writes WORKDIR/tuning.csv and WORKDIR/best_config.py.
+
+Distributed (Keras Tuner's chief / worker mode): run the same command on every
+machine with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the chief's
+address) and KERASTUNER_TUNER_ID=chief on the chief, tuner0, tuner1, ... on the
+workers. The chief serves the oracle and reports; the workers run trials.
+
+Errors in flags, data or the oracle's address: one line, exit 2.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+import _common  # noqa: E402
+from _common import fail  # noqa: E402
+
+_common.define_config_flags(workdir_help="Sweep folder (default sweeps/<regime>_<backbone>_<time>); "
+                                         "an unfinished sweep there resumes.")
+flags.DEFINE_string("tuner", "random", "random | hyperband | bayesian")
+flags.DEFINE_integer("max_trials", 10, "Trials in all, earlier attempts included.")
+flags.DEFINE_float("oracle_wait", 120.0, "Worker: seconds to wait for the chief's oracle to answer.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tl_keras import data, train, tune
+
+    config = _common.resolved_config("sweeps")
+    try:
+        role = tune.role()  # checks the KERASTUNER_* variables
+        config = train.resolve(config)
+        tune.check_sweep(FLAGS.tuner, config, FLAGS.max_trials, config.workdir)
+        if role == "chief":
+            tune.check_oracle_port()
+        elif role == "worker":
+            tune.wait_for_oracle(FLAGS.oracle_wait)
+        print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
+              f"{', ' + tune.tuner_id() if role != 'single' else ''})")
+        datasets = data.load(config, image_size=config.image_size)
+        print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
+              f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
+        tuner = tune.make_tuner(FLAGS.tuner, config, datasets, FLAGS.max_trials, config.workdir)
+        if role != "worker":
+            earlier = sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
+            if earlier:
+                print(f"{earlier} trial(s) finished in an earlier attempt; they are not rerun.")
+    except ValueError as e:
+        fail(_common.first_line(e))
+    try:
+        tuner.search()
+    except RuntimeError as e:  # Keras Tuner: too many trials failed in a row
+        stopped = _common.first_line(e)
+    else:
+        stopped = None
+    if role == "worker":
+        if stopped:
+            fail(stopped)
+        print(f"Worker {tune.tuner_id()}: no trials left.")
+        return
+    rows = tune.write_results(tuner, config, config.workdir)
+    print(tune.format_table(rows))
+    if stopped:
+        fail(f"{stopped} (the trials' errors are above and in tuning.csv)")
+    best = os.path.join(config.workdir, "best_config.py")
+    print(f"Trials: {os.path.join(config.workdir, 'tuning.csv')}")
+    if os.path.exists(best):
+        print(f"Best config: {best}\nRetrain and export it with:\n"
+              f"    python tools/finetune.py --config={best} --export_dir=exports/best")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_common.parse_config_flags)
