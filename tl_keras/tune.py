@@ -310,12 +310,9 @@ def results(tuner):
 def write_results(tuner, config, workdir):
     """Writes tuning.csv and best_config.py; returns the rows of `results`."""
     rows = results(tuner)
-    columns = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
     path = os.path.join(workdir, "tuning.csv")
     with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
+        writer = csv.DictWriter(f, _columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(path + ".tmp", path)
@@ -325,6 +322,14 @@ def write_results(tuner, config, workdir):
         write_best_config(os.path.join(workdir, "best_config.py"),
                           trial_config(config, trial.hyperparameters.values), best[0], workdir)
     return rows
+
+
+def _columns(rows):
+    """Every key of `rows`, in order of first appearance (a failed trial adds "error")."""
+    columns = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    return columns
 
 
 def write_best_config(path, config, row, workdir):
@@ -355,9 +360,6 @@ def format_table(rows, limit=20):
     """The best `limit` rows as an aligned text table."""
     if not rows:
         return "no trials"
-    columns = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
 
     def show(value):
         if value is None:
@@ -366,7 +368,7 @@ def format_table(rows, limit=20):
             return f"{value:.4g}"
         return str(value)
 
-    columns = [c for c in columns if c != "error"]  # printed below the table
+    columns = [c for c in _columns(rows) if c != "error"]  # errors go below the table
     cells = [columns] + [[show(r.get(c)) for c in columns] for r in rows[:limit]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
