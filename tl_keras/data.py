@@ -53,21 +53,28 @@ class Datasets:
     image_size: int
     skipped: list
     augmented: bool = False  # the training pipeline gives new random views on every read
+    drop_remainder: bool = False  # training batches are all full
 
 
-def load(config, image_size):
+def load(config, image_size, batch_size=None, drop_remainder=False):
     """Builds the training and validation pipelines that `config` names.
 
     Args:
       config: the run's ConfigDict (`dataset`, `batch_size`, `seed`,
         `val_fraction`, `max_examples`, `strict`, augmentation keys, ...).
       image_size: height and width the images are resized to.
+      batch_size: examples per batch; default `config.batch_size`. Under a
+        tf.distribute strategy, the global batch (distribute.global_batch).
+      drop_remainder: training batches all full, the last smaller one dropped
+        (every epoch reshuffles, so other images are left out each time).
+        Under a strategy with 2+ replicas: a last batch of 1 would leave a
+        replica an empty batch, whose loss is NaN.
 
     Returns:
       `Datasets`.
     """
     examples = load_examples(config)
-    return make_datasets(examples, config, image_size)
+    return make_datasets(examples, config, image_size, batch_size, drop_remainder)
 
 
 def load_examples(config):
@@ -307,9 +314,14 @@ def network_available(host="storage.googleapis.com", port=443, timeout=3.0):
 
 # --- Pipeline ------------------------------------------------------------------
 
-def make_datasets(examples, config, image_size):
+def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=False):
     """Batched, cached, prefetched pipelines of `examples` at `image_size`."""
     size = (image_size, image_size)
+    batch_size = int(batch_size or config.batch_size)
+    if drop_remainder and examples.train_examples < batch_size:
+        raise ValueError(f"{examples.train_examples} training images are fewer than one batch "
+                         f"of {batch_size} (the global batch: per replica x replicas); "
+                         "lower --batch_size")
 
     def resize(image, y):
         image = tf.image.resize(image, size, antialias=True)
@@ -324,7 +336,7 @@ def make_datasets(examples, config, image_size):
             ds = ds.cache()
         if training:
             ds = ds.shuffle(min(n, 10_000), seed=config.seed, reshuffle_each_iteration=True)
-        ds = ds.batch(config.batch_size)
+        ds = ds.batch(batch_size, drop_remainder=training and drop_remainder)
         if training and augment is not None:
             ds = ds.map(lambda x, y: (augment(x, training=True), y),
                         num_parallel_calls=AUTOTUNE)
@@ -336,7 +348,7 @@ def make_datasets(examples, config, image_size):
         class_names=list(examples.class_names),
         train_examples=examples.train_examples, val_examples=examples.val_examples,
         channels=examples.channels, image_size=image_size, skipped=examples.skipped,
-        augmented=augment is not None)
+        augmented=augment is not None, drop_remainder=drop_remainder)
 
 
 def augmentation(config):

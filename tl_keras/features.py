@@ -97,9 +97,10 @@ class FeatureCache:
     def views(self):
         return len(self.train)
 
-    def train_batches(self, batch_size, seed):
-        """A `keras.utils.PyDataset` over one view per epoch, reshuffled every epoch."""
-        return _ViewBatches(self.train, self.train_labels, batch_size, seed)
+    def train_batches(self, batch_size, seed, drop_remainder=False):
+        """A `keras.utils.PyDataset` over one view per epoch, reshuffled every epoch;
+        with `drop_remainder`, only full batches."""
+        return _ViewBatches(self.train, self.train_labels, batch_size, seed, drop_remainder)
 
 
 class FeatureStore(dict):
@@ -147,7 +148,8 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         read) or `(x, y)` numpy tuples -- and their sizes `train_examples`,
         `val_examples`.
       views: passes over `train`; 1 when the pipeline does not augment.
-      batch_size: batch size for numpy inputs.
+      batch_size: batch size for numpy inputs; the pipeline's when
+        `data.drop_remainder` (each view then holds full batches only).
       max_bytes: features larger than this go to `.npy` files in `spill_dir`.
       verbose: 0 silent, 1 a progress bar per pass, 2 a line per pass.
 
@@ -158,6 +160,8 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
     extract = extractor(model)
     dim = int(extract.output.shape[-1])
     n_train, n_val = int(data.train_examples), int(data.val_examples)
+    if getattr(data, "drop_remainder", False):  # the pipeline gives full batches of `batch_size`
+        n_train -= n_train % batch_size
     total_bytes = 4 * dim * (views * n_train + n_val)
     spill = total_bytes > max_bytes
     if spill and not spill_dir:
@@ -246,14 +250,16 @@ def _batches(source, batch_size):
 class _ViewBatches(keras.utils.PyDataset):
     """Batches of one cached view per epoch; a new view and a new order after every epoch."""
 
-    def __init__(self, views, labels, batch_size, seed):
+    def __init__(self, views, labels, batch_size, seed, drop_remainder=False):
         super().__init__()
         self.views, self.labels, self.batch_size = views, labels, batch_size
+        self.drop_remainder = drop_remainder
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()
 
     def __len__(self):
-        return math.ceil(len(self.labels[0]) / self.batch_size)
+        n = len(self.labels[0]) / self.batch_size
+        return math.floor(n) if self.drop_remainder else math.ceil(n)
 
     def __getitem__(self, i):
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])

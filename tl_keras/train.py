@@ -1,7 +1,9 @@
 """Training: build the model for a regime, run its phases with `model.fit`, write the run folder.
 
 No TensorFlow import here: given numpy arrays instead of tf.data pipelines,
-the same code runs with `KERAS_BACKEND=jax`.
+the same code runs with `KERAS_BACKEND=jax`. Given a tf.distribute strategy,
+models are built and compiled in its scope, and a multi-worker run trains
+through `distribute.fit` (distribute.py), its chief alone writing the run folder.
 
 The run folder (`config.workdir`):
 
@@ -82,7 +84,8 @@ def resolve(config):
     return config
 
 
-def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save_models=True):
+def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save_models=True,
+             strategy=None):
     """Trains `config`'s regime on `data` and writes the run folder.
 
     Args:
@@ -97,6 +100,10 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
       feature_store: a `features.FeatureStore` whose cached features this
         run may reuse and adds to (tuner trials on the same data).
       save_models: write best.keras and model.keras (tuner trials do not).
+      strategy: a `tf.distribute.Strategy` (`distribute.get_strategy`), or
+        None for one device. `data` must then be batched at the global batch
+        (`distribute.global_batch`). Under a multi-worker strategy only the
+        chief writes the run folder.
 
     Returns:
       The metrics dict also written to `metrics.json`.
@@ -107,21 +114,25 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
         raise ValueError(f"initial_epoch must be in [0, epochs={config.epochs}), "
                          f"got {initial_epoch}")
     keras.utils.set_random_seed(config.seed)
+    dist = _Distribution(strategy)
     with dtype_policy(config):
         if model is None:
             # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
-            model, _ = build(config, len(data.class_names), data.channels)
-        workdir = prepare_workdir(config)
+            with dist.scope():
+                model, _ = build(config, len(data.class_names), data.channels)
+        dist.prepare(model)
+        # Only the chief writes; another worker of a multi-worker run only
+        # refuses a finished run as the chief does, instead of waiting for it.
+        workdir = prepare_workdir(config) if dist.chief else refuse_finished(config.workdir)
         phases = trainable.plan_phases(config)
         history, final = run_phases(model, config, data, workdir, phases,
                                     initial_epoch=initial_epoch, feature_store=feature_store,
-                                    save_models=save_models)
+                                    save_models=save_models, dist=dist)
 
     # The last phase's model and validation data: the head on cached features
     # when that phase trained on them (equal to the full model's outputs).
-    val = final.val if isinstance(final.val, tuple) else (final.val,)
-    val_loss, val_accuracy = final.model.evaluate(*val, verbose=0)
-    if save_models:
+    val_loss, val_accuracy = dist.evaluate(final.model, final.val)
+    if save_models and dist.chief:
         model.save(os.path.join(workdir, "model.keras"))
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
@@ -147,12 +158,72 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
         "train_path": final.paths,  # phase -> "cached_features" | "fit"
         "cached_features": final.cache_info,
         "backend": keras.backend.backend(),
+        "distribution": dist.describe(config),
         "wall_seconds": round(time.time() - start, 2),
     }
-    _write_json(os.path.join(workdir, "metrics.json"), metrics)
-    for scratch in ("backup", "features"):
-        shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
+    if dist.chief:
+        _write_json(os.path.join(workdir, "metrics.json"), metrics)
+        for scratch in ("backup", "features"):
+            shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
     return metrics
+
+
+class _Distribution:
+    """`finetune`'s view of its strategy; one device when `strategy` is None.
+
+    distribute.py (TensorFlow) is imported only when there is a strategy, so
+    one-device runs need no TensorFlow (KERAS_BACKEND=jax).
+    """
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.lib = None
+        if strategy is not None:
+            from tl_keras import distribute
+            self.lib = distribute
+        self.loop = self.lib is not None and self.lib.uses_loop(strategy)
+        self.chief = self.lib is None or self.lib.writes(strategy)
+
+    def prepare(self, model):
+        """`model` ready for `fit` under the strategy (distribute.fix_symbolic_build)."""
+        if self.lib and not self.loop:
+            self.lib.fix_symbolic_build(model)
+        return model
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def batch_size(self, config):
+        return self.lib.global_batch(config, self.strategy) if self.lib else config.batch_size
+
+    def describe(self, config):
+        """The `distribution` entry of metrics.json."""
+        lib, strategy = self.lib, self.strategy
+        return {"strategy": lib.name_of(strategy) if lib else "none",
+                "replicas": lib.replicas(strategy) if lib else 1,
+                "workers": lib.workers() if self.loop else 1,
+                "batch_size_per_replica": int(config.batch_size),
+                "global_batch_size": int(self.batch_size(config))}
+
+    def fit(self, model, train_data, val_data, **kwargs):
+        if self.loop:
+            return self.lib.fit(model, self.strategy, train_data, val_data, **kwargs)
+        return model.fit(train_data, validation_data=val_data,
+                         # tf.data pipelines and PyDatasets shuffle themselves
+                         shuffle=isinstance(train_data, tuple),
+                         **kwargs)
+
+    def evaluate(self, model, val):
+        if self.loop:
+            return self.lib.evaluate(model, self.strategy, val)
+        val = val if isinstance(val, tuple) else (val,)
+        return model.evaluate(*val, verbose=0)
+
+    def backup(self, path):
+        """BackupAndRestore at `path`; restore-only on a worker that is not the chief."""
+        if self.chief:
+            return keras.callbacks.BackupAndRestore(path)
+        return self.lib.ReadOnlyBackup(path)
 
 
 class _Final:
@@ -164,7 +235,7 @@ class _Final:
 
 
 def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_store=None,
-               save_models=True):
+               save_models=True, dist=None):
     """Runs `phases` on `model`; returns (history rows of all epochs, `_Final`).
 
     A phase that trains only the head of a frozen backbone trains it on
@@ -172,8 +243,11 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
     taken from `feature_store` when it holds them. A phase that finished in an
     earlier, interrupted attempt is not redone: its weights are loaded from
     `backup/<phase>.done.weights.h5`. Epochs before `initial_epoch` are not
-    run: `model` comes with them done.
+    run: `model` comes with them done. `dist` (finetune's `_Distribution`)
+    says how to fit and who writes; by default one device.
     """
+    dist = dist or _Distribution(None)
+    batch_size = dist.batch_size(config)
     history = []
     best = None
     verbose = int(config.verbose) if config.verbose != "auto" else (
@@ -183,16 +257,20 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
     phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, initial_epoch))
               for p in phases if p.last_epoch > initial_epoch]
     for phase in phases:
-        trainable.apply_phase(model, phase)
+        with dist.scope():
+            trainable.apply_phase(model, phase)
         done = os.path.join(workdir, "backup", f"{phase.name}.done.weights.h5")
         finished = os.path.exists(done)
-        cached = bool(config.cache_features) and phase.train == "head"
+        # Multi-worker runs train through the frozen backbone: every worker would
+        # compute every feature, and the loop takes only tf.data pipelines.
+        cached = bool(config.cache_features) and phase.train == "head" and not dist.loop
         final.paths[phase.name] = "cached_features" if cached else "fit"
         # Features are computed once, and not for a finished phase unless the
         # final evaluation needs them.
         if cached and cache is None and (not finished or phase is phases[-1]):
             cache, reused = _cached_features(model, config, data, workdir, verbose,
-                                             phase.last_epoch - phase.first_epoch, feature_store)
+                                             phase.last_epoch - phase.first_epoch, feature_store,
+                                             batch_size)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored, "reused": reused}
         if phase is phases[0] and not finished and initial_epoch == 0:
@@ -202,23 +280,27 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
             features.adapt_feature_norm(
                 model, cache.train[0] if cache is not None else features.sample(model, data))
         if cached and cache is not None:
-            fit_model = features.head_model(model)
-            train_data = cache.train_batches(config.batch_size, seed=config.seed)
+            with dist.scope():  # a model takes the strategy it is created under
+                fit_model = dist.prepare(features.head_model(model))
+            train_data = cache.train_batches(batch_size, seed=config.seed,
+                                             drop_remainder=getattr(data, "drop_remainder", False))
             val_data = (cache.val, cache.val_labels)
         else:
             fit_model, train_data, val_data = model, data.train, data.val
         final.model, final.val = fit_model, val_data
-        for m in {id(model): model, id(fit_model): fit_model}.values():
-            # The full model is compiled even when only its head trains, so
-            # model.keras loads ready to evaluate.
-            m.compile(
-                optimizer=keras.optimizers.AdamW(
-                    learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
-                loss=loss(config),
-                metrics=["accuracy"],
-                jit_compile=config.jit_compile)
-        if fit_model is not model:  # built now, so best.keras and model.keras load without warnings
-            model.optimizer.build(model.trainable_variables)
+        with dist.scope():  # the optimizers' variables are the strategy's
+            for m in {id(model): model, id(fit_model): fit_model}.values():
+                # The full model is compiled even when only its head trains, so
+                # model.keras loads ready to evaluate.
+                m.compile(
+                    optimizer=keras.optimizers.AdamW(
+                        learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
+                    loss=loss(config),
+                    metrics=["accuracy"],
+                    jit_compile=config.jit_compile)
+            if fit_model is not model:
+                # Built now, so best.keras and model.keras load without warnings.
+                model.optimizer.build(model.trainable_variables)
         if finished:
             model.load_weights(done)
             print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
@@ -229,36 +311,34 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
               f"{' on cached features' if cached else ''}, "
               f"learning rate {phase.learning_rate:g}; "
               f"trainable / frozen params: {trainable.count_params(model)}")
-        callbacks = [
-            keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", phase.name)),
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
-        ]
-        if _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
+        callbacks = [dist.backup(os.path.join(workdir, "backup", phase.name)),
+                     keras.callbacks.TerminateOnNaN()]
+        if dist.chief:  # a multi-worker run's other workers write nothing
+            callbacks.append(
+                keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
+        if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
-        if save_models:
+        if save_models and dist.chief:
             checkpoint = _FullModelCheckpoint(
                 model, os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
                 save_best_only=True, initial_value_threshold=best)
             callbacks.append(checkpoint)
-        fit = fit_model.fit(
-            train_data, validation_data=val_data,
-            initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
-            verbose=verbose,
-            shuffle=isinstance(train_data, tuple),  # tf.data and PyDataset shuffle themselves
-            callbacks=callbacks)
+        fit = dist.fit(fit_model, train_data, val_data,
+                       initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
+                       verbose=verbose, callbacks=callbacks)
         if fit_model.stop_training and any(
                 v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
             raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
                                      "try a lower learning rate")
-        if save_models:
+        if save_models and dist.chief:
             best = checkpoint.best
-        model.save_weights(done)
+        if dist.chief:
+            model.save_weights(done)
         history += _read_history(workdir, phase)
     return history, final
 
 
-def _cached_features(model, config, data, workdir, verbose, epochs, store):
+def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size):
     """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
     # A view per epoch at most; one when the pipeline does not augment.
     views = min(max(1, int(config.cached_views)), epochs)
@@ -271,7 +351,7 @@ def _cached_features(model, config, data, workdir, verbose, epochs, store):
     print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
           f"and {data.val_examples} validation images")
     cache = features.compute(
-        model, data, views=views, batch_size=config.batch_size,
+        model, data, views=views, batch_size=batch_size,
         max_bytes=config.get("cache_bytes", 2 << 30),
         spill_dir=store.spill_dir(key) if key is not None else os.path.join(workdir, "features"),
         verbose=verbose)
@@ -362,12 +442,9 @@ def prepare_workdir(config):
     workdir = config.workdir
     if not workdir:
         raise ValueError("config.workdir is not set")
-    metrics = os.path.join(workdir, "metrics.json")
     saved = os.path.join(workdir, "config.json")
     resolved = config_to_dict(config)
-    if os.path.exists(metrics):
-        raise RunFolderError(
-            f"workdir {workdir!r} already holds a finished run; choose another --workdir")
+    refuse_finished(workdir)
     if os.path.exists(saved):
         with open(saved) as f:
             previous = json.load(f)
@@ -385,6 +462,14 @@ def prepare_workdir(config):
             "choose another --workdir")
     os.makedirs(workdir, exist_ok=True)
     _write_json(saved, resolved)
+    return workdir
+
+
+def refuse_finished(workdir):
+    """Raises `RunFolderError` when `workdir` holds a finished run; returns `workdir`."""
+    if os.path.exists(os.path.join(workdir, "metrics.json")):
+        raise RunFolderError(
+            f"workdir {workdir!r} already holds a finished run; choose another --workdir")
     return workdir
 
 

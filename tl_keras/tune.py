@@ -31,6 +31,7 @@ Example:
     rows = write_results(tuner, config, "sweeps/a")
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -102,11 +103,14 @@ class TransferHyperModel(kt.HyperModel):
         hyperparameters (`trial_config`).
       data: `data.Datasets` (or numpy `(x, y)` tuples with the same fields).
       workdir: the sweep folder; trial `<id>` runs in `workdir/trials/<id>/`.
+      strategy: a one-host `tf.distribute.Strategy` every trial is built and
+        trained under (`data` batched at its global batch), or None.
     """
 
-    def __init__(self, config, data, workdir):
+    def __init__(self, config, data, workdir, strategy=None):
         super().__init__(name="tl_keras")
         self.config, self.data, self.workdir = config, data, workdir
+        self.strategy = strategy
         self.feature_store = features.FeatureStore(os.path.join(workdir, "features"))
 
     def declare_hyperparameters(self, hp):
@@ -116,7 +120,8 @@ class TransferHyperModel(kt.HyperModel):
         search_space(hp, self.config)  # Keras Tuner may call build before declaring
         config = train.resolve(trial_config(self.config, hp.values))
         keras.utils.set_random_seed(config.seed)  # as finetune does before building
-        with train.dtype_policy(config):
+        scope = self.strategy.scope() if self.strategy else contextlib.nullcontext()
+        with train.dtype_policy(config), scope:
             model, _ = train.build(config, len(self.data.class_names), self.data.channels)
         return model
 
@@ -137,7 +142,8 @@ class TransferHyperModel(kt.HyperModel):
             print(f"trial_id {trial_id} finished in an earlier attempt; its result is reused.")
         else:
             metrics = train.finetune(config, self.data, model=model, initial_epoch=initial_epoch,
-                                     feature_store=self.feature_store, save_models=False)
+                                     feature_store=self.feature_store, save_models=False,
+                                     strategy=self.strategy)
             for path in checkpoints:
                 model.save_weights(path)
         rss, peak = memory_mb()
@@ -261,7 +267,7 @@ def check_sweep(name, config, max_trials, workdir):
     train._write_json(path, settings)
 
 
-def make_tuner(name, config, data, max_trials, workdir):
+def make_tuner(name, config, data, max_trials, workdir, strategy=None):
     """A Keras Tuner `name` over `config`'s regime, resuming the sweep in `workdir`.
 
     Args:
@@ -272,9 +278,10 @@ def make_tuner(name, config, data, max_trials, workdir):
       max_trials: trials in all, those of an earlier attempt included;
         Hyperband also ends when its brackets do.
       workdir: the sweep folder.
+      strategy: the one-host strategy trials run under (TransferHyperModel).
     """
     check_sweep(name, config, max_trials, workdir)
-    common = dict(hypermodel=TransferHyperModel(config, data, workdir),
+    common = dict(hypermodel=TransferHyperModel(config, data, workdir, strategy),
                   objective=kt.Objective(OBJECTIVE, "max"), seed=config.seed,
                   directory=workdir, project_name="tuner", overwrite=False)
     if name == "hyperband":

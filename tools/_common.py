@@ -26,7 +26,7 @@ CONFIG_FLAGS = {
     "cut": (str, "early | middle | late | top | a layer name"),
     "image_size": (int, "Input height and width (0: the backbone's default)."),
     "epochs": (int, "Total epochs, across phases."),
-    "batch_size": (int, "Batch size."),
+    "batch_size": (int, "Batch size per replica (global batch: this x replicas)."),
     "learning_rate": (float, "Learning rate of the head phase."),
     "max_examples": (int, "Cap on training examples (0: all)."),
     "examples_per_class": (int, "Cap on training examples per class (0: all)."),
@@ -38,6 +38,7 @@ CONFIG_FLAGS = {
     "cached_views": (int, "Augmented views cached per training image."),
     "mixed_precision": (str, "mixed_float16 | mixed_bfloat16"),
     "jit_compile": (bool, "Compile with XLA."),
+    "distribution": (str, "auto | none | mirrored | multi_worker (TF_CONFIG) | tpu"),
 }
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
@@ -99,3 +100,47 @@ def resolved_config(folder):
         config.workdir = os.path.join(
             folder, f"{config.regime}_{config.backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
     return config
+
+
+def make_strategy(config):
+    """The tf.distribute strategy `config.distribution` names (None: one device), announced."""
+    from tl_keras import distribute
+
+    strategy = distribute.get_strategy(config.distribution)
+    if strategy is not None:
+        print(f"Distribution: {distribute.name_of(strategy)}, "
+              f"{distribute.replicas(strategy)} replicas, global batch "
+              f"{distribute.global_batch(config, strategy)} "
+              f"({config.batch_size} per replica)")
+    return strategy
+
+
+def load_data(config, strategy):
+    """`data.load` at the strategy's global batch, announced."""
+    from tl_keras import data, distribute
+
+    datasets = data.load(config, image_size=config.image_size,
+                         batch_size=distribute.global_batch(config, strategy),
+                         drop_remainder=distribute.replicas(strategy) > 1)
+    print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
+          f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
+    return datasets
+
+
+def writes(strategy):
+    """Whether this process writes results (distribute.writes)."""
+    from tl_keras import distribute
+
+    return distribute.writes(strategy)
+
+
+def restart_if_peer_failed(strategy, error):
+    """A multi-worker run whose peer died restarts this process (distribute.restart);
+    other errors return, to be raised."""
+    from tl_keras import distribute
+
+    if distribute.uses_loop(strategy) and distribute.is_peer_failure(error):
+        try:
+            distribute.restart(error)
+        except RuntimeError as e:
+            fail(first_line(e))

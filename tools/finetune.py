@@ -6,6 +6,8 @@ Usage:
     python tools/finetune.py --regime=large_similar --dataset=tfds:tf_flowers --epochs=20
     python tools/finetune.py --config=configs/smoke.py:large_different --config.init=scratch
     python tools/finetune.py --regime=small_similar --export_dir=exports/fashion  # + SavedModel
+    python tools/finetune.py --regime=large_similar --distribution=mirrored  # every GPU here
+    TF_CONFIG='{...}' python tools/finetune.py --distribution=multi_worker    # each host (README)
 
 `--regime=R` reads configs/R.py unless `--config` is given; plain flags and
 `--config.KEY=VALUE` override it. Errors in flags or data: one line, exit 2.
@@ -30,21 +32,26 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import data, export, train
+    from tl_keras import export, train
 
     config = _common.resolved_config("runs")
+    strategy = None
     try:
         config = train.resolve(config)
+        strategy = _common.make_strategy(config)  # before any other TensorFlow work
         if FLAGS.export_dir:  # checked before training, not after
             export.check_export_dir(FLAGS.export_dir)
         print(f"Run folder: {config.workdir}")
-        datasets = data.load(config, image_size=config.image_size)
-        print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
-              f"validation images, {len(datasets.class_names)} classes, "
-              f"{config.image_size}px")
-        metrics = train.finetune(config, datasets)
+        datasets = _common.load_data(config, strategy)
+        metrics = train.finetune(config, datasets, strategy=strategy)
     except ValueError as e:
         fail(str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 -- a dead peer: rejoin the cluster afresh
+        _common.restart_if_peer_failed(strategy, e)
+        raise
+    if not _common.writes(strategy):
+        print(f"Done; the chief wrote the run folder {config.workdir}")
+        return
     print(f"Run folder: {config.workdir}")
     print(f"val_accuracy: {metrics['val_accuracy']:.4f}  val_loss: {metrics['val_loss']:.4f}  "
           f"({metrics['epochs_run']} epochs, {metrics['wall_seconds']:.0f} s)")

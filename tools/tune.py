@@ -16,6 +16,8 @@ Distributed (Keras Tuner's chief / worker mode): run the same command on every
 machine with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the chief's
 address) and KERASTUNER_TUNER_ID=chief on the chief, tuner0, tuner1, ... on the
 workers. The chief serves the oracle and reports; the workers run trials.
+`--distribution=mirrored` (or auto with 2+ GPUs) trains each trial on every
+GPU of its machine.
 
 Errors in flags, data or the oracle's address: one line, exit 2.
 """
@@ -41,12 +43,17 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import data, train, tune
+    from tl_keras import train, tune
 
     config = _common.resolved_config("sweeps")
     try:
         role = tune.role()  # checks the KERASTUNER_* variables
         config = train.resolve(config)
+        if config.distribution == "multi_worker":
+            raise ValueError("--distribution=multi_worker trains one run across hosts; a sweep "
+                             "spreads its trials over hosts with KERASTUNER_* variables "
+                             "(README: Tuning)")
+        strategy = _common.make_strategy(config)  # trials run under it; before other TF work
         tune.check_sweep(FLAGS.tuner, config, FLAGS.max_trials, config.workdir)
         if role == "chief":
             tune.check_oracle_port()
@@ -54,10 +61,9 @@ def main(argv):
             tune.wait_for_oracle(FLAGS.oracle_wait)
         print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
               f"{', ' + tune.tuner_id() if role != 'single' else ''})")
-        datasets = data.load(config, image_size=config.image_size)
-        print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
-              f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
-        tuner = tune.make_tuner(FLAGS.tuner, config, datasets, FLAGS.max_trials, config.workdir)
+        datasets = _common.load_data(config, strategy)
+        tuner = tune.make_tuner(FLAGS.tuner, config, datasets, FLAGS.max_trials, config.workdir,
+                                strategy)
         if role != "worker":
             earlier = sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
             if earlier:

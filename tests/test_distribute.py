@@ -1,0 +1,259 @@
+"""tf.distribute: strategies by name, mirrored on 2 logical CPUs, two workers on 127.0.0.1.
+
+TensorFlow fixes its devices and its cluster when a process starts, so the
+mirrored and multi-worker cases run in processes of their own
+(tests/distributed_run.py, or tools/finetune.py itself).
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, write_image_folder
+
+HELPER = os.path.join(ROOT, "tests", "distributed_run.py")
+FINETUNE = os.path.join(ROOT, "tools", "finetune.py")
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def history(run):
+    with open(os.path.join(run, "history.csv")) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.json")) as f:
+        return json.load(f)
+
+
+def env(**extra):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+# --- Strategies by name -------------------------------------------------------------
+
+def test_strategy_names_and_chief(monkeypatch):
+    from tl_keras import distribute
+
+    with pytest.raises(ValueError, match="unknown distribution 'gpus'; valid: auto, none, "
+                                         "mirrored, multi_worker, tpu"):
+        distribute.get_strategy("gpus")
+    assert distribute.get_strategy("none") is None
+    assert distribute.auto() == "none"  # no GPU, no TPU here
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="multi_worker needs TF_CONFIG"):
+        distribute.get_strategy("multi_worker")
+    assert distribute.is_chief()  # no cluster: the one process writes
+    cluster = {"worker": ["a:1", "b:1"]}
+    for task, chief in (({"type": "worker", "index": 0}, True),
+                        ({"type": "worker", "index": 1}, False)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        assert distribute.is_chief() is chief
+        assert distribute.workers() == 2
+    with_chief = {**cluster, "chief": ["c:1"]}
+    for task, chief in (({"type": "chief", "index": 0}, True),
+                        ({"type": "worker", "index": 0}, False)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": task}))
+        assert distribute.is_chief() is chief
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        distribute.is_chief()
+
+
+@pytest.mark.parametrize("flags, extra_env, message", [
+    (["--distribution=gpus"], {}, "unknown distribution 'gpus'; valid: auto, none, mirrored"),
+    (["--distribution=multi_worker"], {"TF_CONFIG": ""}, "multi_worker needs TF_CONFIG"),
+    (["--distribution=tpu"], {}, "--distribution=tpu: no TPU found"),
+])
+def test_finetune_bad_distribution_is_one_line(tmp_path, flags, extra_env, message):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, FINETUNE, "--config=configs/smoke.py", "--dataset=digits",
+         f"--workdir={workdir}", *flags],
+        cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not workdir.exists()  # checked before anything is written
+
+
+def test_tune_refuses_multi_worker(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "tune.py"), "--config=configs/smoke.py",
+         "--dataset=digits", "--distribution=multi_worker", f"--workdir={tmp_path / 'sweep'}"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "spreads its trials over hosts with KERASTUNER_*" in proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+# --- Full batches under a strategy ---------------------------------------------------
+
+def test_drop_remainder_gives_full_batches_and_features_of_them(tmp_path, image_folder):
+    from conftest import tiny_config
+    from tl_keras import data, features, train
+
+    config = tiny_config(tmp_path, dataset=str(image_folder))
+    datasets = data.load(config, image_size=32, batch_size=4, drop_remainder=True)
+    assert datasets.train_examples == 17 and datasets.drop_remainder
+    assert [len(y) for _, y in datasets.train] == [4, 4, 4, 4]  # 17: the 17th is dropped
+    assert sum(len(y) for _, y in datasets.val) == datasets.val_examples  # all of them
+    model, _ = train.build(config, 3, 3)
+    cache = features.compute(model, datasets, batch_size=4, verbose=0)
+    assert len(cache.train[0]) == 16 and len(cache.val) == datasets.val_examples
+    batches = cache.train_batches(4, seed=0, drop_remainder=True)
+    assert len(batches) == 4 and all(len(batches[i][1]) == 4 for i in range(4))
+    with pytest.raises(ValueError, match="17 training images are fewer than one batch of 32"):
+        data.load(config, image_size=32, batch_size=32, drop_remainder=True)
+
+
+# --- mirrored ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mirrored_two_replicas_match_one_device(tmp_path, image_folder):
+    """2 logical CPUs x 4 images reach the same losses as 1 device x 8, epoch by epoch,
+    through both phases of large_similar (cached head, then everything)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, HELPER, "mirrored", str(image_folder), str(out)],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metrics(out / "none"), metrics(out / "mirrored")
+    assert one["distribution"] == {"strategy": "none", "replicas": 1, "workers": 1,
+                                   "batch_size_per_replica": 8, "global_batch_size": 8}
+    assert two["distribution"] == {"strategy": "mirrored", "replicas": 2, "workers": 1,
+                                   "batch_size_per_replica": 4, "global_batch_size": 8}
+    assert two["train_path"] == {"head": "cached_features", "finetune": "fit"}
+    # 3 validation images split 2/1 over the replicas: Keras' own first-batch
+    # build fails on that (distribute.fix_symbolic_build).
+    assert two["val_examples"] % 2 == 1
+    a, b = history(out / "none"), history(out / "mirrored")
+    assert len(a) == len(b) == 4
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        # Tolerance: float sums in another order; measured equal to 7 digits.
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5,
+                                   err_msg=key)
+    assert a[-1]["loss"] < a[0]["loss"]  # it trained
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-5)
+
+
+# --- multi_worker ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_workers_train_to_identical_weights(tmp_path, image_folder):
+    out = tmp_path / "out"
+    ports = ",".join(map(str, free_ports(2)))
+    procs = [subprocess.Popen([sys.executable, HELPER, "worker", str(i), ports,
+                               str(image_folder), str(out)],
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+
+    import h5py
+
+    def weights(path):
+        arrays = {}
+        with h5py.File(path) as f:
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                         if isinstance(obj, h5py.Dataset) else None)
+        return arrays
+
+    w0, w1 = weights(out / "worker0.weights.h5"), weights(out / "worker1.weights.h5")
+    assert len(w0) > 100 and w0.keys() == w1.keys()
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    run = out / "run"
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # the chief alone wrote history.csv
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    m = metrics(run)
+    assert m["distribution"] == {"strategy": "multi_worker", "replicas": 2, "workers": 2,
+                                 "batch_size_per_replica": 4, "global_batch_size": 8}
+    assert m["train_path"] == {"head": "fit", "finetune": "fit"}
+    assert m["epochs_run"] == 4 and m["phases"] == ["head", "finetune"]
+
+
+@pytest.mark.slow
+def test_killed_worker_restarted_resumes_from_last_checkpoint(tmp_path):
+    """Worker 1 is killed mid-epoch; worker 0 restarts itself and waits; worker 1 is
+    restarted with the same command; the run finishes, no finished epoch redone."""
+    run = tmp_path / "run"
+    ports = free_ports(2)
+    epochs = 4
+    command = [sys.executable, FINETUNE, "--config=configs/smoke.py:large_similar",
+               "--dataset=digits", "--distribution=multi_worker", "--max_examples=256",
+               "--batch_size=8", f"--epochs={epochs}", "--config.head_epochs=1",
+               "--config.verbose=2", f"--workdir={run}"]
+
+    def start(index, log):
+        return subprocess.Popen(command, cwd=ROOT, env=env(TF_CONFIG=tf_config(ports, index)),
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    chief = start(0, tmp_path / "w0.log")
+    other = start(1, tmp_path / "w1.log")
+    deadline = time.time() + 300
+    while (not (run / "history.csv").exists() or len(history(run)) < 2) \
+            and time.time() < deadline and chief.poll() is None:
+        time.sleep(0.2)
+    done_before = len(history(run))
+    assert done_before == 2, (tmp_path / "w0.log").read_text()[-3000:]
+    time.sleep(1.0)  # into epoch 3 (an epoch takes several seconds)
+    other.send_signal(signal.SIGKILL)
+    other.wait()
+    time.sleep(3)
+    restarted = start(1, tmp_path / "w1b.log")
+    assert restarted.wait(timeout=400) == 0, (tmp_path / "w1b.log").read_text()[-3000:]
+    assert chief.wait(timeout=100) == 0, (tmp_path / "w0.log").read_text()[-3000:]
+
+    log = (tmp_path / "w0.log").read_text()
+    assert "A worker of the cluster failed" in log and "Restarting this worker (1/10)" in log
+    resumed = log[log.index("Restarting this worker"):]
+    assert "Resuming the unfinished run" in resumed
+    # The restarted chief ran epochs from the last checkpoint on, and none before.
+    ran = [int(line.split()[1].split("/")[0]) for line in resumed.splitlines()
+           if line.startswith("Epoch ")]
+    assert ran and ran[0] >= done_before + 1 and ran == list(range(ran[0], epochs + 1))
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))  # each epoch once
+    m = metrics(run)
+    assert m["epochs_run"] == epochs and m["distribution"]["workers"] == 2
+    assert "Done; the chief wrote the run folder" in (tmp_path / "w1b.log").read_text()
+    assert not (run / "backup").exists()
+
+
+@pytest.mark.slow
+def test_tuner_trials_run_under_mirrored(tmp_path, image_folder):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, HELPER, "tune", str(image_folder), str(out)],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sorted((out / "sweep" / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        m = metrics(trial)
+        assert m["distribution"] == {"strategy": "mirrored", "replicas": 2, "workers": 1,
+                                     "batch_size_per_replica": 4, "global_batch_size": 8}
+        assert m["epochs_run"] == 4
+    with open(out / "sweep" / "tuning.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["COMPLETED"] * 2

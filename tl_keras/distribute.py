@@ -1,0 +1,328 @@
+"""Scaling out on tf.distribute: a strategy per `--distribution`, and a training loop for many hosts.
+
+    none          one device (the default device: a GPU when there is one)
+    mirrored      every GPU of this machine (`MirroredStrategy`); without a
+                  GPU, every logical CPU device
+    multi_worker  several machines, one process each, described by TF_CONFIG
+                  (`MultiWorkerMirroredStrategy`)
+    tpu           a TPU VM or Cloud TPU (`TPUStrategy`)
+    auto          tpu when one is attached, mirrored with 2+ GPUs, else none
+
+`config.batch_size` is per replica; the pipelines are batched at the global
+batch, per-replica x replicas. Models are built, compiled and re-compiled
+for each phase inside `strategy.scope()` (train.py).
+
+Keras 3's `fit` fails under `MultiWorkerMirroredStrategy`
+(keras-team/keras#20585, tensorflow/tensorflow#72388): it reduces a data
+batch and each step's metrics with cross-host reductions that do not take
+those values. `fit` below runs instead: the same `model.train_step` and
+`model.test_step` through `strategy.run` over `experimental_distribute_dataset`,
+with the same Keras callbacks. Only the chief writes the run folder; every
+worker reads the chief's checkpoints, so the workdir must be on storage all
+workers see (NFS, GCS).
+
+Example:
+    strategy = get_strategy("mirrored")            # before any other TensorFlow work
+    data = tl_keras.data.load(config, image_size, batch_size=global_batch(config, strategy))
+    train.finetune(config, data, strategy=strategy)
+"""
+
+import glob
+import json
+import logging
+import os
+import sys
+import types
+
+import keras
+import tensorflow as tf
+
+NAMES = ("auto", "none", "mirrored", "multi_worker", "tpu")
+
+
+def get_strategy(name):
+    """The `tf.distribute.Strategy` for `name` (see NAMES), or None for one device.
+
+    Call it before any other TensorFlow work: a multi-worker strategy
+    configures the collective ops, which must happen at program start.
+    Raises `ValueError` with one line saying what is missing.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown distribution {name!r}; valid: {', '.join(NAMES)}")
+    if name == "auto":
+        name = auto()
+    if name == "none":
+        return None
+    # Strategies log every collective at INFO level (per step under absl).
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        cluster = tf_config().get("cluster", {})
+        if not cluster.get("worker") and not cluster.get("chief"):
+            raise ValueError(
+                "--distribution=multi_worker needs TF_CONFIG with the cluster and this "
+                'worker\'s task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}} (README: Scaling out)')
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return _tpu_strategy()
+
+
+def auto():
+    """What `--distribution=auto` picks here: tpu, mirrored or none."""
+    if _tpu_attached():
+        return "tpu"
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return "mirrored"
+    return "none"
+
+
+def _tpu_attached():
+    # A TPU VM's chips are /dev/accel*; a Cloud TPU node or Colab names its
+    # TPU in the environment. (Newer TPU VMs may show only /dev/vfio, which
+    # other machines have too: there, pass --distribution=tpu.)
+    return bool(os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR")
+                or glob.glob("/dev/accel*"))
+
+
+def _tpu_strategy():
+    tpu = os.environ.get("TPU_NAME", "local")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        if tpu != "local":
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
+        raise ValueError(
+            f"--distribution=tpu: no TPU found ({reason[:160]}); run on a TPU VM, or set "
+            "TPU_NAME to a Cloud TPU (README: Scaling out)") from e
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def name_of(strategy):
+    """"none", "mirrored", "multi_worker" or "tpu" for `strategy` (None: "none")."""
+    if strategy is None:
+        return "none"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multi_worker"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    return "mirrored"
+
+
+def replicas(strategy):
+    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+
+
+def global_batch(config, strategy):
+    """`config.batch_size` (per replica) times the replicas: what each step reads."""
+    return int(config.batch_size) * replicas(strategy)
+
+
+def uses_loop(strategy):
+    """Whether training goes through `fit` below instead of Keras' own `fit`."""
+    return name_of(strategy) == "multi_worker"
+
+
+def tf_config():
+    try:
+        return json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from e
+
+
+def writes(strategy):
+    """Whether this process writes the run folder: always, except on a
+    multi-worker run's workers other than the chief."""
+    return not uses_loop(strategy) or is_chief()
+
+
+def is_chief():
+    """Whether this process writes the run folder: the chief, else worker 0, else alone."""
+    config = tf_config()
+    task = config.get("task", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return (task.get("type") == "worker" and int(task.get("index", 0)) == 0
+            and not config.get("cluster", {}).get("chief"))
+
+
+def workers():
+    """The processes TF_CONFIG lists (chief and workers)."""
+    cluster = tf_config().get("cluster", {})
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def fix_symbolic_build(model):
+    """Lets `model.fit`/`evaluate` under a strategy take any first batch, and leaves
+    the data's order alone.
+
+    Before its first step, Keras' TensorFlow trainer builds the model from a
+    first batch it reads off a fresh iterator, averaged over the replicas
+    (`strategy.reduce("MEAN")`), only to learn its shapes. When that batch
+    splits unevenly (3 validation images on 2 replicas) the average fails:
+    "Inputs to operation AddN ... must have the same size and shape"
+    (tensorflow/tensorflow#33715); and the extra iterator moves a reshuffling
+    pipeline on by one order, so training sees other batches than on one
+    device. The pipeline's `element_spec` gives the shapes without reading.
+    """
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            data_batch = iterator.data_adapter.get_tf_dataset().element_spec
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
+    return model
+
+
+# --- Fault tolerance -----------------------------------------------------------------
+
+MAX_RESTARTS = 10  # per process, counted in the environment across restarts
+
+
+def is_peer_failure(error):
+    """Whether `error` is a multi-worker collective that failed because another worker died."""
+    return isinstance(error, tf.errors.UnavailableError) or (
+        isinstance(error, tf.errors.OpError) and "Collective ops is aborted" in str(error))
+
+
+def restart(error):
+    """Replaces this process with a fresh run of the same command (`os.execv`).
+
+    A collective op that failed cannot be reset in the process (TensorFlow:
+    "Restart your program to reset"). The fresh process waits at the strategy's
+    start until every worker is up again, then every worker resumes from the
+    chief's last BackupAndRestore checkpoint. Raises `RuntimeError` after
+    MAX_RESTARTS.
+    """
+    count = int(os.environ.get("TL_KERAS_RESTARTS", "0"))
+    reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    if count >= MAX_RESTARTS:
+        raise RuntimeError(f"a worker of the cluster failed {count + 1} times; giving up "
+                           f"(last error: {reason[:200]})")
+    os.environ["TL_KERAS_RESTARTS"] = str(count + 1)
+    print(f"A worker of the cluster failed ({reason[:200]}). Restarting this worker "
+          f"({count + 1}/{MAX_RESTARTS}); it resumes from the last checkpoint once every "
+          "worker runs again.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+# --- Multi-worker training loop ----------------------------------------------------
+
+class ReadOnlyBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` for a worker that is not the chief: restores from the
+    chief's backup, writes and deletes nothing."""
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, delete_checkpoint=False)
+
+    def _save_model(self):
+        pass
+
+
+def _distributed(strategy, dataset):
+    # Every worker reads the whole pipeline in the same seeded order and keeps
+    # its share of each global batch: the sources (files, arrays) are not split
+    # into one file per worker, so sharding by file would not be even.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def _step_function(model, strategy, step):
+    @tf.function(reduce_retracing=True)  # a last, smaller validation batch
+    def run(batch):
+        logs = strategy.run(step, args=(batch,))
+        # For the progress bar and TerminateOnNaN: the replicas' running means
+        # over full batches (epoch logs: `_results`).
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+    return run
+
+
+def _build(model, strategy, dataset):
+    """Creates the optimizer's and the compiled metrics' variables before any step:
+    variables cannot be created inside `strategy.run`."""
+    with strategy.scope():  # what fit's _maybe_symbolic_build does, from the shapes alone
+        model._symbolic_build(data_batch=dataset.element_spec)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+
+
+def fit(model, strategy, train_data, validation_data, initial_epoch, epochs, callbacks,
+        verbose):
+    """`model.fit(train_data, validation_data=..., ...)` for a multi-worker strategy.
+
+    `train_data` and `validation_data` are tf.data pipelines batched at the
+    global batch. Runs the callbacks as fit does (BackupAndRestore's restored
+    epoch included) and returns the `History`.
+    """
+    _build(model, strategy, train_data)
+    train_step = _step_function(model, strategy, model.train_step)
+    test_step = _step_function(model, strategy, model.test_step)
+    dist_train, dist_val = _distributed(strategy, train_data), _distributed(strategy,
+                                                                           validation_data)
+    steps = int(train_data.cardinality())
+    callbacks = keras.callbacks.CallbackList(
+        callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+        epochs=epochs, steps=steps if steps > 0 else None, model=model)
+    model.stop_training = False
+    model._initial_epoch = None
+    callbacks.on_train_begin()
+    initial_epoch = model._initial_epoch or initial_epoch  # BackupAndRestore sets it
+    epoch_logs = {}
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        callbacks.on_epoch_begin(epoch)
+        logs = {}
+        for step, batch in enumerate(dist_train):
+            callbacks.on_train_batch_begin(step)
+            logs = _numpy(train_step(batch))
+            callbacks.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        epoch_logs = _results(model, strategy)
+        epoch_logs.update({f"val_{k}": v for k, v in
+                           _evaluate(model, strategy, test_step, dist_val).items()})
+        callbacks.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(logs=epoch_logs)
+    return model.history
+
+
+def evaluate(model, strategy, data):
+    """(loss, accuracy) of `model` on the pipeline `data`, like `model.evaluate(data)`."""
+    _build(model, strategy, data)
+    logs = _evaluate(model, strategy, _step_function(model, strategy, model.test_step),
+                     _distributed(strategy, data))
+    return logs["loss"], logs["accuracy"]
+
+
+def _evaluate(model, strategy, test_step, dist_data):
+    model.reset_metrics()
+    for batch in dist_data:
+        test_step(batch)
+    return _results(model, strategy)
+
+
+def _results(model, strategy):
+    """The metrics over every example every worker saw since the last reset.
+
+    Keras' metric variables are sync-on-read: read outside `strategy.run`
+    they are summed over the replicas (totals and counts alike), as
+    `fit` reports them. The replicas' own means, averaged, would be wrong
+    when a last batch splits unevenly.
+    """
+    with strategy.scope():
+        return _numpy(model.get_metrics_result())
+
+
+def _numpy(logs):
+    return {k: float(v) for k, v in logs.items()}
