@@ -23,7 +23,8 @@ workers see (NFS, GCS).
 
 Example:
     strategy = get_strategy("mirrored")            # before any other TensorFlow work
-    data = tl_keras.data.load(config, image_size, batch_size=global_batch(config, strategy))
+    data = tl_keras.data.load(config, image_size, batch_size=global_batch(config, strategy),
+                              drop_remainder=replicas(strategy) > 1)
     train.finetune(config, data, strategy=strategy)
 """
 
