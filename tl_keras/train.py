@@ -268,9 +268,10 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
         # Features are computed once, and not for a finished phase unless the
         # final evaluation needs them.
         if cached and cache is None and (not finished or phase is phases[-1]):
-            cache, reused = _cached_features(model, config, data, workdir, verbose,
-                                             phase.last_epoch - phase.first_epoch, feature_store,
-                                             batch_size)
+            with dist.scope():  # the frozen part runs on every replica
+                cache, reused = _cached_features(model, config, data, workdir, verbose,
+                                                 phase.last_epoch - phase.first_epoch,
+                                                 feature_store, batch_size)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored, "reused": reused}
         if phase is phases[0] and not finished and initial_epoch == 0:
