@@ -30,13 +30,15 @@ def config_for(out, **overrides):
                        **overrides)
 
 
-def train(config, strategy, model=None):
+def train(config, strategy):
+    """(metrics, model) of `train.finetune` under `strategy`, its model built here to keep."""
     from tl_keras import data, distribute, train as train_lib
 
     datasets = data.load(config, image_size=TINY_SIZE,
                          batch_size=distribute.global_batch(config, strategy),
                          drop_remainder=True)  # as tools/finetune.py with 2+ replicas
-    if model is None and strategy is not None:
+    model = None
+    if strategy is not None:
         with strategy.scope():
             model, _ = train_lib.build(config, len(datasets.class_names), datasets.channels)
     metrics = train_lib.finetune(config, datasets, model=model, strategy=strategy)

@@ -125,22 +125,3 @@ def load_data(config, strategy):
     print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
           f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
     return datasets
-
-
-def writes(strategy):
-    """Whether this process writes results (distribute.writes)."""
-    from tl_keras import distribute
-
-    return distribute.writes(strategy)
-
-
-def restart_if_peer_failed(strategy, error):
-    """A multi-worker run whose peer died restarts this process (distribute.restart);
-    other errors return, to be raised."""
-    from tl_keras import distribute
-
-    if distribute.uses_loop(strategy) and distribute.is_peer_failure(error):
-        try:
-            distribute.restart(error)
-        except RuntimeError as e:
-            fail(first_line(e))

@@ -15,20 +15,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from _common import fail  # noqa: E402
+from _common import fail, first_line  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A finished run folder (holds model.keras and metrics.json).")
 flags.DEFINE_string("export_dir", None, "The model's base directory for TF Serving.")
 FLAGS = flags.FLAGS
 
 
-
-
 def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0])
+        fail(first_line(e))
 
 
 def main(argv):
@@ -42,7 +40,7 @@ def main(argv):
     try:
         export.export_run(FLAGS.workdir, FLAGS.export_dir)
     except ValueError as e:
-        fail(str(e).splitlines()[0])
+        fail(first_line(e))
 
 
 if __name__ == "__main__":

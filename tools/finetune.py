@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 import _common  # noqa: E402
-from _common import fail  # noqa: E402
+from _common import fail, first_line  # noqa: E402
 
 _common.define_config_flags()
 flags.DEFINE_string("export_dir", None, "Also export the final model for TF Serving as "
@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import export, train
+    from tl_keras import distribute, export, train
 
     config = _common.resolved_config("runs")
     strategy = None
@@ -45,11 +45,15 @@ def main(argv):
         datasets = _common.load_data(config, strategy)
         metrics = train.finetune(config, datasets, strategy=strategy)
     except ValueError as e:
-        fail(str(e).splitlines()[0])
-    except Exception as e:  # noqa: BLE001 -- a dead peer: rejoin the cluster afresh
-        _common.restart_if_peer_failed(strategy, e)
+        fail(first_line(e))
+    except Exception as e:  # noqa: BLE001
+        if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
+            try:  # a dead peer: rejoin the cluster afresh (replaces this process)
+                distribute.restart(e)
+            except RuntimeError as gave_up:
+                fail(first_line(gave_up))
         raise
-    if not _common.writes(strategy):
+    if not distribute.writes(strategy):
         print(f"Done; the chief wrote the run folder {config.workdir}")
         return
     print(f"Run folder: {config.workdir}")
@@ -59,7 +63,7 @@ def main(argv):
         try:
             export.export_run(config.workdir, FLAGS.export_dir)
         except ValueError as e:
-            fail(f"{str(e).splitlines()[0]} (the run is complete in {config.workdir}; "
+            fail(f"{first_line(e)} (the run is complete in {config.workdir}; "
                  "export it later with tools/export.py)")
 
 

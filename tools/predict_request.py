@@ -40,8 +40,6 @@ flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the server.")
 FLAGS = flags.FLAGS
 
 
-
-
 def read_images(paths):
     """The files' bytes, in order; a missing or empty file raises ValueError naming it."""
     images = []
@@ -137,7 +135,7 @@ def main(argv):
                 return
             answer = send_grpc(request, FLAGS.server, FLAGS.timeout)
     except ValueError as e:
-        fail(str(e).splitlines()[0])
+        fail(first_line(e))
     except urllib.error.HTTPError as e:  # the server answered with an error, e.g. a bad image
         fail(f"server answered {e.code}: {first_line(e.read().decode(errors='replace'))}")
     except OSError as e:  # URLError, connection refused, timeouts
