@@ -7,7 +7,7 @@ Run:
     python tools/finetune.py --regime=large_different --dataset=PATH [--config.init=scratch]
 """
 
-from configs import base
+from tl_keras.configs import base
 
 
 def get_config():

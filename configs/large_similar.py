@@ -8,7 +8,7 @@ Run:
     python tools/finetune.py --regime=large_similar --dataset=PATH
 """
 
-from configs import base
+from tl_keras.configs import base
 
 
 def get_config():

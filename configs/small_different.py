@@ -7,7 +7,7 @@ Run:
     python tools/finetune.py --regime=small_different --dataset=PATH [--cut=middle]
 """
 
-from configs import base
+from tl_keras.configs import base
 
 
 def get_config():

@@ -4,7 +4,7 @@ Run:
     python tools/finetune.py --regime=small_similar --dataset=PATH
 """
 
-from configs import base
+from tl_keras.configs import base
 
 
 def get_config():

@@ -7,7 +7,7 @@ Run:
     python tools/finetune.py --config=configs/smoke.py:large_similar --dataset=digits
 """
 
-from configs import base
+from tl_keras.configs import base
 
 
 def get_config(regime="small_similar"):

@@ -1,16 +1,14 @@
 """Shared fixtures: tiny configs, tiny image folders, tiny pretend-pretrained weights."""
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from configs import smoke  # noqa: E402
+from tl_keras.configs import smoke  # noqa: E402
 
 TINY_BACKBONE = "mobilenet_v3_small"
 TINY_SIZE = 32
@@ -64,3 +62,63 @@ def tiny_arrays(n=24, num_classes=3, size=TINY_SIZE, channels=3, seed=0):
     y = np.arange(n) % num_classes
     x = rng.integers(0, 100, (n, size, size, channels)) + 70 * y[:, None, None, None]
     return np.clip(x, 0, 255).astype("uint8"), y.astype("int32")
+
+
+@pytest.fixture(scope="session")
+def shared_images(tmp_path_factory):
+    """The `image_folder` images, written once for the session: read, never change them."""
+    root = tmp_path_factory.mktemp("shared") / "images"
+    write_image_folder(root)
+    return root
+
+
+TOOLS = os.path.join(ROOT, "tools")
+
+
+# --- Tools in this process ----------------------------------------------------------
+
+
+class ToolResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def last_line(self):
+        return self.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def run_tool(capsys, monkeypatch):
+    """Runs `tools/NAME ARGS...` in this process, as `python tools/NAME ARGS...` runs it.
+
+    No new Python and TensorFlow per call: the tool's file runs as `__main__`
+    with its flags, and the flags it defined are removed afterwards, so the
+    next tool (which may define the same names) starts clean. Returns a
+    `ToolResult` with the exit code, stdout and stderr.
+    """
+    import runpy
+    import sys
+
+    from absl import flags
+
+    def run(name, *args, cwd=None):
+        path = os.path.join(TOOLS, name)
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+        before = set(flags.FLAGS)
+        capsys.readouterr()
+        try:
+            runpy.run_path(path, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            for flag in set(flags.FLAGS) - before:
+                delattr(flags.FLAGS, flag)
+            # ml_collections loads --config as module "config_config" and would
+            # execute the next config file into the same module, keeping its names.
+            sys.modules.pop("config_config", None)
+        out, err = capsys.readouterr()
+        return ToolResult(code, out, err)
+
+    return run

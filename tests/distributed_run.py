@@ -19,8 +19,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import TINY_SIZE, tiny_config  # noqa: E402  (sets the import path)
+from conftest import TINY_SIZE, tiny_config  # this script's folder is sys.path[0]
 
 
 def config_for(out, **overrides):
@@ -66,15 +65,16 @@ def mirrored(dataset, out):
 
 def tune(dataset, out):
     two_logical_cpus()
-    from tl_keras import data, distribute, train as train_lib, tune as tune_lib
+    from tl_keras import data, distribute, plan as plan_lib, tune as tune_lib
     strategy = distribute.get_strategy("mirrored")
-    config = train_lib.resolve(config_for(out, dataset=dataset, batch_size=4,
-                                          workdir=os.path.join(out, "sweep")))
+    plan = plan_lib.resolve(config_for(out, dataset=dataset, batch_size=4,
+                                       workdir=os.path.join(out, "sweep")))
+    config = plan.config
     datasets = data.load(config, image_size=TINY_SIZE,
                          batch_size=distribute.global_batch(config, strategy), drop_remainder=True)
-    tuner = tune_lib.make_tuner("random", config, datasets, 2, config.workdir, strategy)
+    tuner = tune_lib.make_tuner("random", plan, datasets, 2, config.workdir, strategy)
     tuner.search()
-    tune_lib.write_results(tuner, config, config.workdir)
+    tune_lib.write_results(tuner, plan, config.workdir)
 
 
 def worker(index, ports, dataset, out):

@@ -23,25 +23,25 @@ def test_benchmark_writes_consistent_results(tmp_path):
     r = json.load(open(out))
     frozen, full = r["frozen_regime"], r["full_finetune"]
     assert (frozen["train_examples"], frozen["val_examples"], frozen["epochs"]) == (48, 24, 2)
+    # The two paths it times train the same model: the full model's outputs
+    # equal the head's on the cached features.
     assert frozen["full_model_vs_head_max_abs_difference"] < 1e-5
-    assert frozen["cached_seconds"] >= frozen["cached_features_seconds"] + frozen[
-        "cached_head_seconds"] - 0.01
-    assert frozen["speedup"] == pytest.approx(
-        frozen["plain_fit_seconds"] / frozen["cached_seconds"], abs=0.02)
     assert full["images"] == 32 and full["model_only_images_per_second"] > 0
     assert r["backend"] == "tensorflow" and "speedup" in result.stdout
+    # Part 4 times what it says: the first trial at each cut computes its
+    # features, every later trial at that cut reuses them.
     tuning = r["tuning"]
     assert tuning["trials"] == 3 and len(tuning["rss_mb_after_each_trial"]) == 3
-    assert 1 <= tuning["trials_computing_features"] <= 3  # one per distinct cut
-    assert tuning["peak_rss_mb_after_each_trial"] == sorted(
-        tuning["peak_rss_mb_after_each_trial"])
+    cuts, reused = tuning["cut_layer_of_each_trial"], tuning["reused_features_in_each_trial"]
+    assert reused == [cut in cuts[:i] for i, cut in enumerate(cuts)]
+    assert tuning["trials_computing_features"] == len(set(cuts))
 
 
 # As on a GPU machine that has Keras and JAX but no TensorFlow: importing it
 # fails. (Not sys.modules["tensorflow"] = None: Keras takes a key there for a
 # loaded TensorFlow.)
 _WITHOUT_TENSORFLOW = """
-import runpy, sys
+import os, runpy, sys
 
 class NoTensorFlow:
     def find_spec(self, name, path=None, target=None):
@@ -50,6 +50,7 @@ class NoTensorFlow:
 
 sys.meta_path.insert(0, NoTensorFlow())
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python tools/X.py` does
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

@@ -10,8 +10,8 @@ from conftest import tiny_config
 from tl_keras import arrays, data
 
 
-def test_folder_reads_every_format_and_class(image_folder):
-    examples = data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
+def test_folder_reads_every_format_and_class(shared_images):
+    examples = data.from_folder(str(shared_images), val_fraction=0.25, seed=0)
     assert examples.class_names == ["cat", "dog", "fox"]
     assert examples.train_examples + examples.val_examples == 20  # 18 + a BMP + a GIF
     images = list(examples.train.concatenate(examples.val).as_numpy_iterator())
@@ -91,7 +91,7 @@ def test_builtin_digits():
 
 
 def tiny_config_plain(**overrides):
-    from configs import base
+    from tl_keras.configs import base
     config = base.get_config()
     for key, value in overrides.items():
         config[key] = value

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_image_folder
+from conftest import ROOT
 
 HELPER = os.path.join(ROOT, "tests", "distributed_run.py")
 FINETUNE = os.path.join(ROOT, "tools", "finetune.py")
@@ -87,35 +87,34 @@ def test_strategy_names_and_chief(monkeypatch):
     (["--distribution=multi_worker"], {"TF_CONFIG": ""}, "multi_worker needs TF_CONFIG"),
     (["--distribution=tpu"], {}, "--distribution=tpu: no TPU found"),
 ])
-def test_finetune_bad_distribution_is_one_line(tmp_path, flags, extra_env, message):
+def test_finetune_bad_distribution_is_one_line(tmp_path, run_tool, monkeypatch, flags,
+                                               extra_env, message):
+    for name, value in extra_env.items():
+        monkeypatch.setenv(name, value)
     workdir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, FINETUNE, "--config=configs/smoke.py", "--dataset=digits",
-         f"--workdir={workdir}", *flags],
-        cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    result = run_tool("finetune.py", "--config=configs/smoke.py", "--dataset=digits",
+                      f"--workdir={workdir}", *flags, cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not workdir.exists()  # checked before anything is written
 
 
-def test_tune_refuses_multi_worker(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "tune.py"), "--config=configs/smoke.py",
-         "--dataset=digits", "--distribution=multi_worker", f"--workdir={tmp_path / 'sweep'}"],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "spreads its trials over hosts with KERASTUNER_*" in proc.stderr
+def test_tune_refuses_multi_worker(tmp_path, run_tool):
+    result = run_tool("tune.py", "--config=configs/smoke.py", "--dataset=digits",
+                      "--distribution=multi_worker", f"--workdir={tmp_path / 'sweep'}", cwd=ROOT)
+    assert result.returncode == 2
+    assert "spreads its trials over hosts with KERASTUNER_*" in result.last_line()
     assert not (tmp_path / "sweep").exists()
 
 
 # --- Full batches under a strategy ---------------------------------------------------
 
-def test_drop_remainder_gives_full_batches_and_features_of_them(tmp_path, image_folder):
+def test_drop_remainder_gives_full_batches_and_features_of_them(tmp_path, shared_images):
     from conftest import tiny_config
     from tl_keras import data, features, train
 
-    config = tiny_config(tmp_path, dataset=str(image_folder))
+    config = tiny_config(tmp_path, dataset=str(shared_images))
     datasets = data.load(config, image_size=32, batch_size=4, drop_remainder=True)
     assert datasets.train_examples == 17 and datasets.drop_remainder
     assert [len(y) for _, y in datasets.train] == [4, 4, 4, 4]  # 17: the 17th is dropped
@@ -132,11 +131,11 @@ def test_drop_remainder_gives_full_batches_and_features_of_them(tmp_path, image_
 # --- mirrored ------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_mirrored_two_replicas_match_one_device(tmp_path, image_folder):
+def test_mirrored_two_replicas_match_one_device(tmp_path, shared_images):
     """2 logical CPUs x 4 images reach the same losses as 1 device x 8, epoch by epoch,
     through both phases of large_similar (cached head, then everything)."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, HELPER, "mirrored", str(image_folder), str(out)],
+    proc = subprocess.run([sys.executable, HELPER, "mirrored", str(shared_images), str(out)],
                           env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(out / "none"), metrics(out / "mirrored")
@@ -161,11 +160,11 @@ def test_mirrored_two_replicas_match_one_device(tmp_path, image_folder):
 # --- multi_worker ------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_two_workers_train_to_identical_weights(tmp_path, image_folder):
+def test_two_workers_train_to_identical_weights(tmp_path, shared_images):
     out = tmp_path / "out"
     ports = ",".join(map(str, free_ports(2)))
     procs = [subprocess.Popen([sys.executable, HELPER, "worker", str(i), ports,
-                               str(image_folder), str(out)],
+                               str(shared_images), str(out)],
                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -210,21 +209,28 @@ def test_killed_worker_restarted_resumes_from_last_checkpoint(tmp_path):
         return subprocess.Popen(command, cwd=ROOT, env=env(TF_CONFIG=tf_config(ports, index)),
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
-    chief = start(0, tmp_path / "w0.log")
-    other = start(1, tmp_path / "w1.log")
-    deadline = time.time() + 300
-    while (not (run / "history.csv").exists() or len(history(run)) < 2) \
-            and time.time() < deadline and chief.poll() is None:
-        time.sleep(0.2)
-    done_before = len(history(run))
-    assert done_before == 2, (tmp_path / "w0.log").read_text()[-3000:]
-    time.sleep(1.0)  # into epoch 3 (an epoch takes several seconds)
-    other.send_signal(signal.SIGKILL)
-    other.wait()
-    time.sleep(3)
-    restarted = start(1, tmp_path / "w1b.log")
-    assert restarted.wait(timeout=400) == 0, (tmp_path / "w1b.log").read_text()[-3000:]
-    assert chief.wait(timeout=100) == 0, (tmp_path / "w0.log").read_text()[-3000:]
+    processes = [start(0, tmp_path / "w0.log"), start(1, tmp_path / "w1.log")]
+    chief, other = processes
+    try:
+        deadline = time.time() + 300
+        while (not (run / "history.csv").exists() or len(history(run)) < 2) \
+                and time.time() < deadline and chief.poll() is None:
+            time.sleep(0.2)
+        done_before = len(history(run))
+        assert done_before == 2, (tmp_path / "w0.log").read_text()[-3000:]
+        time.sleep(1.0)  # into epoch 3 (an epoch takes several seconds)
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+        time.sleep(3)
+        restarted = start(1, tmp_path / "w1b.log")
+        processes.append(restarted)
+        assert restarted.wait(timeout=400) == 0, (tmp_path / "w1b.log").read_text()[-3000:]
+        assert chief.wait(timeout=100) == 0, (tmp_path / "w0.log").read_text()[-3000:]
+    finally:  # a failed check leaves no worker behind, waiting for its peer forever
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
     log = (tmp_path / "w0.log").read_text()
     assert "A worker of the cluster failed" in log and "Restarting this worker (1/10)" in log
@@ -243,9 +249,9 @@ def test_killed_worker_restarted_resumes_from_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_tuner_trials_run_under_mirrored(tmp_path, image_folder):
+def test_tuner_trials_run_under_mirrored(tmp_path, shared_images):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, HELPER, "tune", str(image_folder), str(out)],
+    proc = subprocess.run([sys.executable, HELPER, "tune", str(shared_images), str(out)],
                           env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sorted((out / "sweep" / "trials").iterdir())

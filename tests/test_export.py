@@ -1,4 +1,5 @@
-"""SavedModel export for TF Serving: layout, signatures, outputs, isolation, request helpers."""
+"""finetune.py run as a user runs it, then its SavedModel for TF Serving: layout, signatures,
+outputs, isolation, request helpers."""
 
 import base64
 import hashlib
@@ -15,17 +16,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY_SIZE, tiny_config, write_image_folder
+import predict_request  # tools/ is on pytest's pythonpath (setup.cfg)
+from conftest import ROOT, TOOLS, TINY_SIZE, tiny_config
 from tl_keras import data, export
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import predict_request  # noqa: E402
 
 CLASSES = ["cat", "dog", "fox"]
 
 
 def tool(name, *args, cwd, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(TOOLS, name), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -37,22 +36,41 @@ def serving_apis():
     return apis
 
 
-def last_line(result):
-    return result.stderr.strip().splitlines()[-1]
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, shared_images):
+    """`tools/finetune.py ... --export_dir=exports` run as a user runs it, in a new process.
+
+    Returns (folder, the finished process, the trained model): the run is
+    `folder/run`, its SavedModel `folder/exports/1`.
+    """
+    root = tmp_path_factory.mktemp("cli")
+    result = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "finetune.py"), "--regime=small_similar",
+         f"--config={ROOT}/configs/smoke.py", f"--dataset={shared_images}", "--epochs=2",
+         "--workdir=run", "--export_dir=exports"],
+        cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = keras.saving.load_model(root / "run" / "model.keras", compile=False)
+    return root, result, model
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(cli_run):
     """A finished tiny run, exported by `finetune.py --export_dir` as a user would."""
-    root = tmp_path_factory.mktemp("export")
-    write_image_folder(root / "images", classes=CLASSES)
-    result = tool("finetune.py", "--regime=small_similar", f"--config={ROOT}/configs/smoke.py",
-                  f"--dataset={root / 'images'}", "--epochs=2", "--workdir=run",
-                  "--export_dir=exports", cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    root, result, model = cli_run
     assert f"Exported version 1 to exports{os.sep}1" in result.stdout
-    model = keras.saving.load_model(root / "run" / "model.keras", compile=False)
     return root, model
+
+
+def test_finetune_cli_runs_a_regime_on_a_folder(cli_run):
+    root, result, _ = cli_run
+    metrics = json.load(open(root / "run" / "metrics.json"))
+    assert metrics["regime"] == "small_similar"
+    assert metrics["backbone"] == "mobilenet_v3_small"
+    assert metrics["class_names"] == ["cat", "dog", "fox"]
+    assert metrics["epochs_run"] == 2
+    assert metrics["train_examples"] + metrics["val_examples"] == 20
+    assert "Run folder: run" in result.stdout and "val_accuracy:" in result.stdout
 
 
 def images(seed=1, n=4, size=TINY_SIZE):
@@ -301,7 +319,7 @@ def test_a_crash_while_writing_leaves_no_version(run, tmp_path, monkeypatch):
     assert os.listdir(exports) == ["1"] and os.listdir(exports / "1") == []
 
 
-def test_export_dir_that_cannot_be_written_is_one_line(run, tmp_path):
+def test_export_dir_that_cannot_be_written_is_one_line(run, tmp_path, run_tool):
     root, model = run
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -331,21 +349,21 @@ def test_export_dir_that_cannot_be_written_is_one_line(run, tmp_path):
         os.chmod(os.path.join(shared, "exports"), 0o755)
         shutil.rmtree(shared, ignore_errors=True)
 
-    result = tool("export.py", f"--workdir={tmp_path}", f"--export_dir={tmp_path}/x",
-                  cwd=tmp_path)
+    result = run_tool("export.py", f"--workdir={tmp_path}", f"--export_dir={tmp_path}/x",
+                      cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result).startswith(
+    assert result.last_line().startswith(
         f"export.py: error: workdir '{tmp_path}' holds no finished run")
 
 
-def test_finetune_checks_the_export_dir_before_training(tmp_path, image_folder):
+def test_finetune_checks_the_export_dir_before_training(tmp_path, shared_images, run_tool):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = tool("finetune.py", "--regime=small_similar", f"--config={ROOT}/configs/smoke.py",
-                  f"--dataset={image_folder}", "--workdir=run", f"--export_dir={blocker}/x",
-                  cwd=tmp_path)
+    result = run_tool("finetune.py", "--regime=small_similar", f"--config={ROOT}/configs/smoke.py",
+                      f"--dataset={shared_images}", "--workdir=run", f"--export_dir={blocker}/x",
+                      cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result) == (
+    assert result.last_line() == (
         f"finetune.py: error: cannot write to export_dir '{blocker}/x': Not a directory")
     assert not (tmp_path / "run").exists()
 

@@ -1,13 +1,12 @@
 """Cached-feature training: same model, same answers, backbone untouched."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from tl_keras import data, features, train, trainable
+from tl_keras import data, features, plan as plan_lib, train, trainable
 
 
 def tiny_data(config):
@@ -15,10 +14,9 @@ def tiny_data(config):
 
 
 def built(config, data_):
-    config = train.resolve(config)
-    model, _ = train.build(config, len(data_.class_names), data_.channels)
-    [phase, *_] = trainable.plan_phases(config)
-    trainable.apply_phase(model, phase)
+    plan = plan_lib.resolve(config)
+    model, _ = train.build(plan, len(data_.class_names), data_.channels)
+    trainable.apply_phase(model, plan.phases[0])
     return model
 
 
@@ -27,8 +25,8 @@ def val_images(datasets):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def test_full_model_equals_head_on_cached_features(tmp_path, image_folder):
-    config = tiny_config(tmp_path, "small_similar", dataset=str(image_folder), val_fraction=0.4)
+def test_full_model_equals_head_on_cached_features(tmp_path, shared_images):
+    config = tiny_config(tmp_path, "small_similar", dataset=str(shared_images), val_fraction=0.4)
     datasets = tiny_data(config)
     model = built(config, datasets)
     backbone_before = [w.numpy().copy() for w in model.get_layer("backbone").weights]
@@ -48,9 +46,9 @@ def test_full_model_equals_head_on_cached_features(tmp_path, image_folder):
                                atol=1e-5)
 
 
-def test_augmented_views_differ_and_every_epoch_draws_one(tmp_path, image_folder):
+def test_augmented_views_differ_and_every_epoch_draws_one(tmp_path, shared_images):
     # Cut early: the random tiny backbone's top features are too small to compare.
-    config = tiny_config(tmp_path, "small_different", dataset=str(image_folder), augment=True,
+    config = tiny_config(tmp_path, "small_different", dataset=str(shared_images), augment=True,
                          augment_flip="horizontal", augment_zoom=0.3, augment_rotation=0.2)
     datasets = tiny_data(config)
     assert datasets.augmented
@@ -78,8 +76,8 @@ def matches(row, rows):
     return bool(np.any(np.all(np.isclose(rows, row, rtol=1e-4, atol=0), axis=1)))
 
 
-def test_features_spill_to_the_run_folder_when_over_the_limit(tmp_path, image_folder):
-    config = tiny_config(tmp_path, "small_similar", dataset=str(image_folder))
+def test_features_spill_to_the_run_folder_when_over_the_limit(tmp_path, shared_images):
+    config = tiny_config(tmp_path, "small_similar", dataset=str(shared_images))
     datasets = tiny_data(config)
     model = built(config, datasets)
     in_memory = features.compute(model, datasets, views=1, verbose=0)
@@ -92,63 +90,23 @@ def test_features_spill_to_the_run_folder_when_over_the_limit(tmp_path, image_fo
     np.testing.assert_allclose(on_disk.val, in_memory.val, atol=1e-6)
 
 
-@pytest.mark.parametrize("regime,cache,paths", [
-    ("small_different", True, {"head": "cached_features"}),
-    ("small_different", False, {"head": "fit"}),
-    ("large_similar", True, {"head": "cached_features", "finetune": "fit"}),
-])
-def test_metrics_say_which_path_ran(tmp_path, image_folder, regime, cache, paths):
-    config = tiny_config(tmp_path, regime, dataset=str(image_folder), cache_features=cache,
-                         cache_bytes=100)  # also spills the features to the run folder
-    metrics = train.finetune(config, tiny_data(config))
-    assert metrics["train_path"] == paths
-    saved = json.load(open(os.path.join(config.workdir, "metrics.json")))
-    assert saved["train_path"] == paths
-    if cache:
-        assert saved["cached_features"]["views"] == 1  # tiny_config: no augmentation
-        assert saved["cached_features"]["stored"] == os.path.join(config.workdir, "features")
-    else:
-        assert saved["cached_features"] is None
-    assert not os.path.exists(os.path.join(config.workdir, "features"))  # removed when done
-
-
-@pytest.mark.parametrize("cache", [True, False])
-def test_feature_norm_standardises_the_training_features(tmp_path, image_folder, cache):
-    import keras
-
-    config = tiny_config(tmp_path, "small_different", dataset=str(image_folder),
-                         cache_features=cache, epochs=1)
-    datasets = tiny_data(config)
-    train.finetune(config, datasets)
-    model = keras.saving.load_model(os.path.join(config.workdir, "model.keras"))
-    x = np.concatenate([x for x, _ in datasets.train.as_numpy_iterator()])
-    raw = features.extractor(model).predict(x, verbose=0)
-    z = np.asarray(model.get_layer("feature_norm")(raw))
-    varying = raw.std(axis=0) > 1e-3 * np.abs(raw).max()
-    # Something to standardise: the raw features are far from unit variance.
-    assert varying.sum() > 10 and abs(np.log(raw[:, varying].std(axis=0).mean())) > 1
-    np.testing.assert_allclose(z[:, varying].mean(axis=0), 0, atol=1e-3)
-    np.testing.assert_allclose(z[:, varying].std(axis=0), 1, rtol=1e-2)
-
-
 def test_feature_norm_of_features_that_never_vary_is_finite(tmp_path):
     # All-zero features (a float16 underflow, measured with a random backbone)
     # once gave variance 0 and NaN losses as soon as training-mode features moved.
     config = tiny_config(tmp_path)
-    model, _ = train.build(train.resolve(config), 3, 3)
+    model, _ = train.build(plan_lib.resolve(config), 3, 3)
     dim = model.get_layer("feature_norm").input.shape[-1]
     features.adapt_feature_norm(model, np.zeros((8, dim)))
     z = np.asarray(model.get_layer("feature_norm")(np.full((2, dim), 0.5, "float32")))
     np.testing.assert_array_equal(z, 0.5)  # nothing to standardise: identity
 
 
-@pytest.mark.parametrize("regime,head_epochs,epochs,want", [
-    ("small_similar", 1, 2, 2),   # 3 views asked, 2 epochs on them: 2 views
-    ("large_similar", 1, 2, 1),   # head phase of 1 epoch: 1 view
+@pytest.mark.parametrize("asked, epochs, augmented, want", [
+    (3, 2, True, 2),    # 3 views asked, 2 epochs draw from them: 2 views
+    (3, 1, True, 1),    # a head phase of 1 epoch (large_similar): 1 view
+    (2, 10, True, 2),
+    (0, 10, True, 1),   # at least one
+    (3, 10, False, 1),  # without augmentation every view is the same
 ])
-def test_no_more_views_than_epochs_that_use_them(tmp_path, image_folder, regime, head_epochs,
-                                                 epochs, want):
-    config = tiny_config(tmp_path, regime, dataset=str(image_folder), augment=True,
-                         cached_views=3, head_epochs=head_epochs, epochs=epochs)
-    metrics = train.finetune(config, tiny_data(config))
-    assert metrics["cached_features"]["views"] == want
+def test_no_more_views_than_epochs_that_use_them(asked, epochs, augmented, want):
+    assert features.views_to_cache(asked, epochs, augmented) == want

@@ -1,83 +1,136 @@
-"""tools/finetune.py end to end, as a user runs it."""
+"""tools/finetune.py's errors, as a user meets them.
 
-import json
+Every error path runs the tool in this process (`run_tool`), as the same
+command would; the one run in a new process, exported too, is test_export.py's
+(`cli_run`), so that a parallel run (`pytest -n 2 --dist loadfile`) trains it once.
+"""
+
 import os
-import subprocess
-import sys
+
+import pytest
 
 from conftest import ROOT
 
-TOOL = os.path.join(ROOT, "tools", "finetune.py")
 
-
-def run(*args, cwd, env=None):
-    return subprocess.run([sys.executable, TOOL, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env=env)
-
-
-def test_cli_runs_a_regime_on_a_folder(tmp_path, image_folder):
-    result = run("--regime=small_similar", f"--config={ROOT}/configs/smoke.py",
-                 f"--dataset={image_folder}", "--epochs=2", "--workdir=out", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
-    assert metrics["regime"] == "small_similar"
-    assert metrics["backbone"] == "mobilenet_v3_small"
-    assert metrics["class_names"] == ["cat", "dog", "fox"]
-    assert metrics["epochs_run"] == 2
-    assert metrics["train_examples"] + metrics["val_examples"] == 20
-    assert "Run folder: out" in result.stdout and "val_accuracy:" in result.stdout
-
-
-def last_line(result):
-    return result.stderr.strip().splitlines()[-1]
-
-
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, image_folder):
-    result = run("--regime=medium_similar", cwd=tmp_path)
+@pytest.mark.parametrize("args, message", [
+    (["--regime=medium_similar"],
+     "finetune.py: error: unknown regime 'medium_similar'; valid regimes: "
+     "small_similar, small_different, large_similar, large_different"),
+    (["--regime=small_similar", "--backbone=resnet5", "--dataset=IMAGES", "--weights=none"],
+     "finetune.py: error: unknown backbone 'resnet5'; valid backbones: efficientnet_lite0, "),
+    (["--regime=small_similar", "--epochs=many"],
+     "finetune.py: error: flag --epochs=many: invalid literal for int()"),
+    (["--regime=small_similar", "--config.no_such_key=1"],
+     "finetune.py: error: unknown config key 'no_such_key' (every key is in configs/base.py)"),
+    (["--regime=small_different", f"--config={ROOT}/configs/smoke.py", "--cut=conv9",
+      "--dataset=IMAGES"],
+     "finetune.py: error: unknown cut 'conv9' for backbone 'mobilenet_v3_small'; named cut "
+     "points: early, middle, late, top; nearest layer names: "),
+    (["--regime=small_similar", "--batch_size=0"],
+     "finetune.py: error: batch_size must be at least 1, got 0"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool, args, message):
+    args = [a.replace("IMAGES", str(shared_images)) for a in args]
+    result = run_tool("finetune.py", *args, cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result) == (
-        "finetune.py: error: unknown regime 'medium_similar'; valid regimes: "
-        "small_similar, small_different, large_similar, large_different")
+    assert result.last_line().startswith(message), result.last_line()
+    assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []  # no run folder, nothing written
 
-    result = run("--regime=small_similar", "--backbone=resnet5", f"--dataset={image_folder}",
-                 "--weights=none", cwd=tmp_path)
+
+def test_cli_bad_config_files_are_one_line(tmp_path, run_tool):
+    (tmp_path / "no_get_config.py").write_text("def nothing():\n    pass\n")
+    (tmp_path / "returns_none.py").write_text("def get_config():\n    return None\n")
+    for name, message in (
+            ("missing.py", "config file '{path}' does not exist (--config=FILE[:ARG], e.g. "),
+            ("no_get_config.py", "config file '{path}' has no get_config() (see configs/base.py)"),
+            ("returns_none.py", "get_config() of '{path}' returned NoneType, not an "
+                                "ml_collections.ConfigDict")):
+        path = str(tmp_path / name)
+        result = run_tool("finetune.py", f"--config={path}", cwd=tmp_path)
+        assert result.returncode == 2, name
+        assert result.last_line().startswith("finetune.py: error: " + message.format(path=path))
+        assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_is_refused_before_the_data_is_read(tmp_path, run_tool, monkeypatch):
+    from tl_keras import data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the run folder was checked")
+
+    monkeypatch.setattr(data, "load", no_data)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text("{}")
+    result = run_tool("finetune.py", f"--config={ROOT}/configs/smoke.py", "--dataset=digits",
+                      "--workdir=done/", cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown backbone 'resnet5'; valid backbones: efficientnet_lite0" in last_line(result)
-
-    result = run("--regime=small_similar", "--epochs=many", cwd=tmp_path)
-    assert result.returncode == 2 and "epochs" in last_line(result)
-
-    result = run("--regime=small_similar", "--config.no_such_key=1", cwd=tmp_path)
-    assert result.returncode == 2 and "no_such_key" in last_line(result)
-
-    result = run("--regime=small_different", f"--config={ROOT}/configs/smoke.py",
-                 "--cut=conv9", f"--dataset={image_folder}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown cut 'conv9'" in last_line(result) and "nearest layer names" in last_line(result)
-    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+    assert result.last_line() == ("finetune.py: error: workdir 'done' already holds a finished "
+                                  "run; choose another --workdir")
+    assert os.listdir(tmp_path / "done") == ["metrics.json"]
 
 
-def test_cli_imagenet_weights_without_network_is_one_line(tmp_path, image_folder):
+def test_cli_imagenet_weights_without_network_is_one_line(tmp_path, shared_images, run_tool,
+                                                          monkeypatch):
     # No network: every HTTPS request goes to a closed local port. An empty
-    # KERAS_HOME makes sure no cached download hides the failure.
-    env = dict(os.environ, https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
-               KERAS_HOME=str(tmp_path / "keras_home"))
-    result = run("--regime=small_similar", "--backbone=resnet50", "--weights=imagenet",
-                 "--image_size=32", f"--dataset={image_folder}", "--workdir=out",
-                 cwd=tmp_path, env=env)
+    # Keras cache makes sure no cached download hides the failure.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras_home"))
+    result = run_tool("finetune.py", "--regime=small_similar", "--backbone=resnet50",
+                      "--weights=imagenet", "--image_size=32", f"--dataset={shared_images}",
+                      "--workdir=out", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    line = last_line(result)
+    line = result.last_line()
     assert line.startswith("finetune.py: error: could not download ImageNet weights for 'resnet50'")
     for hint in ("network", "--weights=PATH.weights.h5", "efficientnet_lite0"):
         assert hint in line
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_default_run_is_offline_pretrained():
-    from configs import small_similar
-    from tl_keras import backbones, train
+    from tl_keras import backbones, plan as plan_lib
+    from tl_keras.configs import small_similar
 
-    config = train.resolve(small_similar.get_config())
-    assert (config.backbone, config.weights, config.dataset, config.image_size) == (
+    plan = plan_lib.resolve(small_similar.get_config())
+    config = plan.config
+    assert (config.backbone, plan.weights, config.dataset, plan.image_size) == (
         "efficientnet_lite0", "imagenet", "fashion_mnist", 96)
     assert config.backbone in backbones.OFFLINE_IMAGENET
+
+
+# As on a machine where `pip install -e .` brought no TensorFlow: importing it fails.
+_WITHOUT_TENSORFLOW = """
+import os, runpy, sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ImportError(f"No module named {name!r} (blocked: no TensorFlow here)")
+
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python tools/X.py` does
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["finetune.py", "tune.py", "export.py", "benchmark.py"])
+def test_without_tensorflow_every_tool_says_which_extra_to_install(tmp_path, tool):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)  # no keras.json naming another backend
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, os.path.join(ROOT, "tools", tool),
+         "--regime=small_similar"] if tool in ("finetune.py", "tune.py") else
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, os.path.join(ROOT, "tools", tool)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"{tool}: error: TensorFlow is not installed, and Keras runs on it here: install "
+        "tl_keras with one of its extras, pip install -e '.[cpu]' (no GPU: the small "
+        "tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs)"]
+    assert os.listdir(tmp_path) == []

@@ -8,35 +8,133 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from tl_keras import data, features, train
+from tl_keras import data, features, losses, plan as plan_lib, run_folder, train, trainable
 
 
 def tiny_data(config):
     return data.load(config, image_size=config.image_size)
 
 
-def test_run_folder_and_refusing_to_overwrite(tmp_path, image_folder):
-    config = tiny_config(tmp_path, "small_different", dataset=str(image_folder), epochs=2)
-    metrics = train.finetune(config, tiny_data(config))
-    workdir = config.workdir
+# --- Finished runs that several tests below read --------------------------------------
+
+class Run:
+    """A finished tiny run: its config, the metrics `finetune` returned, its run folder."""
+
+    def __init__(self, config, metrics):
+        self.config, self.metrics, self.workdir = config, metrics, config.workdir
+
+    def path(self, *names):
+        return os.path.join(self.workdir, *names)
+
+
+def _finished_run(tmp_path_factory, images, regime, **overrides):
+    """`train.finetune` of the tiny config; `Run.calls` counts how often it planned
+    the phases and made the loss."""
+    config = tiny_config(tmp_path_factory.mktemp(regime), regime, dataset=str(images),
+                         **overrides)
+    calls = {"plan_phases": 0, "loss": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainable, "plan_phases", counted("plan_phases", trainable.plan_phases))
+        patch.setattr(losses, "for_config", counted("loss", losses.for_config))
+        run = Run(config, train.finetune(config, data.load(config, image_size=config.image_size)))
+    run.calls = calls
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_different_run(tmp_path_factory, shared_images):
+    """small_different, 2 epochs on cached features that spill to the run folder."""
+    return _finished_run(tmp_path_factory, shared_images, "small_different", epochs=2,
+                         cache_bytes=100)
+
+
+@pytest.fixture(scope="module")
+def uncached_run(tmp_path_factory, shared_images):
+    """small_different, 1 epoch of plain `fit` (no cached features), label smoothing 0.2."""
+    return _finished_run(tmp_path_factory, shared_images, "small_different", epochs=1,
+                         cache_features=False, label_smoothing=0.2)
+
+
+@pytest.fixture(scope="module")
+def large_similar_run(tmp_path_factory, shared_images):
+    """large_similar: 1 epoch of the head on cached features (spilled), 1 of everything."""
+    return _finished_run(tmp_path_factory, shared_images, "large_similar", epochs=2,
+                         head_epochs=1, cache_bytes=100)
+
+
+def test_run_folder_and_refusing_to_overwrite(small_different_run):
+    run = small_different_run
     for name in ("config.json", "metrics.json", "history.csv", "model.keras", "best.keras", "logs"):
-        assert os.path.exists(os.path.join(workdir, name)), name
-    assert not os.path.exists(os.path.join(workdir, "backup"))
-    saved = json.load(open(os.path.join(workdir, "metrics.json")))
-    assert saved == metrics
+        assert os.path.exists(run.path(name)), name
+    assert not os.path.exists(run.path("backup"))
+    saved = json.load(open(run.path("metrics.json")))
+    assert saved == run.metrics
     assert saved["cut_layer"] == "expanded_conv_project_bn"
     assert saved["class_names"] == ["cat", "dog", "fox"]
     assert (saved["train_examples"], saved["val_examples"]) == (17, 3)  # one per class held out
     assert saved["epochs_run"] == 2
-    assert json.load(open(os.path.join(workdir, "config.json")))["cut"] == "early"
-    rows = list(csv.DictReader(open(os.path.join(workdir, "history.csv"))))
+    config_json = json.load(open(run.path("config.json")))
+    assert config_json == plan_lib.resolve(run.config).to_dict()  # the resolved plan
+    assert (config_json["cut"], config_json["image_size"]) == ("early", 32)
+    rows = list(csv.DictReader(open(run.path("history.csv"))))
     assert [r["epoch"] for r in rows] == ["0", "1"]
-    model = keras.saving.load_model(os.path.join(workdir, "model.keras"))
-    loss, accuracy = model.evaluate(tiny_data(config).val, verbose=0)
+    model = keras.saving.load_model(run.path("model.keras"))
+    loss, accuracy = model.evaluate(tiny_data(run.config).val, verbose=0)
     assert accuracy == pytest.approx(saved["val_accuracy"])
 
-    with pytest.raises(train.RunFolderError, match="already holds a finished run"):
-        train.finetune(config, tiny_data(config))
+    before = {name: os.stat(run.path(name)).st_mtime_ns for name in os.listdir(run.workdir)}
+    with pytest.raises(run_folder.RunFolderError, match="already holds a finished run"):
+        train.finetune(run.config, tiny_data(run.config))
+    assert {name: os.stat(run.path(name)).st_mtime_ns for name in os.listdir(run.workdir)} == before
+
+
+def test_a_run_resolves_its_config_once(large_similar_run):
+    # Two phases, yet their plan and the loss were made once, when the config was resolved.
+    assert large_similar_run.metrics["phases"] == ["head", "finetune"]
+    assert large_similar_run.calls == {"plan_phases": 1, "loss": 1}
+
+
+@pytest.mark.parametrize("run_name, paths", [
+    ("small_different_run", {"head": "cached_features"}),
+    ("uncached_run", {"head": "fit"}),
+    ("large_similar_run", {"head": "cached_features", "finetune": "fit"}),
+])
+def test_metrics_say_which_path_ran(request, run_name, paths):
+    run = request.getfixturevalue(run_name)  # finished runs shared with other tests
+    assert run.metrics["train_path"] == paths
+    saved = json.load(open(run.path("metrics.json")))
+    assert saved["train_path"] == paths
+    if run.config.cache_features:
+        assert saved["cached_features"]["views"] == 1  # tiny_config: no augmentation
+        assert run.config.cache_bytes == 100  # too small: spilled to the run folder
+        assert saved["cached_features"]["stored"] == run.path("features")
+    else:
+        assert saved["cached_features"] is None
+    assert not os.path.exists(run.path("features"))  # removed when done
+
+
+@pytest.mark.parametrize("run_name", ["small_different_run", "uncached_run"])
+def test_feature_norm_standardises_the_training_features(request, run_name):
+    import keras
+
+    run = request.getfixturevalue(run_name)  # statistics from cached features / a sample
+    datasets = tiny_data(run.config)
+    model = keras.saving.load_model(run.path("model.keras"))
+    x = np.concatenate([x for x, _ in datasets.train.as_numpy_iterator()])
+    raw = features.extractor(model).predict(x, verbose=0)
+    z = np.asarray(model.get_layer("feature_norm")(raw))
+    varying = raw.std(axis=0) > 1e-3 * np.abs(raw).max()
+    # Something to standardise: the raw features are far from unit variance.
+    assert varying.sum() > 10 and abs(np.log(raw[:, varying].std(axis=0).mean())) > 1
+    np.testing.assert_allclose(z[:, varying].mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(z[:, varying].std(axis=0), 1, rtol=1e-2)
 
 
 class Crash(keras.callbacks.Callback):
@@ -45,9 +143,9 @@ class Crash(keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
-def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder, monkeypatch,
+def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_images, monkeypatch,
                                                          capsys):
-    config = tiny_config(tmp_path, "large_similar", dataset=str(image_folder),
+    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images),
                          epochs=4, head_epochs=1)
     monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", Crash)
     with pytest.raises(KeyboardInterrupt):
@@ -55,8 +153,8 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder
     assert not os.path.exists(os.path.join(config.workdir, "metrics.json"))
     monkeypatch.undo()
 
-    other = tiny_config(tmp_path, "large_similar", dataset=str(image_folder), epochs=5)
-    with pytest.raises(train.RunFolderError, match="another config .*epochs"):
+    other = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=5)
+    with pytest.raises(run_folder.RunFolderError, match="another config .*epochs"):
         train.finetune(other, tiny_data(other))
 
     capsys.readouterr()
@@ -76,8 +174,9 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, image_folder
 
 
 def test_model_and_training_code_import_no_tensorflow():
-    for module in ("arrays", "torch_state_dict", "efficientnet_lite", "backbones", "model",
-                   "features", "trainable", "train", "tune"):
+    for module in ("plan", "arrays", "torch_state_dict", "efficientnet_lite", "backbones",
+                   "model", "features", "trainable", "losses", "train", "run_folder", "tune",
+                   "keras_internals"):
         tree = ast.parse(open(os.path.join(ROOT, "tl_keras", module + ".py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
@@ -92,13 +191,13 @@ def test_model_and_training_code_import_no_tensorflow():
 # so its gradients are never finite. Compiling a whole backbone's train step
 # with XLA takes about a minute and a half here, hence `slow`.
 @pytest.mark.parametrize("regime, policy, init, jit_compile", [
-    ("small_similar", "mixed_bfloat16", "pretrained", True),
+    pytest.param("small_similar", "mixed_bfloat16", "pretrained", True, marks=pytest.mark.slow),
     ("small_different", "mixed_float16", "pretrained", True),
     pytest.param("large_similar", "mixed_bfloat16", "pretrained", True, marks=pytest.mark.slow),
-    ("large_different", "mixed_float16", "scratch", False)])
-def test_mixed_precision_and_xla_keep_every_regime(tmp_path, image_folder, monkeypatch,
+    pytest.param("large_different", "mixed_float16", "scratch", False, marks=pytest.mark.slow)])
+def test_mixed_precision_and_xla_keep_every_regime(tmp_path, shared_images, monkeypatch,
                                                   regime, policy, init, jit_compile):
-    config = tiny_config(tmp_path, regime, dataset=str(image_folder), mixed_precision=policy,
+    config = tiny_config(tmp_path, regime, dataset=str(shared_images), mixed_precision=policy,
                          jit_compile=jit_compile, init=init)
     compiled = []
     compile_ = keras.Model.compile
@@ -128,7 +227,7 @@ def test_mixed_precision_and_xla_keep_every_regime(tmp_path, image_folder, monke
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        start, _ = train.build(train.resolve(config), 3, 3)
+        start, _ = train.build(plan_lib.resolve(config), 3, 3)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     before = {v.path: v.numpy() for v in start.get_layer("backbone").weights}
@@ -144,18 +243,17 @@ def test_mixed_precision_and_xla_keep_every_regime(tmp_path, image_folder, monke
         assert changed and not moving
 
 
-def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, image_folder):
+def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, uncached_run):
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "float32")
     labels = np.array([1, 2])
-    loss = train.loss(tiny_config(tmp_path, label_smoothing=0.1))
+    loss = losses.for_config(tiny_config(tmp_path, label_smoothing=0.1))
     targets = np.eye(3)[labels] * 0.9 + 0.1 / 3
     expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
     np.testing.assert_allclose(float(loss(labels, probabilities)), expected, rtol=1e-6)
-    assert train.loss(tiny_config(tmp_path)) == "sparse_categorical_crossentropy"
+    assert losses.for_config(tiny_config(tmp_path)) == "sparse_categorical_crossentropy"
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
-        train.resolve(tiny_config(tmp_path, label_smoothing=1.5))
+        plan_lib.resolve(tiny_config(tmp_path, label_smoothing=1.5))
 
-    config = tiny_config(tmp_path, dataset=str(image_folder), label_smoothing=0.2)
-    train.finetune(config, tiny_data(config))
-    loaded = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
+    assert uncached_run.config.label_smoothing == 0.2
+    loaded = keras.models.load_model(uncached_run.path("model.keras"))
     assert loaded.loss.label_smoothing == 0.2

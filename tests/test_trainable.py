@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, TINY_SIZE, tiny_arrays, tiny_config
-from tl_keras import train, trainable
+from conftest import tiny_arrays, tiny_config
+from tl_keras import plan as plan_lib, train, trainable
 
 
 def batchnorm_layers(model):
@@ -39,11 +39,11 @@ def size(weights):
 
 @pytest.mark.parametrize("regime", ["small_similar", "small_different"])
 def test_frozen_regimes_train_only_the_head(tmp_path, regime):
-    config = train.resolve(tiny_config(tmp_path, regime))
-    model, cut_layer = train.build(config, num_classes=3, channels=3)
-    assert cut_layer == ("activation_17" if regime == "small_similar"
-                         else "expanded_conv_project_bn")
-    [phase] = trainable.plan_phases(config)
+    plan = plan_lib.resolve(tiny_config(tmp_path, regime))
+    model, cut_layer = train.build(plan, num_classes=3, channels=3)
+    assert cut_layer == plan.cut_layer == ("activation_17" if regime == "small_similar"
+                                           else "expanded_conv_project_bn")
+    [phase] = plan.phases
     trainable.apply_phase(model, phase)
     head = model.get_layer("predictions")
     features = model.get_layer("backbone").output.shape[-1]
@@ -63,11 +63,11 @@ def test_frozen_regimes_train_only_the_head(tmp_path, regime):
 
 
 def test_large_similar_phase_two_trains_everything_but_batchnorm(tmp_path):
-    config = train.resolve(tiny_config(tmp_path, "large_similar"))
-    model, _ = train.build(config, num_classes=3, channels=3)
-    head_phase, finetune_phase = trainable.plan_phases(config)
+    plan = plan_lib.resolve(tiny_config(tmp_path, "large_similar"))
+    model, _ = train.build(plan, num_classes=3, channels=3)
+    head_phase, finetune_phase = plan.phases
     assert (head_phase.train, finetune_phase.train) == ("head", "all")
-    assert finetune_phase.learning_rate == config.finetune_learning_rate == 1e-5
+    assert finetune_phase.learning_rate == plan.config.finetune_learning_rate == 1e-5
 
     fit_phase(model, head_phase)
     trainable.apply_phase(model, finetune_phase)
@@ -90,24 +90,24 @@ def test_large_similar_phase_two_trains_everything_but_batchnorm(tmp_path):
 
 def test_scratch_starts_from_random_weights_and_trains_batchnorm(tmp_path):
     keras.utils.set_random_seed(123)
-    pretrained = train.build(train.resolve(tiny_config(tmp_path, "large_different")), 3, 3)[0]
+    pretrained = train.build(plan_lib.resolve(tiny_config(tmp_path, "large_different")), 3, 3)[0]
     path = str(tmp_path / "pretrained.weights.h5")
     pretrained.get_layer("backbone").save_weights(path)
     base = tiny_config(tmp_path, "large_different", weights=path)
 
-    loaded, _ = train.build(train.resolve(base), 3, 3)
+    loaded, _ = train.build(plan_lib.resolve(base), 3, 3)
     for a, b in zip(loaded.get_layer("backbone").weights, pretrained.get_layer("backbone").weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
-    scratch_config = train.resolve(tiny_config(tmp_path, "large_different", weights=path,
-                                               init="scratch"))
-    scratch, _ = train.build(scratch_config, 3, 3)
+    scratch_plan = plan_lib.resolve(tiny_config(tmp_path, "large_different", weights=path,
+                                                init="scratch"))
+    scratch, _ = train.build(scratch_plan, 3, 3)
     kernels = [(a, b) for a, b in zip(scratch.get_layer("backbone").weights,
                                       pretrained.get_layer("backbone").weights)
                if "kernel" in a.path]
     assert all(not np.array_equal(a.numpy(), b.numpy()) for a, b in kernels)
 
-    [phase] = trainable.plan_phases(scratch_config)
+    [phase] = scratch_plan.phases
     assert (phase.train, phase.freeze_batchnorm) == ("all", False)
     trainable.apply_phase(scratch, phase)
     assert {l.momentum for l in batchnorm_layers(scratch)} == {0.9}
@@ -127,10 +127,11 @@ def test_phase_plans_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="use large_different"):
         trainable.plan_phases(tiny_config(tmp_path, "small_similar", init="scratch"))
     with pytest.raises(ValueError, match="cuts at early or middle"):
-        trainable.resolve_cut(tiny_config(tmp_path, "small_different", cut="top"))
+        plan_lib.resolve(tiny_config(tmp_path, "small_different", cut="top"))
     with pytest.raises(ValueError, match="valid inits: pretrained, scratch"):
         trainable.plan_phases(tiny_config(tmp_path, "large_different", init="random"))
-    assert trainable.resolve_cut(tiny_config(tmp_path, "small_different", cut="middle")) == "middle"
+    plan = plan_lib.resolve(tiny_config(tmp_path, "small_different", cut="middle"))
+    assert (plan.cut, plan.cut_layer) == ("middle", "expanded_conv_2_add")
 
 
 @pytest.mark.parametrize("unfreeze, cut, stages_frozen", [
@@ -139,9 +140,9 @@ def test_phase_plans_and_bad_values(tmp_path):
     (2, "middle", None),                    # as many stages as there are: all of them train
 ])
 def test_phase_two_unfreezes_only_the_top_stages(tmp_path, unfreeze, cut, stages_frozen):
-    config = train.resolve(tiny_config(tmp_path, "large_similar", cut=cut, unfreeze=unfreeze))
-    model, _ = train.build(config, num_classes=3, channels=3)
-    head_phase, finetune_phase = trainable.plan_phases(config)
+    plan = plan_lib.resolve(tiny_config(tmp_path, "large_similar", cut=cut, unfreeze=unfreeze))
+    model, _ = train.build(plan, num_classes=3, channels=3)
+    head_phase, finetune_phase = plan.phases
     assert finetune_phase.unfreeze == unfreeze
     fit_phase(model, head_phase)
     finetune_phase = trainable.Phase("finetune", "all", 1, 2, 1e-3, True, unfreeze=unfreeze,

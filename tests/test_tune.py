@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from tl_keras import data, train, tune
+from tl_keras import data, plan as plan_lib, train, tune
 
 TOOL = os.path.join(ROOT, "tools", "tune.py")
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -24,7 +24,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 def space(config):
     hp = kt.HyperParameters()
-    names = tune.search_space(hp, train.resolve(config))
+    names = tune.search_space(hp, plan_lib.resolve(config))
     return names, {p.name: p for p in hp.space}
 
 
@@ -60,24 +60,25 @@ def test_trial_config_takes_the_values_and_hyperbands_epochs(tmp_path):
     assert "tuner/bracket" not in trial and config.epochs == 6  # the sweep's config is untouched
 
 
-def hyperparameters(config, **values):
+def hyperparameters(plan, **values):
     hp = kt.HyperParameters()
-    tune.search_space(hp, config)
+    tune.search_space(hp, plan)
     hp.values.update(values)
     return hp
 
 
-def test_trials_train_as_finetune_does_and_share_features_per_cut(tmp_path, image_folder):
-    config = train.resolve(tiny_config(tmp_path, "small_similar", dataset=str(image_folder),
-                                       val_fraction=0.4, epochs=3))
+def test_trials_train_as_finetune_does_and_share_features_per_cut(tmp_path, shared_images):
+    plan = plan_lib.resolve(tiny_config(tmp_path, "small_similar", dataset=str(shared_images),
+                                        val_fraction=0.4, epochs=3))
+    config = plan.config
     # tf.data's seeded shuffle also depends on TensorFlow's global seed when the
     # pipeline is made: the same for both pipelines here, as in two fresh processes.
     keras.utils.set_random_seed(config.seed)
-    datasets = data.load(config, image_size=config.image_size)
-    hypermodel = tune.TransferHyperModel(config, datasets, str(tmp_path / "sweep"))
+    datasets = data.load(config, image_size=plan.image_size)
+    hypermodel = tune.TransferHyperModel(plan, datasets, str(tmp_path / "sweep"))
 
     def trial(trial_id, **values):
-        hp = hyperparameters(config, **values)
+        hp = hyperparameters(plan, **values)
         keras.backend.clear_session()  # as Keras Tuner does before each build
         model = hypermodel.build(hp)
         result = hypermodel.fit(hp, model, trial_id=trial_id)
@@ -110,7 +111,7 @@ def test_trials_train_as_finetune_does_and_share_features_per_cut(tmp_path, imag
     # New pipelines, as in a new process: the cache of trial a was the first
     # (seeded) shuffle of the training set; a pipeline read again is reshuffled.
     keras.utils.set_random_seed(config.seed)
-    reference = train.finetune(reference_config, data.load(config, image_size=config.image_size))
+    reference = train.finetune(reference_config, data.load(config, image_size=plan.image_size))
     assert reference["cached_features"]["reused"] is False
     assert b["val_accuracy"] == reference["val_accuracy"]
     reference_model = keras.models.load_model(tmp_path / "reference" / "model.keras")
@@ -123,8 +124,8 @@ def run_tool(*args, cwd, env=None, timeout=600):
                           text=True, timeout=timeout, env=env)
 
 
-def sweep_args(image_folder, workdir, *extra):
-    return (f"--config={SMOKE}", f"--dataset={image_folder}", "--config.val_fraction=0.4",
+def sweep_args(shared_images, workdir, *extra):
+    return (f"--config={SMOKE}", f"--dataset={shared_images}", "--config.val_fraction=0.4",
             "--config.augment=false", "--config.verbose=0", "--epochs=3",
             f"--workdir={workdir}", *extra)
 
@@ -135,9 +136,9 @@ def read_csv(path):
 
 
 @pytest.mark.slow
-def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, image_folder):
+def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, shared_images):
     sweep = tmp_path / "sweep"
-    result = run_tool(*sweep_args(image_folder, sweep, "--max_trials=3"), cwd=tmp_path)
+    result = run_tool(*sweep_args(shared_images, sweep, "--max_trials=3"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(sweep / "tuning.csv")
     assert [r["status"] for r in rows] == ["COMPLETED"] * 3
@@ -170,7 +171,7 @@ def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, image
     # Re-run with more trials: the finished ones are not redone.
     stamps = {r["trial_id"]: os.stat(sweep / "trials" / r["trial_id"] / "metrics.json").st_mtime
               for r in rows}
-    again = run_tool(*sweep_args(image_folder, sweep, "--max_trials=4"), cwd=tmp_path)
+    again = run_tool(*sweep_args(shared_images, sweep, "--max_trials=4"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 trial(s) finished in an earlier attempt" in again.stdout
     rows = read_csv(sweep / "tuning.csv")
@@ -180,7 +181,7 @@ def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, image
 
     # Other settings in the same sweep folder: refused, nothing touched.
     before = (sweep / "tuning.csv").read_text()
-    other = run_tool(*sweep_args(image_folder, sweep, "--max_trials=5", "--regime=small_different"),
+    other = run_tool(*sweep_args(shared_images, sweep, "--max_trials=5", "--regime=small_different"),
                      cwd=tmp_path)
     assert other.returncode == 2
     assert last_line(other) == (
@@ -191,9 +192,9 @@ def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, image
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_with_the_interrupted_trial(tmp_path, image_folder):
+def test_killed_sweep_resumes_with_the_interrupted_trial(tmp_path, shared_images):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, TOOL, *sweep_args(image_folder, sweep, "--max_trials=3")]
+    args = [sys.executable, TOOL, *sweep_args(shared_images, sweep, "--max_trials=3")]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     started = sweep / "trials" / "1" / "config.json"  # the second trial has begun
@@ -205,7 +206,7 @@ def test_killed_sweep_resumes_with_the_interrupted_trial(tmp_path, image_folder)
     assert started.exists()
     first = os.stat(sweep / "trials" / "0" / "metrics.json").st_mtime
 
-    result = run_tool(*sweep_args(image_folder, sweep, "--max_trials=3"), cwd=tmp_path)
+    result = run_tool(*sweep_args(shared_images, sweep, "--max_trials=3"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(sweep / "tuning.csv")
     assert sorted(r["trial_id"] for r in rows) == ["0", "1", "2"]
@@ -215,10 +216,10 @@ def test_killed_sweep_resumes_with_the_interrupted_trial(tmp_path, image_folder)
 
 
 @pytest.mark.slow
-def test_hyperband_continues_its_best_trials(tmp_path, image_folder):
+def test_hyperband_continues_its_best_trials(tmp_path, shared_images):
     sweep = tmp_path / "sweep"
     # Its first bracket: three trials of one epoch, then the best one continued to three.
-    result = run_tool(*sweep_args(image_folder, sweep, "--tuner=hyperband", "--max_trials=4",
+    result = run_tool(*sweep_args(shared_images, sweep, "--tuner=hyperband", "--max_trials=4",
                                   "--regime=large_similar"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     oracle = json.load(open(sweep / "tuner" / "oracle.json"))
@@ -249,9 +250,9 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_chief_and_two_workers_run_every_trial_once(tmp_path, image_folder):
+def test_chief_and_two_workers_run_every_trial_once(tmp_path, shared_images):
     port = free_port()
-    args = [sys.executable, TOOL, *sweep_args(image_folder, tmp_path / "sweep", "--max_trials=4")]
+    args = [sys.executable, TOOL, *sweep_args(shared_images, tmp_path / "sweep", "--max_trials=4")]
 
     def start(tuner_id):
         env = dict(os.environ, KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP="127.0.0.1",
@@ -278,51 +279,50 @@ def last_line(result):
     return result.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
-def test_bad_input_is_one_line_and_exit_2(tmp_path, image_folder):
-    base = sweep_args(image_folder, tmp_path / "sweep")
-    result = run_tool(*base, "--tuner=grid", cwd=tmp_path)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool, monkeypatch):
+    base = sweep_args(shared_images, tmp_path / "sweep")
+    result = run_tool("tune.py", *base, "--tuner=grid", cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result) == ("tune.py: error: unknown tuner 'grid'; "
-                                 "valid tuners: random, hyperband, bayesian")
-    result = run_tool("--regime=medium_similar", cwd=tmp_path)
+    assert result.last_line() == ("tune.py: error: unknown tuner 'grid'; "
+                                  "valid tuners: random, hyperband, bayesian")
+    result = run_tool("tune.py", "--regime=medium_similar", cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result).startswith("tune.py: error: unknown regime 'medium_similar'")
-    result = run_tool(*base, "--max_trials=0", cwd=tmp_path)
+    assert result.last_line().startswith("tune.py: error: unknown regime 'medium_similar'")
+    result = run_tool("tune.py", *base, "--max_trials=0", cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result) == "tune.py: error: max_trials must be at least 1, got 0"
+    assert result.last_line() == "tune.py: error: max_trials must be at least 1, got 0"
     assert not os.path.exists(tmp_path / "sweep")  # nothing written for bad flags
 
     # A worker whose oracle does not answer gives up after --oracle_wait.
-    env = dict(os.environ, KERASTUNER_TUNER_ID="tuner0", KERASTUNER_ORACLE_IP="127.0.0.1",
-               KERASTUNER_ORACLE_PORT=str(free_port()))
+    port = str(free_port())
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", port)
     began = time.time()
-    result = run_tool(*base, "--oracle_wait=2", cwd=tmp_path, env=env, timeout=120)
+    result = run_tool("tune.py", *base, "--oracle_wait=2", cwd=tmp_path)
     assert result.returncode == 2
-    assert last_line(result) == (
-        f"tune.py: error: no Keras Tuner oracle answers at 127.0.0.1:"
-        f"{env['KERASTUNER_ORACLE_PORT']} after 2 s; start the chief first "
-        "(KERASTUNER_TUNER_ID=chief) or fix KERASTUNER_ORACLE_IP/PORT")
+    assert result.last_line() == (
+        f"tune.py: error: no Keras Tuner oracle answers at 127.0.0.1:{port} after 2 s; start "
+        "the chief first (KERASTUNER_TUNER_ID=chief) or fix KERASTUNER_ORACLE_IP/PORT")
     assert time.time() - began < 60
-    env.pop("KERASTUNER_ORACLE_PORT")
-    result = run_tool(*base, cwd=tmp_path, env=env)
-    assert last_line(result) == ("tune.py: error: KERASTUNER_ORACLE_IP is set but "
-                                 "KERASTUNER_ORACLE_PORT not; distributed tuning needs all three")
+    monkeypatch.delenv("KERASTUNER_ORACLE_PORT")
+    result = run_tool("tune.py", *base, cwd=tmp_path)
+    assert result.last_line() == ("tune.py: error: KERASTUNER_ORACLE_IP is set but "
+                                  "KERASTUNER_ORACLE_PORT not; distributed tuning needs all three")
 
 
-
-def test_a_failed_trial_is_reported_with_its_error(tmp_path, image_folder, monkeypatch):
-    config = train.resolve(tiny_config(tmp_path, "small_similar", dataset=str(image_folder),
-                                       val_fraction=0.4))
-    datasets = data.load(config, image_size=config.image_size)
+def test_a_failed_trial_is_reported_with_its_error(tmp_path, shared_images, monkeypatch):
+    plan = plan_lib.resolve(tiny_config(tmp_path, "small_similar", dataset=str(shared_images),
+                                        val_fraction=0.4))
+    datasets = data.load(plan.config, image_size=plan.image_size)
 
     def diverges(*args, **kwargs):
         raise FloatingPointError("loss became NaN in phase 'head'; try a lower learning rate")
 
     monkeypatch.setattr(train, "finetune", diverges)
-    tuner = tune.make_tuner("random", config, datasets, 2, str(tmp_path / "sweep"))
+    tuner = tune.make_tuner("random", plan, datasets, 2, str(tmp_path / "sweep"))
     tuner.search(verbose=0)  # a failed trial does not stop the sweep
-    rows = tune.write_results(tuner, config, str(tmp_path / "sweep"))
+    rows = tune.write_results(tuner, plan, str(tmp_path / "sweep"))
     assert [r["status"] for r in rows] == ["FAILED", "FAILED"]
     assert rows[0]["error"] == ("FloatingPointError: loss became NaN in phase 'head'; "
                                 "try a lower learning rate")

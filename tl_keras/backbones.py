@@ -18,8 +18,6 @@ Example:
     cut.model.output.shape  # (None, 8, 8, 512)
 """
 
-import collections
-import contextlib
 import dataclasses
 import difflib
 import os
@@ -28,7 +26,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from tl_keras import efficientnet_lite
+from tl_keras import efficientnet_lite, keras_internals
 
 A = keras.applications
 L = efficientnet_lite
@@ -164,9 +162,9 @@ def build_backbone(name, weights="imagenet", image_size=None, cut="top"):
     """
     spec = get_backbone(name)
     size = image_size or spec.image_size
-    with _fresh_names():
+    with keras_internals.fresh_layer_names():
         base = _construct(name, spec, weights, size)
-        layer = resolve_cut(name, base, cut)
+        layer = find_cut_layer(name, base, cut)
         model = keras.Model(base.input, get_operation(base, layer).output, name="backbone")
     return CutBackbone(model=model, layer=layer, base=base)
 
@@ -204,7 +202,7 @@ def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def resolve_cut(name, base, cut):
+def find_cut_layer(name, base, cut):
     """Maps a named cut point or a layer name of `base` to a layer name."""
     spec = get_backbone(name)
     if cut in spec.cuts:
@@ -229,33 +227,6 @@ def get_operation(base, name):
         if op.name == name:
             return op
     raise ValueError(f"no layer {name!r} in {base.name!r}")
-
-
-@contextlib.contextmanager
-def _fresh_names():
-    """Builds with Keras' automatic layer names counted from zero.
-
-    Keras numbers unnamed layers ("add", "add_1", ...) with a process-wide
-    counter, so the same backbone gets other names once any model has been
-    built before it. Counting afresh makes the cut table hold in every process;
-    afterwards the counters continue past both, so no name is reused.
-    """
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # a Keras without this module: names stay as Keras gives them
-        yield
-        return
-    key = "object_name_uids"
-    saved = global_state.get_global_attribute(key, default=None)
-    fresh = collections.defaultdict(int)
-    global_state.set_global_attribute(key, fresh)
-    try:
-        yield
-    finally:
-        merged = collections.defaultdict(int, saved or {})
-        for prefix, count in fresh.items():
-            merged[prefix] = max(merged[prefix], count)
-        global_state.set_global_attribute(key, merged)
 
 
 def preprocess_affine(name):

@@ -33,12 +33,13 @@ import json
 import logging
 import os
 import sys
-import types
 
 import keras
 import tensorflow as tf
 
-NAMES = ("auto", "none", "mirrored", "multi_worker", "tpu")
+from tl_keras import keras_internals, plan
+
+NAMES = plan.DISTRIBUTIONS
 
 
 def get_strategy(name):
@@ -66,7 +67,7 @@ def get_strategy(name):
             raise ValueError(
                 "--distribution=multi_worker needs TF_CONFIG with the cluster and this "
                 'worker\'s task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}} (README: Scaling out)')
+                '"task": {"type": "worker", "index": 0}} (docs/scaling_out.md)')
         return tf.distribute.MultiWorkerMirroredStrategy()
     return _tpu_strategy()
 
@@ -99,7 +100,7 @@ def _tpu_strategy():
         reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
         raise ValueError(
             f"--distribution=tpu: no TPU found ({reason[:160]}); run on a TPU VM, or set "
-            "TPU_NAME to a Cloud TPU (README: Scaling out)") from e
+            "TPU_NAME to a Cloud TPU (docs/scaling_out.md)") from e
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -172,14 +173,7 @@ def fix_symbolic_build(model):
     pipeline on by one order, so training sees other batches than on one
     device. The pipeline's `element_spec` gives the shapes without reading.
     """
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if iterator is not None:
-            data_batch = iterator.data_adapter.get_tf_dataset().element_spec
-        with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
-    return model
+    return keras_internals.build_from_spec(model)
 
 
 # --- Fault tolerance -----------------------------------------------------------------
@@ -217,17 +211,6 @@ def restart(error):
 
 # --- Multi-worker training loop ----------------------------------------------------
 
-class ReadOnlyBackup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` for a worker that is not the chief: restores from the
-    chief's backup, writes and deletes nothing."""
-
-    def __init__(self, backup_dir):
-        super().__init__(backup_dir, delete_checkpoint=False)
-
-    def _save_model(self):
-        pass
-
-
 def _distributed(strategy, dataset):
     # Every worker reads the whole pipeline in the same seeded order and keeps
     # its share of each global batch: the sources (files, arrays) are not split
@@ -251,7 +234,7 @@ def _build(model, strategy, dataset):
     """Creates the optimizer's and the compiled metrics' variables before any step:
     variables cannot be created inside `strategy.run`."""
     with strategy.scope():  # what fit's _maybe_symbolic_build does, from the shapes alone
-        model._symbolic_build(data_batch=dataset.element_spec)
+        keras_internals.symbolic_build(model, dataset.element_spec)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
 
@@ -274,9 +257,9 @@ def fit(model, strategy, train_data, validation_data, initial_epoch, epochs, cal
         callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
         epochs=epochs, steps=steps if steps > 0 else None, model=model)
     model.stop_training = False
-    model._initial_epoch = None
+    keras_internals.initial_epoch(model)  # cleared, so that a stale one is not read
     callbacks.on_train_begin()
-    initial_epoch = model._initial_epoch or initial_epoch  # BackupAndRestore sets it
+    initial_epoch = keras_internals.initial_epoch(model) or initial_epoch  # BackupAndRestore
     epoch_logs = {}
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()

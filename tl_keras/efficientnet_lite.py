@@ -26,7 +26,6 @@ import pathlib
 import string
 
 import keras
-import numpy as np
 from keras import layers
 
 from tl_keras import torch_state_dict

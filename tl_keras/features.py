@@ -84,6 +84,13 @@ def sample(model, data, max_examples=4096, batch_size=32):
     return np.concatenate(out)[:max_examples]
 
 
+def views_to_cache(asked, epochs, augmented):
+    """How many views of the training set to cache: `asked`, but at least one, no more
+    than the epochs that draw from them, and one when the pipeline does not augment
+    (every view would be the same)."""
+    return min(max(1, int(asked)), epochs) if augmented else 1
+
+
 @dataclasses.dataclass
 class FeatureCache:
     train: list            # one [N, D] float32 array per view

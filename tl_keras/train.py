@@ -5,30 +5,19 @@ the same code runs with `KERAS_BACKEND=jax`. Given a tf.distribute strategy,
 models are built and compiled in its scope, and a multi-worker run trains
 through `distribute.fit` (distribute.py), its chief alone writing the run folder.
 
-The run folder (`config.workdir`):
-
-    config.json     every resolved setting
-    history.csv     one row per epoch, across phases
-    logs/           TensorBoard (when TensorFlow is installed)
-    best.keras      the model with the best val_accuracy so far
-    model.keras     the final model
-    metrics.json    what the run measured; written last, so it marks a finished run
-    backup/         BackupAndRestore state while a run is unfinished
-    features/       cached backbone features, only while a run is unfinished and
-                    only when they do not fit in `cache_bytes` of memory
-
-A run killed before it finished resumes when re-run with the same workdir and
-config. A finished run is never overwritten.
+Everything reads the run's `Plan` (plan.py), resolved once. The run folder
+(`config.workdir`; run_folder.py says what it holds) is resumed when a killed
+run is re-run with the same config, and a finished run is never overwritten.
 
 Example:
-    data = tl_keras.data.load(config, image_size=96)
-    metrics = finetune(config, data)
+    plan = tl_keras.plan.resolve(config)
+    data = tl_keras.data.load(plan.config, image_size=plan.image_size)
+    metrics = finetune(plan, data)
 """
 
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -36,23 +25,23 @@ import time
 
 import keras
 
-from tl_keras import backbones, features, model as model_lib, trainable
+from tl_keras import backbones, features, keras_internals, model as model_lib, plan as plan_lib
+from tl_keras import run_folder, trainable
 
 
-class RunFolderError(ValueError):
-    """The workdir holds a finished run or another run's config."""
+def build(plan, num_classes, channels):
+    """The classifier `plan` asks for, before any phase is applied.
 
-
-def build(config, num_classes, channels):
-    """The classifier `config` asks for, before any phase is applied.
+    Args:
+      plan: a `plan.Plan` (or a config, resolved here).
 
     Returns:
       (model, cut_layer_name)
     """
-    weights = "none" if config.init == "scratch" else config.weights
+    plan = plan_lib.resolve(plan)
+    config = plan.config
     cut = backbones.build_backbone(
-        config.backbone, weights=weights, image_size=image_size(config),
-        cut=trainable.resolve_cut(config))
+        config.backbone, weights=plan.weights, image_size=plan.image_size, cut=plan.cut)
     model = model_lib.build_classifier(
         cut.model, config.backbone, num_classes, channels=channels,
         dropout=config.dropout, seed=config.seed, pool_grid=config.pool_grid)
@@ -60,40 +49,25 @@ def build(config, num_classes, channels):
 
 
 @contextlib.contextmanager
-def dtype_policy(config):
-    """`config.mixed_precision` as Keras' global dtype policy, float32 again afterwards."""
-    keras.mixed_precision.set_dtype_policy(config.mixed_precision or "float32")
+def dtype_policy(plan):
+    """The plan's `mixed_precision` as Keras' global dtype policy, float32 again afterwards."""
+    keras.mixed_precision.set_dtype_policy(plan.config.mixed_precision or "float32")
     try:
         yield
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-def image_size(config):
-    return config.image_size or backbones.get_backbone(config.backbone).image_size
-
-
-def resolve(config):
-    """A copy of `config` with the regime's defaults filled in, checked before any work."""
-    config = config.copy_and_resolve_references()
-    backbones.get_backbone(config.backbone)
-    config.cut = trainable.resolve_cut(config)
-    config.image_size = image_size(config)
-    trainable.plan_phases(config)
-    loss(config)
-    return config
-
-
-def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save_models=True,
+def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_models=True,
              strategy=None):
-    """Trains `config`'s regime on `data` and writes the run folder.
+    """Trains the plan's regime on `data` and writes the run folder.
 
     Args:
-      config: the run's ConfigDict (see configs/base.py).
+      plan: the run's `plan.Plan`, or a config (configs/base.py), resolved here.
       data: an object with `train`, `val` (anything `fit` takes: tf.data
         pipelines, or `(x, y)` numpy tuples), `class_names`, `channels`,
         `train_examples`, `val_examples` -- e.g. `tl_keras.data.Datasets`.
-      model: the model `build(config, ...)` returns, when already built
+      model: the model `build(plan, ...)` returns, when already built
         (tuner trials); by default it is built here.
       initial_epoch: epochs before this one are taken as done by `model`'s
         weights (Keras Tuner's Hyperband continues a trial this way).
@@ -109,23 +83,24 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
       The metrics dict also written to `metrics.json`.
     """
     start = time.time()
-    config = resolve(config)  # validates regime, backbone, cut, init, epochs first
+    plan = plan_lib.resolve(plan)  # a config is checked here, before any work
+    config = plan.config
     if not 0 <= initial_epoch < config.epochs:
         raise ValueError(f"initial_epoch must be in [0, epochs={config.epochs}), "
                          f"got {initial_epoch}")
     keras.utils.set_random_seed(config.seed)
     dist = _Distribution(strategy)
-    with dtype_policy(config):
+    with dtype_policy(plan):
         if model is None:
             # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
             with dist.scope():
-                model, _ = build(config, len(data.class_names), data.channels)
+                model, _ = build(plan, len(data.class_names), data.channels)
         dist.prepare(model)
         # Only the chief writes; another worker of a multi-worker run only
         # refuses a finished run as the chief does, instead of waiting for it.
-        workdir = prepare_workdir(config) if dist.chief else refuse_finished(config.workdir)
-        phases = trainable.plan_phases(config)
-        history, final = run_phases(model, config, data, workdir, phases,
+        workdir = (run_folder.prepare(config.workdir, plan.to_dict()) if dist.chief
+                   else run_folder.refuse_finished(config.workdir))
+        history, final = run_phases(model, plan, data, workdir,
                                     initial_epoch=initial_epoch, feature_store=feature_store,
                                     save_models=save_models, dist=dist)
 
@@ -142,7 +117,7 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
         "weights": config.weights if config.init == "pretrained" else "none (init=scratch)",
         "init": config.init,
         "cut_layer": model.get_layer("backbone").layers[-1].name,
-        "image_size": image_size(config),
+        "image_size": plan.image_size,
         "num_classes": len(data.class_names),
         "class_names": list(data.class_names),
         "train_examples": int(data.train_examples),
@@ -154,7 +129,7 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
         "val_loss": float(val_loss),
         "best_val_accuracy": float(max(best)) if best else None,
         "epochs_run": len(history),
-        "phases": [p.name for p in phases],
+        "phases": [p.name for p in plan.phases],
         "train_path": final.paths,  # phase -> "cached_features" | "fit"
         "cached_features": final.cache_info,
         "backend": keras.backend.backend(),
@@ -162,7 +137,7 @@ def finetune(config, data, model=None, initial_epoch=0, feature_store=None, save
         "wall_seconds": round(time.time() - start, 2),
     }
     if dist.chief:
-        _write_json(os.path.join(workdir, "metrics.json"), metrics)
+        run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
         for scratch in ("backup", "features"):
             shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
     return metrics
@@ -223,7 +198,7 @@ class _Distribution:
         """BackupAndRestore at `path`; restore-only on a worker that is not the chief."""
         if self.chief:
             return keras.callbacks.BackupAndRestore(path)
-        return self.lib.ReadOnlyBackup(path)
+        return keras_internals.ReadOnlyBackup(path)
 
 
 class _Final:
@@ -234,9 +209,9 @@ class _Final:
         self.paths = {}
 
 
-def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_store=None,
+def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                save_models=True, dist=None):
-    """Runs `phases` on `model`; returns (history rows of all epochs, `_Final`).
+    """Runs the phases of `plan` on `model`; returns (history rows of all epochs, `_Final`).
 
     A phase that trains only the head of a frozen backbone trains it on
     cached backbone features when `config.cache_features` (see features.py),
@@ -247,6 +222,7 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
     says how to fit and who writes; by default one device.
     """
     dist = dist or _Distribution(None)
+    config = plan.config
     batch_size = dist.batch_size(config)
     history = []
     best = None
@@ -255,7 +231,7 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
     final = _Final()
     cache = None
     phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, initial_epoch))
-              for p in phases if p.last_epoch > initial_epoch]
+              for p in plan.phases if p.last_epoch > initial_epoch]
     for phase in phases:
         with dist.scope():
             trainable.apply_phase(model, phase)
@@ -296,7 +272,7 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
                 m.compile(
                     optimizer=keras.optimizers.AdamW(
                         learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
-                    loss=loss(config),
+                    loss=plan.loss,
                     metrics=["accuracy"],
                     jit_compile=config.jit_compile)
             if fit_model is not model:
@@ -305,7 +281,7 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
         if finished:
             model.load_weights(done)
             print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
-            history += _read_history(workdir, phase)
+            history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
             continue
         print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
               f"training {'the head' if phase.train == 'head' else 'everything'}"
@@ -335,16 +311,14 @@ def run_phases(model, config, data, workdir, phases, initial_epoch=0, feature_st
             best = checkpoint.best
         if dist.chief:
             model.save_weights(done)
-        history += _read_history(workdir, phase)
+        history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
     return history, final
 
 
 def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size):
     """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
-    # A view per epoch at most; one when the pipeline does not augment.
-    views = min(max(1, int(config.cached_views)), epochs)
-    if not getattr(data, "augmented", False):
-        views = 1
+    augmented = getattr(data, "augmented", False)
+    views = features.views_to_cache(config.cached_views, epochs, augmented)
     key = store.key(model, views) if store is not None else None
     if key is not None and key in store:
         print(f"Backbone features: reusing the {views} view(s) computed by an earlier run")
@@ -359,39 +333,6 @@ def _cached_features(model, config, data, workdir, verbose, epochs, store, batch
     if key is not None:
         store[key] = cache
     return cache, False
-
-
-def loss(config):
-    """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`."""
-    smoothing = float(config.get("label_smoothing", 0.0))
-    if not 0 <= smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
-    if smoothing == 0:
-        return "sparse_categorical_crossentropy"  # stock Keras: model.keras loads anywhere
-    return SmoothedSparseCrossentropy(smoothing)
-
-
-@keras.saving.register_keras_serializable(package="tl_keras")
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy of integer labels, one-hot encoded and smoothed.
-
-    Keras' `SparseCategoricalCrossentropy` has no `label_smoothing`. A model
-    compiled with this loss loads with `import tl_keras` first, or
-    `compile=False`.
-    """
-
-    def __init__(self, label_smoothing, name="smoothed_sparse_crossentropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = float(label_smoothing)
-
-    def call(self, y_true, y_pred):
-        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(
-            one_hot, y_pred, label_smoothing=self.label_smoothing)
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def _has_tensorflow():
@@ -410,77 +351,3 @@ class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def set_model(self, model):
         super().set_model(self._full_model)
-
-
-def _read_history(workdir, phase):
-    """Rows of history.csv within `phase`'s epochs (CSVLogger counts from 0)."""
-    path = os.path.join(workdir, "history.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line.strip().split(",") for line in f if line.strip()]
-    rows = {}
-    header = None
-    for line in lines:
-        if line[0] == "epoch":
-            header = line
-            continue
-        row = dict(zip(header, line))
-        epoch = int(row["epoch"])
-        if phase.first_epoch <= epoch < phase.last_epoch:
-            rows[epoch] = {k: float(v) for k, v in row.items() if k != "epoch"}
-    return [rows[e] for e in sorted(rows)]
-
-
-# --- Run folder -------------------------------------------------------------------
-
-def prepare_workdir(config):
-    """Creates `config.workdir` and writes config.json; resumes an unfinished run.
-
-    Raises `RunFolderError` if the workdir holds a finished run (metrics.json)
-    or an unfinished run with another config: nothing is overwritten.
-    """
-    workdir = config.workdir
-    if not workdir:
-        raise ValueError("config.workdir is not set")
-    saved = os.path.join(workdir, "config.json")
-    resolved = config_to_dict(config)
-    refuse_finished(workdir)
-    if os.path.exists(saved):
-        with open(saved) as f:
-            previous = json.load(f)
-        if previous != resolved:
-            changed = sorted(k for k in set(previous) | set(resolved)
-                             if previous.get(k) != resolved.get(k))
-            raise RunFolderError(
-                f"workdir {workdir!r} holds an unfinished run with another config "
-                f"(differs in: {', '.join(changed)}); re-run it with the same settings "
-                "to resume, or choose another --workdir")
-        print(f"Resuming the unfinished run in {workdir}")
-    elif os.path.isdir(workdir) and os.listdir(workdir):
-        raise RunFolderError(
-            f"workdir {workdir!r} is not empty and holds no tl_keras run; "
-            "choose another --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(saved, resolved)
-    return workdir
-
-
-def refuse_finished(workdir):
-    """Raises `RunFolderError` when `workdir` holds a finished run; returns `workdir`."""
-    if os.path.exists(os.path.join(workdir, "metrics.json")):
-        raise RunFolderError(
-            f"workdir {workdir!r} already holds a finished run; choose another --workdir")
-    return workdir
-
-
-def config_to_dict(config):
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _write_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -23,8 +23,10 @@ Calling the backbone with `training=False` does not achieve this in Keras 3
 (`fit` passes `training=True` through it, keras-team/keras#20285), so each
 BatchNormalization layer is frozen on its own.
 
+`plan.resolve` calls `plan_phases` once; the phases are `Plan.phases`.
+
 Example:
-    for phase in plan_phases(config):
+    for phase in plan.phases:
         apply_phase(model, phase)
         model.compile(...)
         model.fit(..., initial_epoch=phase.first_epoch, epochs=phase.last_epoch)
@@ -60,17 +62,6 @@ def get_regime(name):
     if name not in REGIMES:
         raise ValueError(f"unknown regime {name!r}; valid regimes: {', '.join(REGIMES)}")
     return REGIMES[name]
-
-
-def resolve_cut(config):
-    """The cut the run uses: `config.cut`, or the regime's default."""
-    regime = get_regime(config.regime)
-    cut = config.cut or regime.cut
-    if regime.cuts and cut in backbones.CUT_POINTS and cut not in regime.cuts:
-        raise ValueError(
-            f"regime {config.regime!r} cuts at {' or '.join(regime.cuts)} "
-            f"(or a layer name), not {cut!r}")
-    return cut
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Keras Tuner sweeps over a regime's own choices, each trial trained as `finetune` trains it.
 
-    search_space(hp, config)    the regime's hyperparameters: cut, dropout, learning
+    search_space(hp, plan)      the regime's hyperparameters: cut, dropout, learning
                                 rates, label smoothing; the large regimes add phase 2's
     TransferHyperModel.build    `train.build` with the trial's values
     TransferHyperModel.fit      `train.finetune`: the regime's phases, into the trial's
@@ -23,12 +23,13 @@ The sweep folder (`workdir`):
 
 Distributed tuning is Keras Tuner's own: with KERASTUNER_TUNER_ID,
 KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set, the chief serves the
-oracle and workers run trials (see README, "Tuning").
+oracle and workers run trials (docs/tuning.md).
 
 Example:
-    tuner = make_tuner("random", config, data, max_trials=10, workdir="sweeps/a")
+    plan = tl_keras.plan.resolve(config)
+    tuner = make_tuner("random", plan, data, max_trials=10, workdir="sweeps/a")
     tuner.search()
-    rows = write_results(tuner, config, "sweeps/a")
+    rows = write_results(tuner, plan, "sweeps/a")
 """
 
 import contextlib
@@ -39,21 +40,22 @@ import pprint
 
 import keras
 import keras_tuner as kt
-from keras_tuner.src.engine.tuner_utils import SaveBestEpoch  # not exported; see fit
 
-from tl_keras import backbones, features, train, trainable
+from tl_keras import backbones, features, keras_internals, plan as plan_lib, run_folder, train
+from tl_keras import trainable
 
 OBJECTIVE = "val_accuracy"
 
 
 # --- Search space -------------------------------------------------------------------
 
-def search_space(hp, config):
-    """Declares `config`'s regime's hyperparameters on `hp`; returns their names.
+def search_space(hp, plan):
+    """Declares `plan`'s regime's hyperparameters on `hp`; returns their names.
 
     Every name is a config key (configs/base.py), so a trial's values are a
-    config. Defaults are the config's own values.
+    config. Defaults are the plan's own values.
     """
+    config = plan.config
     regime = trainable.get_regime(config.regime)
     cuts = list(regime.cuts or backbones.CUT_POINTS)
     cut = config.cut if config.cut in cuts else regime.cut
@@ -64,7 +66,7 @@ def search_space(hp, config):
     smoothing = [0.0, 0.1, 0.2]
     hp.Choice("label_smoothing", smoothing,
               default=config.label_smoothing if config.label_smoothing in smoothing else 0.0)
-    if any(p.name == "finetune" for p in trainable.plan_phases(config)) and config.epochs > 1:
+    if any(p.name == "finetune" for p in plan.phases) and config.epochs > 1:
         hp.Int("head_epochs", 1, config.epochs - 1,
                default=int(_clip(config.head_epochs, 1, config.epochs - 1)))
         hp.Float("finetune_learning_rate", 1e-6, 1e-4, sampling="log",
@@ -84,7 +86,7 @@ def trial_config(config, values):
     Keras Tuner's own entries (`tuner/...`) are left out, but for Hyperband's
     epoch budget `tuner/epochs`, which becomes `epochs`.
     """
-    config = config.copy_and_resolve_references()
+    config = plan_lib.editable(config)
     for name, value in values.items():
         if name == "tuner/epochs":
             config.epochs = int(value)
@@ -99,41 +101,49 @@ class TransferHyperModel(kt.HyperModel):
     """Builds and trains a trial with tl_keras's own `train.build` and `train.finetune`.
 
     Args:
-      config: the sweep's resolved config; each trial overrides its
-        hyperparameters (`trial_config`).
+      plan: the sweep's `plan.Plan`; each trial overrides its hyperparameters
+        (`trial_config`) and is resolved into a plan of its own.
       data: `data.Datasets` (or numpy `(x, y)` tuples with the same fields).
       workdir: the sweep folder; trial `<id>` runs in `workdir/trials/<id>/`.
       strategy: a one-host `tf.distribute.Strategy` every trial is built and
         trained under (`data` batched at its global batch), or None.
     """
 
-    def __init__(self, config, data, workdir, strategy=None):
+    def __init__(self, plan, data, workdir, strategy=None):
         super().__init__(name="tl_keras")
-        self.config, self.data, self.workdir = config, data, workdir
+        self.plan, self.data, self.workdir = plan, data, workdir
         self.strategy = strategy
         self.feature_store = features.FeatureStore(os.path.join(workdir, "features"))
+        self._plans = {}  # each trial's values resolved once, for build and fit
 
     def declare_hyperparameters(self, hp):
-        search_space(hp, self.config)
+        search_space(hp, self.plan)
+
+    def trial_plan(self, hp):
+        """The plan of the trial whose values `hp` holds."""
+        key = tuple(sorted(hp.values.items()))
+        if key not in self._plans:
+            self._plans[key] = plan_lib.resolve(trial_config(self.plan.config, hp.values))
+        return self._plans[key]
 
     def build(self, hp):
-        search_space(hp, self.config)  # Keras Tuner may call build before declaring
-        config = train.resolve(trial_config(self.config, hp.values))
-        keras.utils.set_random_seed(config.seed)  # as finetune does before building
+        search_space(hp, self.plan)  # Keras Tuner may call build before declaring
+        plan = self.trial_plan(hp)
+        keras.utils.set_random_seed(plan.config.seed)  # as finetune does before building
         scope = self.strategy.scope() if self.strategy else contextlib.nullcontext()
-        with train.dtype_policy(config), scope:
-            model, _ = train.build(config, len(self.data.class_names), self.data.channels)
+        with train.dtype_policy(plan), scope:
+            model, _ = train.build(plan, len(self.data.class_names), self.data.channels)
         return model
 
     def fit(self, hp, model, *args, trial_id, callbacks=(), initial_epoch=0, **kwargs):
-        config = trial_config(self.config, hp.values)
-        config.workdir = os.path.join(self.workdir, "trials", trial_id)
+        plan = self.trial_plan(hp).with_workdir(os.path.join(self.workdir, "trials", trial_id))
         # Hyperband continues its best trials from their weights. Keras
         # Tuner's checkpoint callback would see the head model alone when the
         # head trains on cached features, so the full model is saved here.
-        checkpoints = [c.filepath for c in callbacks if isinstance(c, SaveBestEpoch)
-                       and "tuner/epochs" in hp.values]
-        done = os.path.join(config.workdir, "metrics.json")
+        save_best_epoch = keras_internals.save_best_epoch_class()
+        checkpoints = [c.filepath for c in callbacks
+                       if isinstance(c, save_best_epoch) and "tuner/epochs" in hp.values]
+        done = os.path.join(plan.config.workdir, "metrics.json")
         if os.path.exists(done):  # finished just before an earlier attempt was interrupted
             with open(done) as f:
                 metrics = json.load(f)
@@ -141,7 +151,7 @@ class TransferHyperModel(kt.HyperModel):
                 raise RuntimeError(f"trial {trial_id} finished without its checkpoint")
             print(f"trial_id {trial_id} finished in an earlier attempt; its result is reused.")
         else:
-            metrics = train.finetune(config, self.data, model=model, initial_epoch=initial_epoch,
+            metrics = train.finetune(plan, self.data, model=model, initial_epoch=initial_epoch,
                                      feature_store=self.feature_store, save_models=False,
                                      strategy=self.strategy)
             for path in checkpoints:
@@ -239,49 +249,32 @@ class Hyperband(_PassTrialId, kt.Hyperband):
 TUNERS = {"random": RandomSearch, "hyperband": Hyperband, "bayesian": BayesianOptimization}
 
 
-def check_sweep(name, config, max_trials, workdir):
+def check_sweep(name, plan, max_trials, workdir):
     """Raises `ValueError` for a bad tuner or `max_trials`, or a workdir that
-    holds another sweep; writes `workdir/sweep.json` otherwise."""
+    holds another sweep (run_folder.py); writes `workdir/sweep.json` otherwise."""
     if name not in TUNERS:
         raise ValueError(f"unknown tuner {name!r}; valid tuners: {', '.join(TUNERS)}")
     if max_trials < 1:
         raise ValueError(f"max_trials must be at least 1, got {max_trials}")
-    settings = {"tuner": name, "config": train.config_to_dict(config)}
-    path = os.path.join(workdir, "sweep.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != settings:
-            old, new = previous.get("config", {}), settings["config"]
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if previous.get("tuner") != name:
-                changed.insert(0, "tuner")
-            raise ValueError(
-                f"workdir {workdir!r} holds a sweep with other settings (differs in: "
-                f"{', '.join(changed)}); re-run it with the same settings to resume, "
-                "or choose another --workdir")
-    elif os.path.isdir(workdir) and os.listdir(workdir):
-        raise ValueError(f"workdir {workdir!r} is not empty and holds no tl_keras sweep; "
-                         "choose another --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    train._write_json(path, settings)
+    run_folder.prepare(workdir, {"tuner": name, "config": plan.to_dict()},
+                       name="sweep.json", kind="sweep")
 
 
-def make_tuner(name, config, data, max_trials, workdir, strategy=None):
-    """A Keras Tuner `name` over `config`'s regime, resuming the sweep in `workdir`.
+def make_tuner(name, plan, data, max_trials, workdir, strategy=None):
+    """A Keras Tuner `name` over `plan`'s regime, resuming the sweep in `workdir`.
 
     Args:
       name: random | hyperband | bayesian.
-      config: a resolved config (`train.resolve`); its `epochs` is Hyperband's
-        `max_epochs`.
+      plan: the sweep's `plan.Plan`; its `epochs` is Hyperband's `max_epochs`.
       data: the datasets every trial trains on.
       max_trials: trials in all, those of an earlier attempt included;
         Hyperband also ends when its brackets do.
       workdir: the sweep folder.
       strategy: the one-host strategy trials run under (TransferHyperModel).
     """
-    check_sweep(name, config, max_trials, workdir)
-    common = dict(hypermodel=TransferHyperModel(config, data, workdir, strategy),
+    check_sweep(name, plan, max_trials, workdir)
+    config = plan.config
+    common = dict(hypermodel=TransferHyperModel(plan, data, workdir, strategy),
                   objective=kt.Objective(OBJECTIVE, "max"), seed=config.seed,
                   directory=workdir, project_name="tuner", overwrite=False)
     if name == "hyperband":
@@ -314,7 +307,7 @@ def results(tuner):
     return rows
 
 
-def write_results(tuner, config, workdir):
+def write_results(tuner, plan, workdir):
     """Writes tuning.csv and best_config.py; returns the rows of `results`."""
     rows = results(tuner)
     path = os.path.join(workdir, "tuning.csv")
@@ -327,7 +320,8 @@ def write_results(tuner, config, workdir):
     if best:
         trial = tuner.oracle.trials[best[0]["trial_id"]]
         write_best_config(os.path.join(workdir, "best_config.py"),
-                          trial_config(config, trial.hyperparameters.values), best[0], workdir)
+                          trial_config(plan.config, trial.hyperparameters.values), best[0],
+                          workdir)
     return rows
 
 
@@ -341,10 +335,10 @@ def _columns(rows):
 
 def write_best_config(path, config, row, workdir):
     """`config` as a config file that `tools/finetune.py --config=PATH` reads."""
-    config = config.copy_and_resolve_references()
+    config = plan_lib.editable(config)
     config.workdir = ""  # a new run folder for the retrained model
     config.verbose = "auto"
-    values = pprint.pformat(train.config_to_dict(config), indent=4, sort_dicts=True)
+    values = pprint.pformat(plan_lib.to_dict(config), indent=4, sort_dicts=True)
     text = f'''"""The best trial of the sweep in {workdir}: trial_id {row["trial_id"]}, {OBJECTIVE} {row[OBJECTIVE]:.4f}.
 
 Retrain it, and export the model for TF Serving, with:

@@ -9,11 +9,13 @@ import os
 import sys
 import time
 
+import ml_collections
 from absl import flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-CONFIGS = os.path.join(ROOT, "configs")
+import tl_keras
+import tl_keras.configs
+
+CONFIGS = os.path.dirname(tl_keras.configs.__file__)  # the repository's configs/
 FLAGS = flags.FLAGS
 
 # Plain flags: name -> (type, help). Each, when given, overrides config.<name>.
@@ -50,6 +52,14 @@ def fail(message):
     sys.exit(2)
 
 
+def require_backend():
+    """Fails at once, in one line, when Keras' backend is not installed (a plain
+    `pip install -e .` brings no TensorFlow); call it before anything imports Keras."""
+    missing = tl_keras.missing_backend()
+    if missing:
+        fail(missing)
+
+
 def first_line(text):
     text = str(text).strip()
     return text.splitlines()[0] if text else "(no details)"
@@ -78,19 +88,34 @@ def parse_config_flags(argv):
         if regime not in trainable.REGIMES:
             fail(f"unknown regime {regime!r}; valid regimes: {', '.join(trainable.REGIMES)}")
         argv.insert(1, f"--config={os.path.join(CONFIGS, regime + '.py')}")
+    path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+    path = path.split(":", 1)[0]  # FILE[:ARG]
+    if not os.path.isfile(path):
+        fail(f"config file {path!r} does not exist (--config=FILE[:ARG], e.g. "
+             f"--config={os.path.join(CONFIGS, 'small_similar.py')})")
     try:
-        return FLAGS(argv)
+        argv = FLAGS(argv)
+        config = FLAGS.config  # the file is loaded here: its errors surface now
     except flags.Error as e:
         fail(first_line(e))
-    except AttributeError as e:  # ml_collections: --config.KEY for a KEY the config lacks
+    except AttributeError as e:
+        if "get_config" in str(e):
+            fail(f"config file {path!r} has no get_config() (see configs/base.py)")
+        # ml_collections: --config.KEY for a KEY the config lacks
         fail(f"unknown config key {str(e).strip(chr(34))} (every key is in configs/base.py)")
     except (KeyError, TypeError, ValueError) as e:
         fail(f"bad --config value: {first_line(e)}")
+    except OSError as e:  # ml_collections could not load the file
+        fail(f"cannot load config file {path!r}: {first_line(e)}")
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(f"get_config() of {path!r} returned {type(config).__name__}, "
+             "not an ml_collections.ConfigDict")
+    return argv
 
 
-def resolved_config(folder):
+def flags_config(folder):
     """FLAGS.config with the plain flags applied; with no workdir set, a new
-    `folder/<regime>_<backbone>_<time>`."""
+    `folder/<regime>_<backbone>_<time>`. Resolve it once with `plan.resolve`."""
     config = FLAGS.config
     for name in CONFIG_FLAGS:
         value = getattr(FLAGS, name)
@@ -102,11 +127,12 @@ def resolved_config(folder):
     return config
 
 
-def make_strategy(config):
-    """The tf.distribute strategy `config.distribution` names (None: one device), announced."""
+def make_strategy(plan):
+    """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
     from tl_keras import distribute
 
-    strategy = distribute.get_strategy(config.distribution)
+    config = plan.config
+    strategy = distribute.get_strategy(plan.distribution)
     if strategy is not None:
         print(f"Distribution: {distribute.name_of(strategy)}, "
               f"{distribute.replicas(strategy)} replicas, global batch "
@@ -115,11 +141,12 @@ def make_strategy(config):
     return strategy
 
 
-def load_data(config, strategy):
+def load_data(plan, strategy):
     """`data.load` at the strategy's global batch, announced."""
     from tl_keras import data, distribute
 
-    datasets = data.load(config, image_size=config.image_size,
+    config = plan.config
+    datasets = data.load(config, image_size=plan.image_size,
                          batch_size=distribute.global_batch(config, strategy),
                          drop_remainder=distribute.replicas(strategy) > 1)
     print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "

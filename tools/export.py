@@ -8,14 +8,12 @@ signatures `serving_default` (float32 pixels) and `serve_bytes` (encoded
 images); see tl_keras/export.py. Errors: one line, exit 2.
 """
 
-import os
-import sys
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common
+from _common import fail, first_line
 
-from absl import app, flags  # noqa: E402
-
-from _common import fail, first_line  # noqa: E402
+_common.require_backend()  # one line, not a traceback, without TensorFlow
 
 flags.DEFINE_string("workdir", None, "A finished run folder (holds model.keras and metrics.json).")
 flags.DEFINE_string("export_dir", None, "The model's base directory for TF Serving.")

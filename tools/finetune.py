@@ -7,21 +7,18 @@ Usage:
     python tools/finetune.py --config=configs/smoke.py:large_different --config.init=scratch
     python tools/finetune.py --regime=small_similar --export_dir=exports/fashion  # + SavedModel
     python tools/finetune.py --regime=large_similar --distribution=mirrored  # every GPU here
-    TF_CONFIG='{...}' python tools/finetune.py --distribution=multi_worker    # each host (README)
+    TF_CONFIG='{...}' python tools/finetune.py --distribution=multi_worker    # each host (docs/scaling_out.md)
 
 `--regime=R` reads configs/R.py unless `--config` is given; plain flags and
 `--config.KEY=VALUE` override it. Errors in flags or data: one line, exit 2.
 """
 
-import os
-import sys
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common
+from _common import fail, first_line
 
-from absl import app, flags  # noqa: E402
-
-import _common  # noqa: E402
-from _common import fail, first_line  # noqa: E402
+_common.require_backend()  # one line, not a traceback, without TensorFlow
 
 _common.define_config_flags()
 flags.DEFINE_string("export_dir", None, "Also export the final model for TF Serving as "
@@ -32,18 +29,20 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import distribute, export, train
+    from tl_keras import distribute, export, plan as plan_lib, run_folder, train
 
-    config = _common.resolved_config("runs")
     strategy = None
     try:
-        config = train.resolve(config)
-        strategy = _common.make_strategy(config)  # before any other TensorFlow work
+        plan = plan_lib.resolve(_common.flags_config("runs"))
+        config = plan.config
+        strategy = _common.make_strategy(plan)  # before any other TensorFlow work
+        if distribute.writes(strategy):  # a finished run, another run's folder: refused now
+            run_folder.check(config.workdir, plan.to_dict())
         if FLAGS.export_dir:  # checked before training, not after
             export.check_export_dir(FLAGS.export_dir)
         print(f"Run folder: {config.workdir}")
-        datasets = _common.load_data(config, strategy)
-        metrics = train.finetune(config, datasets, strategy=strategy)
+        datasets = _common.load_data(plan, strategy)
+        metrics = train.finetune(plan, datasets, strategy=strategy)
     except ValueError as e:
         fail(first_line(e))
     except Exception as e:  # noqa: BLE001

@@ -20,7 +20,6 @@ function); gRPC needs TensorFlow and `tensorflow-serving-api` (`pip install
 
 import base64
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -29,15 +28,20 @@ from absl import app, flags
 
 from _common import fail, first_line
 
-flags.DEFINE_enum("format", "rest", ["rest", "grpc"], "Request format.")
-flags.DEFINE_enum("signature", "serve_bytes", ["serve_bytes", "serving_default"],
-                  "The exported signature to call.")
-flags.DEFINE_integer("image_size", None, "The model's input size (serving_default only).")
-flags.DEFINE_string("model_name", "tl_keras", "The model name TF Serving serves it under.")
-flags.DEFINE_string("server", None, "HOST:PORT to send the request to (REST 8501, gRPC 8500); "
-                    "without it the request is printed.")
-flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the server.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line's flags; defined only when run as a program, so that the
+    request builders below import without them (tests, other tools)."""
+    flags.DEFINE_enum("format", "rest", ["rest", "grpc"], "Request format.")
+    flags.DEFINE_enum("signature", "serve_bytes", ["serve_bytes", "serving_default"],
+                      "The exported signature to call.")
+    flags.DEFINE_integer("image_size", None, "The model's input size (serving_default only).")
+    flags.DEFINE_string("model_name", "tl_keras", "The model name TF Serving serves it under.")
+    flags.DEFINE_string("server", None, "HOST:PORT to send the request to (REST 8501, gRPC "
+                        "8500); without it the request is printed.")
+    flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the server.")
 
 
 def read_images(paths):
@@ -59,7 +63,6 @@ def pixels(images, image_size):
     """float32 [N, image_size, image_size, 3] as the exported `serve_bytes` graph makes them."""
     import tensorflow as tf
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tl_keras.export import decode_image
 
     return tf.stack([decode_image(d, image_size, image_size) for d in images]).numpy()
@@ -148,4 +151,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

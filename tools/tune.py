@@ -23,14 +23,13 @@ Errors in flags, data or the oracle's address: one line, exit 2.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+import _common
+from _common import fail
 
-import _common  # noqa: E402
-from _common import fail  # noqa: E402
+_common.require_backend()  # one line, not a traceback, without TensorFlow
 
 _common.define_config_flags(workdir_help="Sweep folder (default sweeps/<regime>_<backbone>_<time>); "
                                          "an unfinished sweep there resumes.")
@@ -43,26 +42,26 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import train, tune
+    from tl_keras import plan as plan_lib, tune
 
-    config = _common.resolved_config("sweeps")
     try:
         role = tune.role()  # checks the KERASTUNER_* variables
-        config = train.resolve(config)
-        if config.distribution == "multi_worker":
+        plan = plan_lib.resolve(_common.flags_config("sweeps"))
+        config = plan.config
+        if plan.distribution == "multi_worker":
             raise ValueError("--distribution=multi_worker trains one run across hosts; a sweep "
                              "spreads its trials over hosts with KERASTUNER_* variables "
-                             "(README: Tuning)")
-        strategy = _common.make_strategy(config)  # trials run under it; before other TF work
-        tune.check_sweep(FLAGS.tuner, config, FLAGS.max_trials, config.workdir)
+                             "(docs/tuning.md)")
+        strategy = _common.make_strategy(plan)  # trials run under it; before other TF work
+        tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
         if role == "chief":
             tune.check_oracle_port()
         elif role == "worker":
             tune.wait_for_oracle(FLAGS.oracle_wait)
         print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
               f"{', ' + tune.tuner_id() if role != 'single' else ''})")
-        datasets = _common.load_data(config, strategy)
-        tuner = tune.make_tuner(FLAGS.tuner, config, datasets, FLAGS.max_trials, config.workdir,
+        datasets = _common.load_data(plan, strategy)
+        tuner = tune.make_tuner(FLAGS.tuner, plan, datasets, FLAGS.max_trials, config.workdir,
                                 strategy)
         if role != "worker":
             earlier = sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
@@ -81,7 +80,7 @@ def main(argv):
             fail(stopped)
         print(f"Worker {tune.tuner_id()}: no trials left.")
         return
-    rows = tune.write_results(tuner, config, config.workdir)
+    rows = tune.write_results(tuner, plan, config.workdir)
     print(tune.format_table(rows))
     if stopped:
         fail(f"{stopped} (the trials' errors are above and in tuning.csv)")

@@ -1,0 +1,74 @@
+"""A config resolved once into an immutable plan, every bad setting refused first."""
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from tl_keras import plan as plan_lib
+
+
+def test_resolve_fills_in_what_the_regime_and_backbone_decide(tmp_path):
+    config = tiny_config(tmp_path, "small_different", image_size=0, init="pretrained")
+    plan = plan_lib.resolve(config)
+    assert (plan.cut, plan.cut_layer) == ("early", "expanded_conv_project_bn")
+    assert plan.image_size == 224  # image_size 0: the backbone's own
+    assert [(p.name, p.train) for p in plan.phases] == [("head", "head")]
+    assert plan.loss == "sparse_categorical_crossentropy"
+    assert (plan.weights, plan.distribution) == ("none", "auto")  # the smoke config's
+    assert config.cut is None and config.image_size == 0  # the config is not changed
+    assert plan_lib.resolve(plan) is plan  # a plan is resolved already
+
+    scratch = plan_lib.resolve(tiny_config(tmp_path, "large_different", init="scratch",
+                                           weights="imagenet"))
+    assert scratch.weights == "none"  # init=scratch: every weight random
+    assert [p.name for p in scratch.phases] == ["scratch"]
+
+
+def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
+    plan = plan_lib.resolve(tiny_config(tmp_path, "large_similar", cut="late"))
+    with pytest.raises(AttributeError):
+        plan.config.epochs = 100
+    with pytest.raises(AttributeError):
+        plan.cut = "top"
+    settings = plan.to_dict()
+    assert json.loads(json.dumps(settings)) == settings
+    assert (settings["cut"], settings["image_size"], settings["regime"]) == ("late", 32,
+                                                                             "large_similar")
+    moved = plan.with_workdir(str(tmp_path / "elsewhere"))
+    assert moved.config.workdir == str(tmp_path / "elsewhere")
+    assert plan.config.workdir == str(tmp_path / "run")
+    assert moved.phases == plan.phases and moved.cut_layer == plan.cut_layer
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"regime": "medium_similar"}, "unknown regime 'medium_similar'; valid regimes: "),
+    ({"backbone": "resnet5"}, "unknown backbone 'resnet5'; valid backbones: "),
+    ({"regime": "small_different", "cut": "top"}, "cuts at early or middle"),
+    ({"init": "random"}, "unknown init 'random'; valid inits: pretrained, scratch"),
+    ({"epochs": 0}, "epochs must be at least 1, got 0"),
+    ({"batch_size": -4}, "batch_size must be at least 1, got -4"),
+    ({"distribution": "gpus"}, "unknown distribution 'gpus'; valid: auto, none, mirrored"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1.0"),
+    ({"examples_per_class": -2}, r"examples_per_class must be 0 \(all\) or more, got -2"),
+    ({"max_examples": -5}, r"max_examples must be 0 \(all\) or more, got -5"),
+    ({"image_size": -5}, r"image_size must be 0 \(the backbone's own\) or more, got -5"),
+    ({"image_size": 5000}, "image_size must be at most 2048, got 5000"),
+    ({"learning_rate": 0.0}, "learning_rate must be above 0, got 0.0"),
+    ({"finetune_learning_rate": -1e-5}, "finetune_learning_rate must be above 0, got -1e-05"),
+    ({"cached_views": 0}, "cached_views must be at least 1, got 0"),
+    ({"pool_grid": 0}, r"pool_grid must be 1 \(global average\) or more, got 0"),
+    ({"mixed_precision": "float8"}, "unknown mixed_precision 'float8'; valid: '', 'float32', "),
+    ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        plan_lib.resolve(tiny_config(tmp_path, **overrides))
+
+
+def test_the_workdir_is_normalised_and_must_be_a_writable_folder(tmp_path):
+    plan = plan_lib.resolve(tiny_config(tmp_path, workdir=str(tmp_path / "runs" / "a") + "/"))
+    assert plan.config.workdir == str(tmp_path / "runs" / "a")  # a trailing slash: the same run
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="workdir '.*a_file' is a file, not a folder"):
+        plan_lib.resolve(tiny_config(tmp_path, workdir=str(tmp_path / "a_file")))

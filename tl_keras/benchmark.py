@@ -1,0 +1,449 @@
+"""The benchmark: cached-feature head training against plain `fit`, input pipelines against memory.
+
+Measured side by side in one process, same data, same seed:
+  1. A frozen regime (small_similar), `epochs` epochs: the head trained on
+     cached features vs plain `fit` on the frozen full model. Also the floor:
+     one forward pass over the training set, and the head's own training time.
+  2. Training everything (the large regimes' phase 2): `fit` fed by tl_keras's
+     tf.data pipeline from an image folder vs `fit` on the same images in memory.
+  3. The same, fed by the TensorFlow transfer-learning tutorial's pipeline
+     (`image_dataset_from_directory` + `prefetch`).
+  4. A Keras Tuner sweep of part 1's regime (`tune_trials` random trials over
+     cut, dropout, learning rate, label smoothing): seconds per trial that
+     computes its cut's features against one that reuses them, and the
+     process's resident memory after every trial (Keras Tuner clears the
+     session between trials).
+
+With `KERAS_BACKEND=jax` it needs no TensorFlow (as on a GPU machine with JAX
+alone): parts 1-2 run on numpy arrays resized with keras.ops; part 2 then
+measures the in-memory feed only, and part 3 (tf.data) is left out.
+tools/benchmark.py is its command line (docs/performance.md has the numbers).
+
+Example:
+    results = run(Settings(backbone="mobilenet_v3_small", weights="none", image_size=32))
+    print(format_table(results))
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+
+
+def _setting(default, help_):
+    return dataclasses.field(default=default, metadata={"help": help_})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the benchmark runs on; tools/benchmark.py has a flag for each."""
+    backbone: str = _setting("efficientnet_lite0", "Backbone.")
+    weights: str = _setting("imagenet", "imagenet | none")
+    image_size: int = _setting(96, "Input height and width.")
+    dataset: str = _setting("fashion_mnist", "A built-in dataset: fashion_mnist | digits.")
+    train_examples: int = _setting(1000, "Part 1: training images.")
+    val_examples: int = _setting(500, "Part 1: validation images.")
+    epochs: int = _setting(10, "Part 1: epochs of each path.")
+    finetune_examples: int = _setting(192, "Parts 2-3: images per epoch.")
+    finetune_epochs: int = _setting(2, "Parts 2-3: timed epochs per feed, after a warm-up.")
+    batch_size: int = _setting(32, "Batch size.")
+    tune_trials: int = _setting(10, "Part 4: trials of the sweep (0: no part 4).")
+
+
+def run(settings, command=""):
+    """Runs every part; returns the results as a JSON-ready dict."""
+    import keras
+
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "backend": keras.backend.backend(),
+        "device": _device(),
+        "cpu_count": os.cpu_count(),
+        "backbone": settings.backbone, "weights": settings.weights,
+        "image_size": settings.image_size, "dataset": settings.dataset,
+        "batch_size": settings.batch_size,
+        "command": command,
+    }
+    start = time.perf_counter()
+    plan, datasets = frozen_regime_data(settings)
+    results["frozen_regime"] = frozen_regime(settings, plan, datasets)
+    if settings.tune_trials:
+        results["tuning"] = tuning(settings, plan, datasets)
+    if _tensorflow():
+        with tempfile.TemporaryDirectory() as root:
+            write_folder(settings, root, settings.finetune_examples)
+            results["full_finetune"] = full_finetune(settings, root)
+    else:  # parts 1-2 on numpy arrays; part 3 is tf.data's
+        results["full_finetune"] = full_finetune_in_memory(settings)
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def config_for(settings, **overrides):
+    """The configs/small_similar.py config with the benchmark's settings."""
+    from tl_keras.configs import small_similar
+
+    config = small_similar.get_config()
+    config.update(dict(backbone=settings.backbone, weights=settings.weights,
+                       image_size=settings.image_size, dataset=settings.dataset,
+                       batch_size=settings.batch_size, augment=False, seed=0, verbose="0"))
+    config.update(overrides)
+    return config
+
+
+def compile_(model, learning_rate=1e-3):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+# --- Part 1: cached features vs plain fit ---------------------------------------
+
+def frozen_regime_data(settings):
+    """Part 1's plan and data: tf.data pipelines, or numpy arrays without TensorFlow."""
+    from tl_keras import plan as plan_lib
+
+    plan = plan_lib.resolve(config_for(settings, max_examples=settings.train_examples))
+    datasets = tf_datasets(settings, plan) if _tensorflow() else numpy_datasets(settings, plan)
+    return plan, datasets
+
+
+def tf_datasets(settings, plan):
+    """Part 1's data as tl_keras's tf.data pipelines, images cached before timing."""
+    from tl_keras import data
+
+    config = plan.config
+    examples = data.load_examples(config)
+    examples.val = examples.val.take(settings.val_examples)
+    examples.val_examples = min(examples.val_examples, settings.val_examples)
+    datasets = data.make_datasets(examples, config, plan.image_size)
+    for batch in (datasets.train, datasets.val):  # fill the image caches before timing
+        for _ in batch:
+            pass
+    return datasets
+
+
+def numpy_datasets(settings, plan):
+    """The same images as `tf_datasets`, as numpy arrays resized with keras.ops: no TensorFlow."""
+    import types
+
+    from tl_keras import arrays
+
+    config = plan.config
+    x, y, x_val, y_val, names = arrays.load_builtin(config.dataset)
+    if x_val is None:
+        train_idx, val_idx = arrays.split_indices(y, config.val_fraction, config.seed,
+                                                  config.max_examples)
+        x, y, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    else:
+        train_idx, _ = arrays.split_indices(y, 0.0, config.seed, config.max_examples)
+        x, y = x[train_idx], y[train_idx]
+    x_val, y_val = x_val[:settings.val_examples], y_val[:settings.val_examples]
+
+    x, x_val = resize(x, plan.image_size), resize(x_val, plan.image_size)
+    return types.SimpleNamespace(
+        train=(x, y.astype("int32")), val=(x_val, y_val.astype("int32")), class_names=names,
+        train_examples=len(y), val_examples=len(y_val), channels=x.shape[-1])
+
+
+def resize(images, size):
+    """uint8 [N, size, size, C] as data.make_datasets resizes (antialiased, rounded), via keras.ops."""
+    import keras
+    import numpy as np
+
+    images = images[..., None] if images.ndim == 3 else images
+    out = keras.ops.image.resize(images.astype("float32"), (size, size), antialias=True)
+    return np.clip(np.round(keras.ops.convert_to_numpy(out)), 0, 255).astype("uint8")
+
+
+def frozen_regime(settings, plan, datasets):
+    """Part 1: plain `fit` of the frozen full model against the head on cached features."""
+    import keras
+    import numpy as np
+
+    from tl_keras import features, train, trainable
+
+    def feed(d, labels=True):  # numpy arrays are batched (and, for fit, shuffled) by Keras
+        if not isinstance(d, tuple):
+            return {"x": d}
+        if not labels:
+            return {"x": d[0], "batch_size": settings.batch_size}
+        return {"x": d[0], "y": d[1], "batch_size": settings.batch_size, "shuffle": True}
+
+    def fresh_model():
+        keras.utils.set_random_seed(0)
+        model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+        [phase] = plan.phases
+        trainable.apply_phase(model, phase)
+        return model
+
+    # Plain fit on the frozen full model: the backbone runs every epoch.
+    model = fresh_model()
+    features.adapt_feature_norm(model, features.sample(model, datasets))
+    compile_(model)
+    start = time.perf_counter()
+    plain = model.fit(**feed(datasets.train), validation_data=datasets.val,
+                      epochs=settings.epochs, verbose=0)
+    plain_seconds = time.perf_counter() - start
+
+    # Cached: the backbone runs once over train and val, then the head trains.
+    model = fresh_model()
+    start = time.perf_counter()
+    cache = features.compute(model, datasets, views=1, batch_size=settings.batch_size, verbose=0)
+    features.adapt_feature_norm(model, cache.train[0])
+    head = features.head_model(model)
+    compile_(head)
+    head_start = time.perf_counter()
+    cached = head.fit(cache.train_batches(settings.batch_size, seed=0),
+                      validation_data=(cache.val, cache.val_labels), epochs=settings.epochs,
+                      verbose=0)
+    head_seconds = time.perf_counter() - head_start
+    cached_seconds = time.perf_counter() - start
+
+    # The floor: one forward pass over the training set, warm (no tracing);
+    # and over the validation set, which both paths also run.
+    extract = features.extractor(model)
+    extract.predict(**feed(datasets.train, labels=False), verbose=0)
+    start = time.perf_counter()
+    extract.predict(**feed(datasets.train, labels=False), verbose=0)
+    floor_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    extract.predict(**feed(datasets.val, labels=False), verbose=0)
+    val_floor_seconds = time.perf_counter() - start
+
+    # The full model agrees with the head on the cached features.
+    x = datasets.val[0] if isinstance(datasets.val, tuple) else np.concatenate(
+        [x for x, _ in datasets.val.as_numpy_iterator()])
+    gap = float(np.abs(model.predict(x, verbose=0) - head.predict(cache.val, verbose=0)).max())
+    return {
+        "train_examples": datasets.train_examples, "val_examples": datasets.val_examples,
+        "epochs": settings.epochs,
+        "plain_fit_seconds": round(plain_seconds, 2),
+        "cached_seconds": round(cached_seconds, 2),
+        "cached_features_seconds": round(cache.seconds, 2),
+        "cached_head_seconds": round(head_seconds, 2),
+        "speedup": round(plain_seconds / cached_seconds, 2),
+        "forward_pass_floor_seconds": round(floor_seconds, 2),
+        "cached_over_floor_plus_head": round(cached_seconds / (floor_seconds + head_seconds), 2),
+        "val_forward_pass_seconds": round(val_floor_seconds, 2),
+        "cached_over_floor_val_pass_plus_head": round(
+            cached_seconds / (floor_seconds + val_floor_seconds + head_seconds), 2),
+        "plain_val_accuracy": round(float(plain.history["val_accuracy"][-1]), 4),
+        "cached_val_accuracy": round(float(cached.history["val_accuracy"][-1]), 4),
+        "full_model_vs_head_max_abs_difference": gap,
+    }
+
+
+# --- Part 4: a tuner sweep on shared cached features ---------------------------------
+
+def tuning(settings, plan, datasets):
+    """Part 4: a random sweep over part 1's regime, on features shared per cut."""
+    import statistics
+
+    from tl_keras import plan as plan_lib, tune
+
+    config = plan_lib.editable(plan.config)
+    config.epochs = settings.epochs  # as part 1
+    plan = plan_lib.resolve(config)
+    with tempfile.TemporaryDirectory() as root:
+        sweep = os.path.join(root, "sweep")
+        tuner = tune.make_tuner("random", plan, datasets, settings.tune_trials, sweep)
+        start = time.perf_counter()
+        tuner.search(verbose=0)
+        total = time.perf_counter() - start
+        trials = sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id))
+        failed = [r for r in tune.results(tuner) if r["status"] != "COMPLETED"]
+        if failed:
+            raise RuntimeError(f"trial {failed[0]['trial_id']} failed: {failed[0].get('error')}")
+        reused, cuts = [], []
+        for trial in trials:
+            with open(os.path.join(sweep, "trials", trial.trial_id, "metrics.json")) as f:
+                metrics = json.load(f)
+            reused.append(metrics["cached_features"]["reused"])
+            cuts.append(metrics["cut_layer"])
+
+    def metric(name):
+        return [round(t.metrics.get_last_value(name), 1) for t in trials]
+
+    seconds = metric("seconds")
+    computing = [s for s, r in zip(seconds, reused) if not r]
+    reusing = [s for s, r in zip(seconds, reused) if r]
+    rss, peak = metric("rss_mb"), metric("peak_rss_mb")
+    return {
+        "trials": len(trials), "epochs_per_trial": config.epochs,
+        "total_seconds": round(total, 1),
+        "trials_computing_features": len(computing),
+        "cut_layer_of_each_trial": cuts, "reused_features_in_each_trial": reused,
+        "median_seconds_computing_features": statistics.median(computing) if computing else None,
+        "median_seconds_reusing_features": statistics.median(reusing) if reusing else None,
+        "best_val_accuracy": round(max(t.score for t in trials), 4),
+        "rss_mb_after_each_trial": rss, "peak_rss_mb_after_each_trial": peak,
+    }
+
+
+# --- Parts 2 and 3: feeding a full fine-tune ----------------------------------------
+
+def write_folder(settings, root, n):
+    """`n` training images of the dataset as PNG files in class subfolders."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tl_keras import arrays
+
+    x, y, _, _, _ = arrays.load_builtin(settings.dataset)
+    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=n)
+    for i in idx:
+        folder = os.path.join(root, f"{int(y[i]):02d}")
+        os.makedirs(folder, exist_ok=True)
+        image = np.asarray(x[i]).reshape(x.shape[1], x.shape[2], -1)
+        image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+        with open(os.path.join(folder, f"{i}.png"), "wb") as f:
+            f.write(tf.io.encode_png(image).numpy())
+    return len(idx)
+
+
+def full_finetune(settings, root):
+    """Part 2 (tl_keras pipeline vs memory) and part 3 (tutorial pipeline), TensorFlow backend."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tl_keras import data
+
+    plan, model = finetune_model(settings)
+    config, size = plan.config, plan.image_size
+    ours = data.make_datasets(
+        data.from_folder(root, val_fraction=0.0, seed=0), config, size).train
+    tutorial = keras.utils.image_dataset_from_directory(
+        root, image_size=(size, size), batch_size=settings.batch_size, seed=0,
+        verbose=False).prefetch(tf.data.AUTOTUNE)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ours])
+    memory = (np.concatenate(xs), np.concatenate(ys))
+    rate = time_feeds(settings, model, len(memory[1]), {
+        "memory": (memory, dict(batch_size=settings.batch_size, shuffle=True)),
+        "ours": ((ours,), {}), "tutorial": ((tutorial,), {})})
+    return {
+        "images": int(len(memory[1])), "timed_epochs_per_feed": settings.finetune_epochs,
+        "model_only_images_per_second": round(rate["memory"], 1),
+        "tl_keras_pipeline_images_per_second": round(rate["ours"], 1),
+        "tutorial_pipeline_images_per_second": round(rate["tutorial"], 1),
+        "tl_keras_over_model_only": round(rate["ours"] / rate["memory"], 3),
+        "tutorial_over_model_only": round(rate["tutorial"] / rate["memory"], 3),
+    }
+
+
+def full_finetune_in_memory(settings):
+    """Part 2's model-only feed alone, on numpy arrays: any backend, no tf.data."""
+    import numpy as np
+
+    from tl_keras import arrays
+
+    plan, model = finetune_model(settings)
+    x, y, _, _, _ = arrays.load_builtin(settings.dataset)
+    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=settings.finetune_examples)
+    x = resize(x[idx], plan.image_size)
+    x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x  # as the folder's RGB PNGs
+    rate = time_feeds(settings, model, len(idx), {
+        "memory": ((x, y[idx].astype("int32")), dict(batch_size=settings.batch_size,
+                                                     shuffle=True))})
+    return {"images": int(len(idx)), "timed_epochs_per_feed": settings.finetune_epochs,
+            "model_only_images_per_second": round(rate["memory"], 1)}
+
+
+def finetune_model(settings):
+    """The large regimes' phase 2: everything trains, for 10 classes of RGB images."""
+    import keras
+
+    from tl_keras import plan as plan_lib, train, trainable
+
+    plan = plan_lib.resolve(config_for(settings, regime="large_similar", val_fraction=0.0))
+    keras.utils.set_random_seed(0)
+    model, _ = train.build(plan, 10, 3)
+    trainable.apply_phase(model, plan.phases[-1])
+    compile_(model, 1e-5)
+    return plan, model
+
+
+def time_feeds(settings, model, n, feeds):
+    """Images per second of one `fit` epoch per feed: the median of the timed epochs.
+
+    One model for all feeds, timed epoch by epoch in turn, so that the
+    machine's noise falls on every feed alike.
+    """
+    import numpy as np
+
+    for args, kwargs in feeds.values():
+        model.fit(*args, epochs=1, verbose=0, **kwargs)  # warm-up: tracing, caches
+    seconds = {name: [] for name in feeds}
+    for _ in range(settings.finetune_epochs):
+        for name, (args, kwargs) in feeds.items():
+            start = time.perf_counter()
+            model.fit(*args, epochs=1, verbose=0, **kwargs)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: n / float(np.median(s)) for name, s in seconds.items()}
+
+
+def _tensorflow():
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+def _device():
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    if _tensorflow():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return f"{len(gpus)} GPU(s)" if gpus else cpu
+    import jax
+
+    devices = jax.devices()
+    return cpu if devices[0].platform == "cpu" else f"{len(devices)} x {devices[0].device_kind}"
+
+
+def format_table(r):
+    """The results as the aligned text table the tool prints."""
+    f, t = r["frozen_regime"], r["full_finetune"]
+    rows = [
+        ("1. frozen regime", f"{f['epochs']} epochs, {f['train_examples']} train / "
+                             f"{f['val_examples']} val images"),
+        ("   plain fit", f"{f['plain_fit_seconds']} s, val_accuracy {f['plain_val_accuracy']}"),
+        ("   cached features", f"{f['cached_seconds']} s (features {f['cached_features_seconds']} s"
+                               f" + head {f['cached_head_seconds']} s), val_accuracy "
+                               f"{f['cached_val_accuracy']}"),
+        ("   speedup", f"{f['speedup']}x"),
+        ("   floor (1 forward pass)", f"{f['forward_pass_floor_seconds']} s; cached / (floor + "
+                                      f"head) = {f['cached_over_floor_plus_head']}"),
+        ("   + the val pass", f"{f['val_forward_pass_seconds']} s; cached / (floor + val pass + "
+                              f"head) = {f['cached_over_floor_val_pass_plus_head']}"),
+        ("2. full fine-tune", f"{t['images']} images, median of {t['timed_epochs_per_feed']} "
+                              "epochs per feed"),
+        ("   in memory (model only)", f"{t['model_only_images_per_second']} img/s"),
+    ]
+    if "tl_keras_pipeline_images_per_second" in t:  # the tf.data feeds: TensorFlow backend
+        rows += [
+            ("   tl_keras pipeline", f"{t['tl_keras_pipeline_images_per_second']} img/s "
+                                     f"({t['tl_keras_over_model_only']} of model only)"),
+            ("3. tutorial pipeline", f"{t['tutorial_pipeline_images_per_second']} img/s "
+                                     f"({t['tutorial_over_model_only']} of model only)"),
+        ]
+    if "tuning" in r:
+        u = r["tuning"]
+        rows += [
+            ("4. tuner sweep", f"{u['trials']} trials of {u['epochs_per_trial']} epochs, "
+                               f"{u['total_seconds']} s, best val_accuracy {u['best_val_accuracy']}"),
+            ("   trial, computing features", f"{u['median_seconds_computing_features']} s (median "
+                                             f"of {u['trials_computing_features']})"),
+            ("   trial, reusing features", f"{u['median_seconds_reusing_features']} s (median)"),
+            ("   RSS after trial 1 / last", f"{u['rss_mb_after_each_trial'][0]} / "
+                                           f"{u['rss_mb_after_each_trial'][-1]} MB (peak "
+                                           f"{u['peak_rss_mb_after_each_trial'][0]} / "
+                                           f"{u['peak_rss_mb_after_each_trial'][-1]} MB)"),
+        ]
+    width = max(len(a) for a, _ in rows)
+    lines = [f"{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px"]
+    return "\n".join(lines + [f"{a:<{width}}  {b}" for a, b in rows])

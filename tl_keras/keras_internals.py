@@ -1,0 +1,131 @@
+"""Every private Keras and Keras Tuner API tl_keras relies on, in one place.
+
+Each works around something the public API cannot do (the reasons are where
+they are used). Private APIs change without notice, so each is checked against
+the versions tl_keras was tested with: on another version, using one fails with
+a one-line `RuntimeError` that names the version to install, instead of a
+wrong result or an AttributeError deep inside a run.
+
+    symbolic_build(model, spec)      Model._symbolic_build: variables from shapes
+    build_from_spec(model)           replaces Model._maybe_symbolic_build (distribute.py)
+    initial_epoch(model)             Model._initial_epoch, set by BackupAndRestore
+    ReadOnlyBackup                   BackupAndRestore without BackupAndRestore._save_model
+    fresh_layer_names()              keras.src...global_state: automatic names from 0
+    save_best_epoch_class()          keras_tuner.src...tuner_utils.SaveBestEpoch
+
+Example:
+    keras_internals.symbolic_build(model, dataset.element_spec)
+"""
+
+import collections
+import contextlib
+import types
+
+import keras
+
+TESTED = {"keras": "3.15", "keras_tuner": "1.4"}  # major.minor
+
+
+def check_version(package, version, what):
+    """Raises `RuntimeError` unless `version` is the major.minor in `TESTED[package]`."""
+    tested = TESTED[package]
+    if version.split(".")[:2] != tested.split("."):
+        raise RuntimeError(
+            f"tl_keras uses a private {package} API ({what}) tested with {package} "
+            f"{tested}.x, and {package} {version} is installed; install "
+            f"'{package}>={tested},<{_next_minor(tested)}' (as setup.cfg pins it)")
+
+
+def _next_minor(version):
+    major, minor = version.split(".")
+    return f"{major}.{int(minor) + 1}"
+
+
+def _keras(what):
+    check_version("keras", keras.__version__, what)
+
+
+# --- keras.Model ------------------------------------------------------------------
+
+def symbolic_build(model, spec):
+    """Creates `model`'s compiled metrics' variables from the shapes of `spec` (a batch
+    or a `tf.TensorSpec` structure), as `fit` does before its first step."""
+    _keras("Model._symbolic_build")
+    model._symbolic_build(data_batch=spec)
+
+
+def build_from_spec(model):
+    """Makes `model.fit`/`evaluate` build from the pipeline's `element_spec` instead of
+    reading (and averaging over replicas) a first batch; see
+    `distribute.fix_symbolic_build` for why."""
+    _keras("Model._maybe_symbolic_build")
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            data_batch = iterator.data_adapter.get_tf_dataset().element_spec
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
+    return model
+
+
+def initial_epoch(model):
+    """The epoch `BackupAndRestore.on_train_begin` restored `model` to, or None;
+    clears it for the next `on_train_begin`."""
+    _keras("Model._initial_epoch")
+    epoch, model._initial_epoch = getattr(model, "_initial_epoch", None), None
+    return epoch
+
+
+class ReadOnlyBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that restores from `backup_dir` and writes and deletes
+    nothing (a multi-worker run's workers other than the chief)."""
+
+    def __init__(self, backup_dir):
+        _keras("BackupAndRestore._save_model")
+        super().__init__(backup_dir, delete_checkpoint=False)
+
+    def _save_model(self):
+        pass
+
+
+# --- Layer names ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fresh_layer_names():
+    """Builds with Keras' automatic layer names counted from zero.
+
+    Keras numbers unnamed layers ("add", "add_1", ...) with a process-wide
+    counter, so the same backbone gets other names once any model has been
+    built before it. Counting afresh makes the cut table of backbones.py hold
+    in every process; afterwards the counters continue past both, so no name
+    is reused.
+    """
+    _keras("keras.src.backend.common.global_state")
+    from keras.src.backend.common import global_state
+
+    key = "object_name_uids"
+    saved = global_state.get_global_attribute(key, default=None)
+    fresh = collections.defaultdict(int)
+    global_state.set_global_attribute(key, fresh)
+    try:
+        yield
+    finally:
+        merged = collections.defaultdict(int, saved or {})
+        for prefix, count in fresh.items():
+            merged[prefix] = max(merged[prefix], count)
+        global_state.set_global_attribute(key, merged)
+
+
+# --- Keras Tuner ------------------------------------------------------------------
+
+def save_best_epoch_class():
+    """Keras Tuner's `SaveBestEpoch` callback class (not exported), with which
+    Hyperband saves the weights a continued trial starts from."""
+    import keras_tuner
+
+    check_version("keras_tuner", keras_tuner.__version__, "tuner_utils.SaveBestEpoch")
+    from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+
+    return SaveBestEpoch

@@ -1,0 +1,146 @@
+"""A config resolved once into the plan a run follows.
+
+    config (configs/*.py, flags)  --resolve-->  Plan (immutable)
+
+`resolve` checks every setting before any work (regime, backbone, cut, init,
+epochs, loss, distribution: each wrong one a `ValueError` of one line that
+lists the valid values), fills in what the regime and the backbone decide (the
+cut point, the image size), and plans the training phases. Building
+(train.build), training (train.finetune), the tuner (tune.py) and the run
+folder (config.json) all read the same `Plan`; nothing resolves the config again.
+
+Example:
+    plan = resolve(configs.small_similar.get_config())
+    plan.cut, plan.cut_layer, plan.image_size   # "top", "top_activation", 96
+    [phase.name for phase in plan.phases]       # ["head"]
+"""
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+from tl_keras import backbones, losses, trainable
+
+DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("", "float32", "mixed_float16", "mixed_bfloat16")
+MAX_IMAGE_SIZE = 2048  # above this an image classifier's activations outgrow any device
+
+# key: (lowest allowed, what it means when wrong)
+_AT_LEAST = {
+    "batch_size": (1, "at least 1"),
+    "image_size": (1, "0 (the backbone's own) or more"),
+    "max_examples": (0, "0 (all) or more"),
+    "examples_per_class": (0, "0 (all) or more"),
+    "cached_views": (1, "at least 1"),
+    "pool_grid": (1, "1 (global average) or more"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    config: ml_collections.FrozenConfigDict  # every setting, cut and image_size filled in
+    backbone: backbones.Backbone  # the entry of backbones.BACKBONES
+    weights: str                  # what the backbone starts from ("none" with init=scratch)
+    cut: str                      # a named cut point or a layer name
+    cut_layer: str                # the layer the backbone is cut at
+    image_size: int
+    phases: tuple                 # trainable.Phase, in order
+    loss: object                  # what `compile` takes
+    distribution: str             # a name of DISTRIBUTIONS
+
+    def to_dict(self):
+        """The resolved config as config.json holds it."""
+        return to_dict(self.config)
+
+    def with_workdir(self, workdir):
+        """The same plan writing into `workdir` (nothing else depends on it)."""
+        config = editable(self.config)
+        config.workdir = workdir
+        return dataclasses.replace(self, config=ml_collections.FrozenConfigDict(config))
+
+
+def resolve(config):
+    """The `Plan` of `config` (a ConfigDict; configs/base.py has every key).
+
+    A `Plan` is returned as it is, so functions that take either resolve once.
+    Raises `ValueError` (one line) for any setting that cannot run.
+    """
+    if isinstance(config, Plan):
+        return config
+    config = editable(config)
+    backbone = backbones.get_backbone(config.backbone)
+    config.cut = _cut(config)
+    config.image_size = config.image_size or backbone.image_size
+    _check_numbers(config)
+    if config.get("distribution", "none") not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {config.distribution!r}; "
+                         f"valid: {', '.join(DISTRIBUTIONS)}")
+    if config.get("mixed_precision") not in MIXED_PRECISION:
+        raise ValueError(f"unknown mixed_precision {config.mixed_precision!r}; valid: "
+                         f"{', '.join(repr(m) for m in MIXED_PRECISION)}")
+    config.workdir = _workdir(config.get("workdir", ""))
+    phases = tuple(trainable.plan_phases(config))
+    return Plan(
+        config=ml_collections.FrozenConfigDict(config),
+        backbone=backbone,
+        weights="none" if config.init == "scratch" else config.weights,
+        cut=config.cut,
+        cut_layer=backbone.cuts.get(config.cut, config.cut),
+        image_size=int(config.image_size),
+        phases=phases,
+        loss=losses.for_config(config),
+        distribution=config.get("distribution", "none"))
+
+
+def _check_numbers(config):
+    for key, (low, meaning) in _AT_LEAST.items():
+        if key in config and int(config[key]) < low:
+            raise ValueError(f"{key} must be {meaning}, got {config[key]}")
+    if config.image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {config.image_size}")
+    for key in ("learning_rate", "finetune_learning_rate"):
+        if key in config and not config[key] > 0:
+            raise ValueError(f"{key} must be above 0, got {config[key]}")
+    if "val_fraction" in config and not 0 <= config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+
+
+def _workdir(workdir):
+    """`workdir` normalised (a trailing slash resumes the same run), checked writable."""
+    if not workdir:
+        return workdir
+    workdir = os.path.normpath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} is a file, not a folder; choose another --workdir")
+    parent = workdir
+    while not os.path.exists(parent):  # the nearest folder that exists must take new ones
+        parent = os.path.dirname(parent) or "."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create the run folder in {parent!r}: permission denied; "
+                         "choose another --workdir")
+    return workdir
+
+
+def editable(config):
+    """A mutable copy of a config (a `Plan`'s frozen one included)."""
+    if isinstance(config, ml_collections.FrozenConfigDict):
+        return config.as_configdict()
+    return config.copy_and_resolve_references()
+
+
+def to_dict(config):
+    """`config` as plain JSON values, keys sorted."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _cut(config):
+    """The cut the run uses: `config.cut`, or the regime's default."""
+    regime = trainable.get_regime(config.regime)
+    cut = config.cut or regime.cut
+    if regime.cuts and cut in backbones.CUT_POINTS and cut not in regime.cuts:
+        raise ValueError(
+            f"regime {config.regime!r} cuts at {' or '.join(regime.cuts)} "
+            f"(or a layer name), not {cut!r}")
+    return cut

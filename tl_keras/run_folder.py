@@ -1,0 +1,120 @@
+"""The run folder: how a run (and a sweep) is started, resumed, refused and written.
+
+    config.json     every resolved setting (`Plan.to_dict`)
+    history.csv     one row per epoch, across phases
+    logs/           TensorBoard (when TensorFlow is installed)
+    best.keras      the model with the best val_accuracy so far
+    model.keras     the final model
+    metrics.json    what the run measured; written last, so it marks a finished run
+    backup/         BackupAndRestore state while a run is unfinished
+    features/       cached backbone features, only while a run is unfinished and
+                    only when they do not fit in `cache_bytes` of memory
+
+A folder with metrics.json is never written again; one with another run's
+config.json is refused with the keys that differ; an unfinished run with the
+same config resumes. A sweep folder (tune.py) follows the same rules with its
+sweep.json. Every JSON file is written to a temporary name and renamed, so a
+crash leaves the old file or the new one, never half of one.
+
+Example:
+    workdir = prepare(plan.config.workdir, plan.to_dict())
+    write_json(os.path.join(workdir, "metrics.json"), metrics)
+"""
+
+import json
+import os
+
+
+class RunFolderError(ValueError):
+    """The workdir holds a finished run or another run's config."""
+
+
+def prepare(workdir, settings, name="config.json", kind="run"):
+    """Creates `workdir` and writes `settings` to `workdir/name`; resumes an unfinished run.
+
+    Raises `RunFolderError` as `check` does: nothing is overwritten. Returns `workdir`.
+    """
+    if check(workdir, settings, name, kind):
+        print(f"Resuming the unfinished {kind} in {workdir}")
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, name), settings)
+    return workdir
+
+
+def check(workdir, settings, name="config.json", kind="run"):
+    """Whether `workdir` holds an unfinished run of `settings` to resume (else it is new).
+
+    Raises `RunFolderError` if the workdir holds a finished run (metrics.json),
+    an unfinished one whose saved `name` differs from `settings`, or anything
+    else. Reads only: tools call it before loading any data.
+    """
+    if not workdir:
+        raise ValueError("config.workdir is not set")
+    saved = os.path.join(workdir, name)
+    refuse_finished(workdir)
+    if os.path.exists(saved):
+        with open(saved) as f:
+            previous = json.load(f)
+        changed = differing_keys(previous, settings)
+        if changed:
+            holds = ("an unfinished run with another config" if kind == "run"
+                     else f"a {kind} with other settings")
+            raise RunFolderError(
+                f"workdir {workdir!r} holds {holds} (differs in: {', '.join(changed)}); "
+                "re-run it with the same settings to resume, or choose another --workdir")
+        return True
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise RunFolderError(
+            f"workdir {workdir!r} is not empty and holds no tl_keras {kind}; "
+            "choose another --workdir")
+    return False
+
+
+def differing_keys(old, new):
+    """The keys whose values differ between two dicts, sorted; nested dicts by their keys."""
+    changed = set()
+    for key in set(old) | set(new):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed |= set(differing_keys(a, b))
+        elif a != b:
+            changed.add(key)
+    return sorted(changed)
+
+
+def refuse_finished(workdir):
+    """Raises `RunFolderError` when `workdir` holds a finished run; returns `workdir`."""
+    if os.path.exists(os.path.join(workdir, "metrics.json")):
+        raise RunFolderError(
+            f"workdir {workdir!r} already holds a finished run; choose another --workdir")
+    return workdir
+
+
+def write_json(path, value):
+    """`value` as indented JSON at `path`, written whole or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_history(workdir, first_epoch, last_epoch):
+    """Rows of `workdir/history.csv` for epochs in [first_epoch, last_epoch) (CSVLogger
+    counts from 0); the last row of an epoch written twice wins."""
+    path = os.path.join(workdir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line.strip().split(",") for line in f if line.strip()]
+    rows = {}
+    header = None
+    for line in lines:
+        if line[0] == "epoch":
+            header = line
+            continue
+        row = dict(zip(header, line))
+        epoch = int(row["epoch"])
+        if first_epoch <= epoch < last_epoch:
+            rows[epoch] = {k: float(v) for k, v in row.items() if k != "epoch"}
+    return [rows[e] for e in sorted(rows)]
