@@ -48,6 +48,42 @@ def test_folder_errors_before_training(tmp_path, image_folder):
         data.load_examples(tiny_config(tmp_path, dataset=str(tmp_path / "missing")))
 
 
+def test_unreadable_folders_are_one_line_errors(image_folder):
+    # Root ignores permissions, so read as nobody, from a folder nobody may enter.
+    import shutil
+    import tempfile
+
+    def from_folder_as_nobody(root):
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)
+        try:
+            with pytest.raises(ValueError) as e:
+                data.from_folder(root)
+        finally:
+            if as_root:
+                os.seteuid(0)
+        return str(e.value)
+
+    shared = tempfile.mkdtemp()
+    root = os.path.join(shared, "images")
+    try:
+        os.chmod(shared, 0o755)
+        shutil.copytree(image_folder, root)
+        for folder in (root, *(os.path.join(root, c) for c in ("cat", "dog", "fox"))):
+            os.chmod(folder, 0o755)
+        os.chmod(os.path.join(root, "dog"), 0o000)
+        assert from_folder_as_nobody(root) == (
+            f"cannot read class folder {os.path.join(root, 'dog')!r}: Permission denied")
+        os.chmod(os.path.join(root, "dog"), 0o755)
+        os.chmod(root, 0o311)  # may be entered, not listed
+        assert from_folder_as_nobody(root) == (
+            f"cannot read dataset folder {root!r}: Permission denied")
+    finally:
+        os.chmod(root, 0o755)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_split_is_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(4), 10)
     train, val = arrays.split_indices(labels, 0.2, seed=0)

@@ -272,6 +272,22 @@ def test_rest_and_grpc_requests_as_tf_serving_reads_them(run, tmp_path):
             CLASSES[i] for i in expected]
 
 
+def test_predict_request_bad_input_is_one_line(tmp_path, run_tool):
+    text = tmp_path / "notes.txt"
+    text.write_text("plain text, not an image")
+    result = run_tool("predict_request.py", str(text), "--server=localhost:abc", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line() == ("predict_request.py: error: --server must be HOST:PORT with a "
+                                  "port number, got 'localhost:abc'")
+    result = run_tool("predict_request.py", str(text), "--signature=serving_default",
+                      f"--image_size={TINY_SIZE}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line() == (
+        "predict_request.py: error: image 1 cannot be decoded: Unknown image file format. "
+        "One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.")
+    assert "Traceback" not in result.stderr
+
+
 def digest(folder):
     h = hashlib.sha256()
     for dirpath, _, files in sorted(os.walk(folder)):

@@ -60,6 +60,8 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
     ({"pool_grid": 0}, r"pool_grid must be 1 \(global average\) or more, got 0"),
     ({"mixed_precision": "float8"}, "unknown mixed_precision 'float8'; valid: '', 'float32', "),
     ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+    ({"weights": "/no/such.weights.h5"},
+     r"--weights='/no/such.weights.h5' is not 'imagenet', 'none' or an existing \.weights\.h5"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -117,7 +117,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist")
     class_names = sorted(
-        d for d in os.listdir(root)
+        d for d in _listdir(root, "dataset folder")
         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if len(class_names) < 2:
         raise ValueError(
@@ -126,7 +126,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     paths, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder)
+        files = sorted(f for f in _listdir(folder, "class folder")
                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         if not files:
             raise ValueError(
@@ -161,6 +161,14 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
                     len(train_idx), len(val_idx), channels=3,
                     skipped=[p for p, _ in bad])
+
+
+def _listdir(folder, what):
+    """`os.listdir(folder)`; a folder that cannot be read is a one-line `ValueError`."""
+    try:
+        return os.listdir(folder)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {folder!r}: {e.strerror}") from None
 
 
 def _decode(path):

@@ -82,10 +82,14 @@ def resolve(config):
                          f"{', '.join(repr(m) for m in MIXED_PRECISION)}")
     config.workdir = _workdir(config.get("workdir", ""))
     phases = tuple(trainable.plan_phases(config))
+    weights = "none" if config.init == "scratch" else config.weights
+    if weights not in ("imagenet", "none", None) and not os.path.isfile(weights):
+        raise ValueError(f"--weights={weights!r} is not 'imagenet', 'none' or an existing "
+                         ".weights.h5 file")
     return Plan(
         config=ml_collections.FrozenConfigDict(config),
         backbone=backbone,
-        weights="none" if config.init == "scratch" else config.weights,
+        weights=weights,
         cut=config.cut,
         cut_layer=backbone.cuts.get(config.cut, config.cut),
         image_size=int(config.image_size),

@@ -20,6 +20,7 @@ function); gRPC needs TensorFlow and `tensorflow-serving-api` (`pip install
 
 import base64
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -65,7 +66,14 @@ def pixels(images, image_size):
 
     from tl_keras.export import decode_image
 
-    return tf.stack([decode_image(d, image_size, image_size) for d in images]).numpy()
+    decoded = []
+    for i, data in enumerate(images):
+        try:
+            decoded.append(decode_image(data, image_size, image_size))
+        except tf.errors.InvalidArgumentError as e:  # TensorFlow's reason, without its op names
+            reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", e.message).strip()
+            raise ValueError(f"image {i + 1} cannot be decoded: {reason}") from None
+    return tf.stack(decoded).numpy()
 
 
 def rest_body(images, signature="serve_bytes", image_size=None):
@@ -112,10 +120,22 @@ def send_grpc(request, server, timeout):
     return {k: tf.make_ndarray(v).tolist() for k, v in response.outputs.items()}
 
 
+def check_server(server):
+    """Raises `ValueError` unless `server` is HOST:PORT with a port number."""
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--server must be HOST:PORT with a port number, got {server!r}")
+
+
 def main(argv):
     paths = argv[1:]
     if not paths:
         fail("give one or more image files")
+    if FLAGS.server:
+        try:
+            check_server(FLAGS.server)
+        except ValueError as e:
+            fail(first_line(e))
     if FLAGS.signature == "serving_default" and not FLAGS.image_size:
         fail("--signature=serving_default needs --image_size (the model's input size)")
     try:
