@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -72,11 +73,7 @@ def shared_images(tmp_path_factory):
     return root
 
 
-TOOLS = os.path.join(ROOT, "tools")
-
-
 # --- Tools in this process ----------------------------------------------------------
-
 
 class ToolResult:
     def __init__(self, returncode, stdout, stderr):

@@ -47,10 +47,12 @@ def test_cli_bad_config_files_are_one_line(tmp_path, run_tool):
             ("returns_none.py", "get_config() of '{path}' returned NoneType, not an "
                                 "ml_collections.ConfigDict")):
         path = str(tmp_path / name)
-        result = run_tool("finetune.py", f"--config={path}", cwd=tmp_path)
-        assert result.returncode == 2, name
-        assert result.last_line().startswith("finetune.py: error: " + message.format(path=path))
-        assert "Traceback" not in result.stderr
+        for args in ([f"--config={path}"], ["--config", path]):  # both ways absl takes a value
+            result = run_tool("finetune.py", *args, cwd=tmp_path)
+            assert result.returncode == 2, name
+            assert result.last_line().startswith(
+                "finetune.py: error: " + message.format(path=path))
+            assert "Traceback" not in result.stderr
 
 
 def test_a_finished_run_is_refused_before_the_data_is_read(tmp_path, run_tool, monkeypatch):

@@ -185,9 +185,7 @@ def _construct(name, spec, weights, size):
                 "they need network once, or use --weights=PATH.weights.h5, --weights=none, "
                 f"or a backbone whose ImageNet weights ship offline: {', '.join(OFFLINE_IMAGENET)}"
             ) from e
-    if not os.path.isfile(weights):
-        raise ValueError(
-            f"--weights={weights!r} is not 'imagenet', 'none' or an existing .weights.h5 file")
+    check_weights(weights)
     base = spec.constructor(include_top=False, weights=None, input_shape=shape)
     try:
         base.load_weights(weights)
@@ -196,6 +194,13 @@ def _construct(name, spec, weights, size):
             f"could not load weights {weights!r} into {name!r} built with "
             f"include_top=False: {_first_line(e)}") from e
     return base
+
+
+def check_weights(weights):
+    """Raises `ValueError` unless `weights` is "imagenet", "none" (or None) or an existing file."""
+    if weights not in ("imagenet", "none", None) and not os.path.isfile(weights):
+        raise ValueError(
+            f"--weights={weights!r} is not 'imagenet', 'none' or an existing .weights.h5 file")
 
 
 def _first_line(e):

@@ -83,9 +83,7 @@ def resolve(config):
     config.workdir = _workdir(config.get("workdir", ""))
     phases = tuple(trainable.plan_phases(config))
     weights = "none" if config.init == "scratch" else config.weights
-    if weights not in ("imagenet", "none", None) and not os.path.isfile(weights):
-        raise ValueError(f"--weights={weights!r} is not 'imagenet', 'none' or an existing "
-                         ".weights.h5 file")
+    backbones.check_weights(weights)  # a missing file: refused before the data is read
     return Plan(
         config=ml_collections.FrozenConfigDict(config),
         backbone=backbone,

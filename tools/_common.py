@@ -78,17 +78,13 @@ def parse_config_flags(argv):
     from tl_keras import trainable
 
     argv = list(argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        regime = "small_similar"
-        for i, a in enumerate(argv):
-            if a.startswith("--regime="):
-                regime = a.split("=", 1)[1]
-            elif a == "--regime" and i + 1 < len(argv):
-                regime = argv[i + 1]
+    path = _flag_value(argv, "config")
+    if path is None:
+        regime = _flag_value(argv, "regime") or "small_similar"
         if regime not in trainable.REGIMES:
             fail(f"unknown regime {regime!r}; valid regimes: {', '.join(trainable.REGIMES)}")
-        argv.insert(1, f"--config={os.path.join(CONFIGS, regime + '.py')}")
-    path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+        path = os.path.join(CONFIGS, regime + ".py")
+        argv.insert(1, f"--config={path}")
     path = path.split(":", 1)[0]  # FILE[:ARG]
     if not os.path.isfile(path):
         fail(f"config file {path!r} does not exist (--config=FILE[:ARG], e.g. "
@@ -111,6 +107,17 @@ def parse_config_flags(argv):
         fail(f"get_config() of {path!r} returned {type(config).__name__}, "
              "not an ml_collections.ConfigDict")
     return argv
+
+
+def _flag_value(argv, name):
+    """The last value of `--NAME=VALUE` or `--NAME VALUE` in `argv`, or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def flags_config(folder):
