@@ -1,5 +1,6 @@
 import math
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -76,6 +77,24 @@ def test_weights_from_file(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="not 'imagenet', 'none' or an existing"):
         backbones.build_backbone("mobilenet_v3_small", weights=str(tmp_path / "nope.h5"))
+
+
+def test_weights_of_another_backbone_are_one_error_not_warnings(tmp_path):
+    path = str(tmp_path / "small.weights.h5")
+    backbones.build_backbone("mobilenet_v3_small", weights="none", image_size=32).base \
+        .save_weights(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as error:
+            backbones.build_backbone("mobilenet_v2", weights=path, image_size=32)
+    assert str(error.value) == (
+        f"could not load weights {path!r} into 'mobilenet_v2' built with include_top=False: "
+        "99 layers do not match it; was it saved from another backbone?")
+    assert not caught  # Keras' ~95 lines of warnings are not passed on
+    (tmp_path / "junk.weights.h5").write_text("not HDF5")
+    with pytest.raises(ValueError, match="is it a Keras .weights.h5 file"):
+        backbones.build_backbone("mobilenet_v2", weights=str(tmp_path / "junk.weights.h5"),
+                                 image_size=32)
 
 
 def test_imagenet_without_network_is_one_clear_error(monkeypatch):

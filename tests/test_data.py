@@ -21,19 +21,50 @@ def test_folder_reads_every_format_and_class(shared_images):
     assert sorted({int(y) for _, y in examples.val.as_numpy_iterator()}) == [0, 1, 2]
 
 
-def test_bad_files_are_skipped_counted_and_named(image_folder, capsys):
+def test_bad_files_are_skipped_counted_and_named(image_folder, capfd):
     (image_folder / "cat" / "empty.jpg").write_bytes(b"")
     (image_folder / "dog" / "text.png").write_bytes(b"not an image at all")
     good = (image_folder / "fox" / "0.png").read_bytes()
     (image_folder / "fox" / "truncated.png").write_bytes(good[: len(good) // 3])
+    jpeg = (image_folder / "fox" / "1.jpg").read_bytes()
+    (image_folder / "fox" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    capfd.readouterr()
     examples = data.from_folder(str(image_folder), seed=0)
     assert sorted(p.split("/")[-1] for p in examples.skipped) == [
-        "empty.jpg", "text.png", "truncated.png"]
+        "empty.jpg", "text.png", "truncated.jpg", "truncated.png"]
     assert examples.train_examples + examples.val_examples == 20
-    err = capsys.readouterr().err
-    assert "Skipped 3 of 23 files" in err and "text.png" in err
-    with pytest.raises(ValueError, match=r"cannot decode image '.*empty.jpg'"):
+    err = capfd.readouterr().err  # file descriptor 2: libjpeg's own lines too
+    lines = err.strip().splitlines()
+    assert lines[0] == "Skipped 4 of 24 files that cannot be decoded (--strict fails instead):"
+    reasons = {os.path.basename(path): reason
+               for path, reason in (line.strip().split(": ", 1) for line in lines[1:])}
+    assert reasons == {
+        "empty.jpg": "Input is empty.",
+        "text.png": "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP "
+                    "required.",
+        "truncated.jpg": "jpeg::Uncompress failed. Invalid JPEG data or crop window.",
+        "truncated.png": reasons["truncated.png"]}
+    assert "{{" not in err and "[Op:" not in err and len(lines) == 5  # nothing else printed
+    with pytest.raises(ValueError, match=r"cannot decode image '.*empty.jpg': Input is empty\. "):
         data.from_folder(str(image_folder), seed=0, strict=True)
+
+
+def test_webp_is_read_and_what_is_not_read_is_named(image_folder, capfd):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 50, "uint8")).save(image_folder / "cat" / "new.webp")
+    Image.fromarray(np.full((40, 40, 3), 50, "uint8")).save(image_folder / "cat" / "scan.tiff")
+    (image_folder / "dog" / "more").mkdir()
+    (image_folder / "dog" / "more" / "0.png").write_bytes((image_folder / "dog" / "0.png")
+                                                          .read_bytes())
+    capfd.readouterr()
+    examples = data.from_folder(str(image_folder), seed=0)
+    assert examples.train_examples + examples.val_examples == 21  # 20 + the WebP
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "Not read: 2 entries of class folders that are not .jpg/.jpeg/.png/.bmp/.gif/.webp "
+        "files (nested folders are not read either):",
+        f"  {image_folder}/cat/scan.tiff",
+        f"  {image_folder}/dog/more/"]
 
 
 def test_folder_errors_before_training(tmp_path, image_folder):

@@ -141,6 +141,11 @@ for name, data in (("not_an_image", b"plain text, not an image"),
         out[name] = "no error"
     except tf.errors.OpError as e:
         out[name] = type(e).__name__ + ": " + e.message
+try:  # serving_default at another size than the model's
+    model.signatures["serving_default"](images=tf.constant(inputs["large_png_pixels"]))
+    out["wrong_size"] = "no error"
+except tf.errors.OpError as e:
+    out["wrong_size"] = type(e).__name__ + ": " + e.message
 np.savez(sys.argv[3], **out)
 """
 
@@ -155,7 +160,7 @@ def test_loads_without_tl_keras_and_matches_the_keras_model(run, tmp_path):
     large_png = [tf.io.encode_png(p).numpy() for p in large]
     np.savez(tmp_path / "in.npz", float=pixels.astype("float32"), decoded_jpeg=decoded_jpeg,
              png=np.array(png, dtype=object), jpeg=np.array(jpeg, dtype=object),
-             large_png=np.array(large_png, dtype=object))
+             large_png=np.array(large_png, dtype=object), large_png_pixels=large.astype("float32"))
     script = tmp_path / "isolated.py"
     script.write_text(_ISOLATED)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -187,6 +192,11 @@ def test_loads_without_tl_keras_and_matches_the_keras_model(run, tmp_path):
                          ("truncated_png", "PNG"), ("empty", "Input is empty")):
         error = str(out[name])
         assert error.startswith("InvalidArgumentError: ") and reason in error, error
+    # serving_default takes the model's size only (serve_bytes resizes).
+    error = str(out["wrong_size"])
+    assert error.startswith("InvalidArgumentError: ") and (
+        f"serving_default takes images of {TINY_SIZE}x{TINY_SIZE} pixels; resize them first, "
+        "or send encoded images to serve_bytes") in error, error
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

@@ -72,6 +72,53 @@ def test_a_finished_run_is_refused_before_the_data_is_read(tmp_path, run_tool, m
     assert os.listdir(tmp_path / "done") == ["metrics.json"]
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_model(tmp_path, shared_images,
+                                                                    run_tool, monkeypatch):
+    import keras
+
+    def save_half_then_fill_the_disk(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", save_half_then_fill_the_disk)
+    result = run_tool("finetune.py", f"--config={ROOT}/configs/smoke.py", "--epochs=1",
+                      f"--dataset={shared_images}", "--workdir=run", "--config.verbose=0",
+                      cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line() == (
+        "finetune.py: error: [Errno 28] No space left on device (nothing is half-written; "
+        "the same command resumes the run)")
+    assert "Traceback" not in result.stderr
+    left = sorted(os.listdir(tmp_path / "run"))
+    assert "best.keras" not in left and "metrics.json" not in left
+    assert not [name for name in left if "partial" in name]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cut=conv9"], "unknown cut 'conv9' for backbone 'mobilenet_v3_small'; named cut points: "),
+    (["--weights=OTHER"], "could not load weights 'OTHER' into 'mobilenet_v3_small' built with "
+                          "include_top=False: 81 layers do not match it; was it saved from "
+                          "another backbone?"),
+])
+def test_the_backbone_is_checked_before_the_data_is_read(tmp_path, run_tool, monkeypatch,
+                                                        args, message):
+    from tl_keras import backbones, data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the backbone was checked")
+
+    other = str(tmp_path / "v2.weights.h5")
+    backbones.build_backbone("mobilenet_v2", weights="none", image_size=32).base.save_weights(other)
+    monkeypatch.setattr(data, "load", no_data)
+    result = run_tool("finetune.py", f"--config={ROOT}/configs/smoke.py", "--dataset=digits",
+                      "--regime=small_different", *[a.replace("OTHER", other) for a in args],
+                      "--workdir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line().startswith("finetune.py: error: " + message.replace("OTHER", other))
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_imagenet_weights_without_network_is_one_line(tmp_path, shared_images, run_tool,
                                                           monkeypatch):
     # No network: every HTTPS request goes to a closed local port. An empty

@@ -2,6 +2,8 @@
 
 import json
 
+import os
+
 import pytest
 
 from conftest import tiny_config
@@ -74,3 +76,10 @@ def test_the_workdir_is_normalised_and_must_be_a_writable_folder(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="workdir '.*a_file' is a file, not a folder"):
         plan_lib.resolve(tiny_config(tmp_path, workdir=str(tmp_path / "a_file")))
+    with pytest.raises(ValueError, match="cannot create workdir '.*a_file/run': '.*a_file' is "
+                                         "a file"):
+        plan_lib.resolve(tiny_config(tmp_path, workdir=str(tmp_path / "a_file" / "run")))
+    # Root passes every permission check, so a folder where nobody can create one:
+    with pytest.raises(ValueError, match=r"cannot create the run folder in '/proc': "):
+        plan_lib.resolve(tiny_config(tmp_path, workdir="/proc/no/run"))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # the checks leave nothing behind

@@ -87,9 +87,33 @@ def test_reads_tensors_with_their_strides(tmp_path, monkeypatch):
 
 def test_a_view_reaching_outside_its_storage_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "sd.pth"
-    write_legacy(path, {"w": (np.zeros(4, "float32"), 0, (4, 4), (4, 1))}, monkeypatch)
+    write_legacy(path, {"w": (np.zeros(4, "float32"), 1, (2,), (3,))}, monkeypatch)
     with pytest.raises(ValueError, match="'w' reaches outside its storage"):
         torch_state_dict.load(path)
+
+
+def test_a_zero_stride_tensor_cannot_allocate_more_than_the_file_holds(tmp_path, monkeypatch):
+    # 242 bytes used to allocate 800 MB: one float repeated 10,000 x 10,000 x 2 times.
+    path = tmp_path / "sd.pth"
+    write_legacy(path, {"w": (np.zeros(1, "float64").view("float32"), 0, (10_000, 10_000, 2),
+                              (0, 0, 0))}, monkeypatch)
+    assert os.path.getsize(path) < 400
+    with pytest.raises(ValueError, match="far more than its storages"):
+        torch_state_dict.load(path)
+    write_legacy(path, {"w": (np.zeros(4, "float32"), 0, (5,), (0,)),
+                        "b": (np.zeros(64, "float32"), 0, (64,), (1,))}, monkeypatch)
+    with pytest.raises(ValueError, match="'w' holds more elements than its storage"):
+        torch_state_dict.load(path)
+
+
+def test_a_truncated_file_is_a_value_error(tmp_path, monkeypatch):
+    path = tmp_path / "sd.pth"
+    write_legacy(path, {"w": (np.arange(6, dtype="float32"), 0, (2, 3), (3, 1))}, monkeypatch)
+    whole = path.read_bytes()
+    for cut in (len(whole) - 4, len(whole) - 24, len(whole) - 30, 40, 3, 0):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated|wrong magic number"):
+            torch_state_dict.load(path)
 
 
 class RunsCode:

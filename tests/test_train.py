@@ -143,6 +143,13 @@ class Crash(keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
+class Worse(keras.callbacks.Callback):
+    """Reports every epoch's val_accuracy as 0 to the callbacks after it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = 0.0
+
+
 def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_images, monkeypatch,
                                                          capsys):
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images),
@@ -158,12 +165,17 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
         train.finetune(other, tiny_data(other))
 
     capsys.readouterr()
+    best = os.path.join(config.workdir, "best.keras")
+    best_before = (os.stat(best).st_mtime_ns, open(best, "rb").read())
 
     def no_features_pass(*args, **kwargs):
         raise AssertionError("the finished head phase's feature statistics are in its weights")
 
     monkeypatch.setattr(features, "sample", no_features_pass)
     monkeypatch.setattr(features, "compute", no_features_pass)
+    # Every epoch after the resume is worse than the best before the crash:
+    # best.keras must keep the model it holds.
+    monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", Worse)
     metrics = train.finetune(config, tiny_data(config))
     out = capsys.readouterr().out
     assert "Phase 'head' finished in an earlier attempt" in out
@@ -171,6 +183,9 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
     rows = list(csv.DictReader(open(os.path.join(config.workdir, "history.csv"))))
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]  # no epoch run twice
     assert metrics["epochs_run"] == 4 and metrics["phases"] == ["head", "finetune"]
+    assert [float(r["val_accuracy"]) for r in rows[2:]] == [0.0, 0.0]
+    assert (os.stat(best).st_mtime_ns, open(best, "rb").read()) == best_before
+    assert metrics["best_val_accuracy"] == max(float(r["val_accuracy"]) for r in rows) > 0
 
 
 def test_model_and_training_code_import_no_tensorflow():
@@ -241,6 +256,23 @@ def test_mixed_precision_and_xla_keep_every_regime(tmp_path, shared_images, monk
         assert changed - moving and moving
     else:
         assert changed and not moving
+
+
+def test_scratch_losses_are_on_the_scale_of_a_pretrained_run(tmp_path, shared_images):
+    # Statistics of a random backbone's features (variance ~1e-25 for
+    # MobileNetV2) frozen into feature_norm blew the trained features up by
+    # ~1e12: losses in the millions. A backbone trained from random weights
+    # keeps feature_norm at the identity.
+    config = tiny_config(tmp_path, "large_different", dataset=str(shared_images), epochs=2,
+                         init="scratch", backbone="mobilenet_v2")
+    metrics = train.finetune(config, tiny_data(config))
+    trained = keras.saving.load_model(os.path.join(config.workdir, "model.keras"), compile=False)
+    mean, variance, _ = trained.get_layer("feature_norm").get_weights()
+    np.testing.assert_array_equal(mean, 0)
+    np.testing.assert_array_equal(variance, 1)
+    rows = list(csv.DictReader(open(os.path.join(config.workdir, "history.csv"))))
+    losses = [float(r[key]) for r in rows for key in ("loss", "val_loss")]
+    assert max(losses) < 20 and metrics["val_loss"] < 20, losses  # 3 classes: ln 3 = 1.1 at chance
 
 
 def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, uncached_run):

@@ -21,6 +21,8 @@ Example:
 import dataclasses
 import difflib
 import os
+import re
+import warnings
 from typing import Callable
 
 import keras
@@ -169,6 +171,20 @@ def build_backbone(name, weights="imagenet", image_size=None, cut="top"):
     return CutBackbone(model=model, layer=layer, base=base)
 
 
+def check_buildable(name, weights, image_size, cut):
+    """Raises `ValueError` now if `build_backbone` would: tools call it before reading data.
+
+    A layer name as `cut`, a weights file (of this backbone?) and ImageNet
+    weights that need a download are only checked by building the backbone
+    (about a second), so it is built once and dropped; a named cut point
+    without such weights needs nothing built.
+    """
+    spec = get_backbone(name)
+    offline = weights in (None, "none") or (weights == "imagenet" and name in OFFLINE_IMAGENET)
+    if not (cut in spec.cuts and offline):
+        build_backbone(name, weights=weights, image_size=image_size, cut=cut)
+
+
 def _construct(name, spec, weights, size):
     shape = (size, size, 3)
     if weights in (None, "none"):
@@ -187,13 +203,35 @@ def _construct(name, spec, weights, size):
             ) from e
     check_weights(weights)
     base = spec.constructor(include_top=False, weights=None, input_shape=shape)
-    try:
-        base.load_weights(weights)
-    except Exception as e:
-        raise ValueError(
-            f"could not load weights {weights!r} into {name!r} built with "
-            f"include_top=False: {_first_line(e)}") from e
+    _load_weights(base, name, weights)
     return base
+
+
+def _load_weights(base, name, path):
+    """Loads a `.weights.h5` file into `base`, every weight or none.
+
+    Keras loads a file of another architecture with a warning per layer
+    (~95 lines), and may leave some layers at their random initialisation
+    after loading the others; either is one `ValueError` here.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            base.load_weights(path)
+            error = None
+        except Exception as e:  # noqa: BLE001 (h5py, Keras: ValueError, KeyError, OSError)
+            error = e
+    skipped = [w for w in caught if "Skipping" in str(w.message)]
+    if error is None and not skipped:
+        return
+    counted = re.search(r"A total of (\d+) objects could not be loaded", str(error or ""))
+    if counted or skipped:
+        what = (f"{counted.group(1) if counted else len(skipped)} layers do not match it; was "
+                "it saved from another backbone?")
+    else:
+        what = f"{_first_line(error)}; is it a Keras .weights.h5 file?"
+    raise ValueError(f"could not load weights {path!r} into {name!r} built with "
+                     f"include_top=False: {what}") from error
 
 
 def check_weights(weights):

@@ -14,8 +14,10 @@ Example:
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
+import re
 import socket
 import sys
 
@@ -26,7 +28,7 @@ import tensorflow as tf
 from tl_keras.arrays import BUILTIN, load_builtin, split_indices
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass
@@ -108,11 +110,13 @@ def load_examples(config):
 
 def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_class=None,
                 strict=False):
-    """Images in `root/<class name>/*` (JPEG, PNG, BMP, GIF), split by seed.
+    """Images in `root/<class name>/*` (JPEG, PNG, BMP, GIF, WebP), split by seed.
 
     Every file is decoded once up front with TensorFlow's own decoder, the
     one training will use: an undecodable, truncated or empty file is skipped
     and counted (or, with `strict`, raises naming it), never trained on.
+    Anything else in a class folder (other extensions, nested folders) is
+    not read, and counted and named too.
     """
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist")
@@ -123,26 +127,31 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         raise ValueError(
             f"dataset folder {root!r} needs one subfolder per class and at least "
             f"2 classes; found {len(class_names)}: {class_names}")
-    paths, labels = [], []
+    paths, labels, ignored = [], [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f for f in _listdir(folder, "class folder")
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        entries = sorted(f for f in _listdir(folder, "class folder") if not f.startswith("."))
+        files = [f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(folder, f))]
+        ignored += [os.path.join(folder, f) for f in sorted(set(entries) - set(files))]
         if not files:
             raise ValueError(
                 f"class folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [os.path.join(folder, f) for f in files]
         labels += [label] * len(files)
+    if ignored:
+        print(_listing(f"Not read: {len(ignored)} entries of class folders that are not "
+                       f"{'/'.join(IMAGE_EXTENSIONS)} files (nested folders are not read either)",
+                       [p + ("/" if os.path.isdir(p) else "") for p in ignored]), file=sys.stderr)
 
     bad = check_images(paths)
     if bad and strict:
         path, reason = bad[0]
         raise ValueError(f"cannot decode image {path!r}: {reason} ({len(bad)} bad files in all)")
     if bad:
-        shown = "\n  ".join(f"{p}: {r}" for p, r in bad[:5])
-        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        print(f"Skipped {len(bad)} of {len(paths)} files that cannot be decoded "
-              f"(--strict fails instead):\n  {shown}{more}", file=sys.stderr)
+        print(_listing(f"Skipped {len(bad)} of {len(paths)} files that cannot be decoded "
+                       "(--strict fails instead)", [f"{p}: {r}" for p, r in bad]),
+              file=sys.stderr)
         bad_paths = {p for p, _ in bad}
         kept = [(p, l) for p, l in zip(paths, labels) if p not in bad_paths]
         paths, labels = [p for p, _ in kept], [l for _, l in kept]
@@ -161,6 +170,12 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
                     len(train_idx), len(val_idx), channels=3,
                     skipped=[p for p, _ in bad])
+
+
+def _listing(title, lines, shown=5):
+    """`title:` and the first `shown` lines, indented, then how many more."""
+    more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
+    return "\n  ".join([title + ":", *lines[:shown], *more])
 
 
 def _listdir(folder, what):
@@ -186,12 +201,13 @@ def check_images(paths):
             if image.shape[0] == 0 or image.shape[1] == 0:
                 return "empty image"
         except (tf.errors.OpError, ValueError) as e:
-            return (e.message if hasattr(e, "message") else str(e)).strip().splitlines()[0]
+            return _short_reason(e.message if hasattr(e, "message") else str(e))
         return None
 
     progress = keras.utils.Progbar(len(paths), unit_name="file") if len(paths) > 2000 else None
     bad = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    with _native_stderr_dropped(), \
+            concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for i, (path, reason) in enumerate(zip(paths, pool.map(check, paths))):
             if reason:
                 bad.append((path, reason))
@@ -200,6 +216,36 @@ def check_images(paths):
     if progress:
         progress.update(len(paths), finalize=True)
     return bad
+
+
+def _short_reason(message):
+    """TensorFlow's decode error without its op names: "Input is empty."."""
+    line = (message.strip().splitlines() or ["cannot be decoded"])[0]
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", line) or "cannot be decoded"
+
+
+@contextlib.contextmanager
+def _native_stderr_dropped():
+    """Drops what native code writes to file descriptor 2 meanwhile.
+
+    libjpeg and TensorFlow's logging print a line of their own for each bad
+    file ("Premature end of JPEG data"); `check_images` reports each bad file
+    once, with its reason, instead.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2,

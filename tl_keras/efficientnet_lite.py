@@ -28,7 +28,7 @@ import string
 import keras
 from keras import layers
 
-from tl_keras import torch_state_dict
+from tl_keras import run_folder, torch_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +218,8 @@ def imagenet_weights(name, include_top=True):
         for layer in headless.layers:
             if layer.weights:
                 layer.set_weights(full.get_layer(layer.name).get_weights())
-        _save_atomic(full, top)
-        _save_atomic(headless, notop)
+        run_folder.write_atomically(str(top), full.save_weights)
+        run_folder.write_atomically(str(notop), headless.save_weights)
     return str(top if include_top else notop)
 
 
@@ -303,13 +303,3 @@ def assign_state_dict(model, arrays):
     unset = [layer.name for layer in model.layers if layer.weights and layer.name not in assigned]
     if unset:
         raise ValueError(f"layers without weights in the state_dict: {', '.join(unset[:5])}")
-
-
-def _save_atomic(model, path):
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.weights.h5")
-    try:
-        model.save_weights(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

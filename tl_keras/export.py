@@ -12,7 +12,7 @@ integer version, the highest one served.
 Signatures (both with the `tensorflow/serving/predict` method name):
 
     serving_default   images       float32 [N, H, W, 3], pixel values 0-255, at
-                                   the model's own H x W
+                                   the model's own H x W (another size: an error)
     serve_bytes       image_bytes  string [N], encoded JPEG / PNG / GIF / BMP
                                    of any size: decoded, converted to RGB and
                                    resized inside the graph the way training resized
@@ -130,7 +130,14 @@ def serving_archive(model, class_names):
                 "class_name": tf.gather(names, class_id)}
 
     def serving_default(images):
-        return classify(images)
+        # The graph would take any size (the backbone pools it away) and answer
+        # for an image the model was not trained to see.
+        check = tf.debugging.assert_equal(
+            tf.shape(images)[1:3], tf.constant([height, width]),
+            message=f"serving_default takes images of {height}x{width} pixels; resize them "
+                    "first, or send encoded images to serve_bytes")
+        with tf.control_dependencies([check]):
+            return classify(tf.identity(images))
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(lambda b: decode_image(b, height, width), image_bytes,

@@ -18,6 +18,7 @@ Example:
 import dataclasses
 import json
 import os
+import tempfile
 
 import ml_collections
 
@@ -119,9 +120,14 @@ def _workdir(workdir):
     parent = workdir
     while not os.path.exists(parent):  # the nearest folder that exists must take new ones
         parent = os.path.dirname(parent) or "."
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create the run folder in {parent!r}: permission denied; "
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot create workdir {workdir!r}: {parent!r} is a file; "
                          "choose another --workdir")
+    try:  # a real try, as root passes every permission check yet cannot write in /proc
+        tempfile.TemporaryDirectory(dir=parent, prefix=".tl_keras-check-").cleanup()
+    except OSError as e:
+        raise ValueError(f"cannot create the run folder in {parent!r}: {e.strerror}; "
+                         "choose another --workdir") from None
     return workdir
 
 

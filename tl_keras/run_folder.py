@@ -13,8 +13,9 @@
 A folder with metrics.json is never written again; one with another run's
 config.json is refused with the keys that differ; an unfinished run with the
 same config resumes. A sweep folder (tune.py) follows the same rules with its
-sweep.json. Every JSON file is written to a temporary name and renamed, so a
-crash leaves the old file or the new one, never half of one.
+sweep.json. Every file (JSON, models, weights) is written to a temporary name
+and renamed (`write_atomically`), so a crash or a full disk leaves the old
+file or the new one, never half of one.
 
 Example:
     workdir = prepare(plan.config.workdir, plan.to_dict())
@@ -90,13 +91,37 @@ def refuse_finished(workdir):
     return workdir
 
 
+def write_atomically(path, write):
+    """Calls `write(tmp)` for a temporary path beside `path`, then renames it to `path`.
+
+    A crash or a full disk leaves the old file or the new one, never half of
+    one, and no temporary file. The temporary name keeps the extension
+    (`.keras`, `.weights.h5`), which Keras' savers require.
+    """
+    folder, name = os.path.split(path)
+    suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name[:len(name) - len(suffix)]}.{os.getpid()}.partial{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path, value):
     """`value` as indented JSON at `path`, written whole or not at all."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+
+    write_atomically(path, write)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_history(workdir, first_epoch, last_epoch):

@@ -19,6 +19,8 @@ Example:
 
 import collections
 import dataclasses
+import math
+import os
 import pickle
 
 import numpy as np
@@ -98,6 +100,11 @@ def _unpickle(f, storages=None):
 def load(path):
     """Reads the legacy PyTorch state_dict at `path`.
 
+    Memory is bounded by the file's size: a storage longer than the rest of
+    the file, or tensors holding more elements than their storages (a zero
+    stride repeats one element any number of times), are refused before
+    anything is allocated.
+
     Args:
       path: a `.pth` file in torch's legacy (non-zip) format.
 
@@ -107,8 +114,32 @@ def load(path):
 
     Raises:
       UnsafeCheckpointError: the file names a global a state_dict does not need.
-      ValueError: the file is not a legacy state_dict or is truncated.
+      ValueError: the file is not a legacy state_dict, is truncated or malformed.
     """
+    try:
+        state, data = _read(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+        total = sum(math.prod(t.size) for t in state.values() if isinstance(t, _TensorRef))
+        if total > _MAX_REUSE * sum(flat.size for flat in data.values()):
+            raise ValueError(f"{path}: its tensors hold {total} elements, far more than its "
+                             "storages; not a state_dict a model saved")
+        return {name: _materialize(name, t, data) for name, t in state.items()}
+    except (UnsafeCheckpointError, ValueError):
+        raise
+    except (EOFError, pickle.UnpicklingError, IndexError, TypeError, AttributeError,
+            OverflowError) as e:
+        raise ValueError(f"{path}: truncated or not a PyTorch state_dict ({e})") from None
+
+
+# Tensors may share a storage (tied weights), but hold at most this many times
+# the elements of all storages together.
+_MAX_REUSE = 4
+
+
+def _read(path):
+    """(the state_dict of `_TensorRef`s, storage key -> flat numpy array)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(2)
         if head == b"PK":
@@ -127,26 +158,31 @@ def load(path):
             ref = storages.get(key)
             if ref is None:
                 raise ValueError(f"{path}: storage {key!r} is listed but never used")
-            numel = int(np.frombuffer(f.read(8), "<i8")[0]) if ref.numel else 0
+            count = f.read(8) if ref.numel else np.int64(0).tobytes()
+            if len(count) != 8:
+                raise ValueError(f"{path}: truncated at storage {key!r}")
+            numel = int(np.frombuffer(count, "<i8")[0])
             if numel != ref.numel:
                 raise ValueError(f"{path}: storage {key!r} holds {numel} elements, expected {ref.numel}")
-            raw = f.read(numel * np.dtype(ref.dtype).itemsize)
-            if len(raw) != numel * np.dtype(ref.dtype).itemsize:
+            nbytes = numel * np.dtype(ref.dtype).itemsize
+            if nbytes > size - f.tell():
                 raise ValueError(f"{path}: truncated at storage {key!r}")
-            data[key] = np.frombuffer(raw, ref.dtype)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict")
-    return {name: _materialize(name, t, data) for name, t in state.items()}
+            data[key] = np.frombuffer(f.read(nbytes), ref.dtype)
+    return state, data
 
 
 def _materialize(name, t, data):
     if not isinstance(t, _TensorRef):
         raise ValueError(f"state_dict entry {name!r} is not a tensor")
-    flat = data[t.storage.key]
+    flat = data.get(t.storage.key)
+    if flat is None:
+        raise ValueError(f"state_dict entry {name!r} has no storage in the file")
     if len(t.size) != len(t.stride):
         raise ValueError(f"state_dict entry {name!r} has {len(t.size)} sizes but {len(t.stride)} strides")
     if any(n == 0 for n in t.size):
         return np.zeros(t.size, flat.dtype)
+    if math.prod(t.size) > flat.size:
+        raise ValueError(f"state_dict entry {name!r} holds more elements than its storage")
     # Bounds are checked before striding: a crafted size or stride must not
     # make numpy read memory outside the storage.
     last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride))

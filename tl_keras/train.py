@@ -18,6 +18,7 @@ Example:
 import contextlib
 import dataclasses
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -108,7 +109,7 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
     # when that phase trained on them (equal to the full model's outputs).
     val_loss, val_accuracy = dist.evaluate(final.model, final.val)
     if save_models and dist.chief:
-        model.save(os.path.join(workdir, "model.keras"))
+        run_folder.write_atomically(os.path.join(workdir, "model.keras"), model.save)
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     metrics = {
@@ -225,7 +226,6 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
     config = plan.config
     batch_size = dist.batch_size(config)
     history = []
-    best = None
     verbose = int(config.verbose) if config.verbose != "auto" else (
         1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
     final = _Final()
@@ -250,10 +250,15 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                                                  feature_store, batch_size)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored, "reused": reused}
-        if phase is phases[0] and not finished and initial_epoch == 0:
+        if (phase is phases[0] and not finished and initial_epoch == 0
+                and config.init == "pretrained"):
             # Statistics of the starting backbone's features. A finished first
             # phase has them in its saved weights, loaded below; a resumed
             # unfinished one gets its saved ones back from BackupAndRestore.
+            # A backbone trained from random weights keeps the identity: its
+            # starting features are tiny (variance ~1e-25 for MobileNetV2), and
+            # statistics frozen at that scale would blow its trained features
+            # up by ~1e12 (losses in the millions).
             features.adapt_feature_norm(
                 model, cache.train[0] if cache is not None else features.sample(model, data))
         if cached and cache is not None:
@@ -296,10 +301,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
         if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
         if save_models and dist.chief:
-            checkpoint = _FullModelCheckpoint(
-                model, os.path.join(workdir, "best.keras"), monitor="val_accuracy", mode="max",
-                save_best_only=True, initial_value_threshold=best)
-            callbacks.append(checkpoint)
+            callbacks.append(_BestModel(model, workdir))
         fit = dist.fit(fit_model, train_data, val_data,
                        initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
                        verbose=verbose, callbacks=callbacks)
@@ -307,10 +309,8 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                 v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
             raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
                                      "try a lower learning rate")
-        if save_models and dist.chief:
-            best = checkpoint.best
         if dist.chief:
-            model.save_weights(done)
+            run_folder.write_atomically(done, model.save_weights)
         history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
     return history, final
 
@@ -342,12 +342,29 @@ def _has_tensorflow():
         return False
 
 
-class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Saves the full classifier even when `fit` runs on its head alone."""
+class _BestModel(keras.callbacks.Callback):
+    """Saves the full classifier to best.keras whenever val_accuracy beats the best so far.
 
-    def __init__(self, full_model, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._full_model = full_model
+    The full model, even when `fit` trains its head alone on cached features.
+    The best value so far is kept in backup/best.json beside it, so a resumed
+    run, or a phase after one finished in an earlier attempt, compares against
+    the model best.keras holds instead of overwriting it with a worse one.
+    """
 
-    def set_model(self, model):
-        super().set_model(self._full_model)
+    def __init__(self, full_model, workdir):
+        super().__init__()
+        self.full_model = full_model
+        self.path = os.path.join(workdir, "best.keras")
+        self.record = os.path.join(workdir, "backup", "best.json")
+        self.best = None
+        if os.path.exists(self.path) and os.path.exists(self.record):
+            self.best = run_folder.read_json(self.record)["val_accuracy"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_accuracy")
+        if value is None or math.isnan(value) or (self.best is not None and value <= self.best):
+            return
+        run_folder.write_atomically(self.path, self.full_model.save)
+        self.best = float(value)
+        os.makedirs(os.path.dirname(self.record), exist_ok=True)
+        run_folder.write_json(self.record, {"epoch": epoch + 1, "val_accuracy": self.best})

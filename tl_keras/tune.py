@@ -155,7 +155,7 @@ class TransferHyperModel(kt.HyperModel):
                                      feature_store=self.feature_store, save_models=False,
                                      strategy=self.strategy)
             for path in checkpoints:
-                model.save_weights(path)
+                run_folder.write_atomically(path, model.save_weights)
         rss, peak = memory_mb()
         print(f"trial_id {trial_id} done{' on ' + tuner_id() if role() != 'single' else ''}: "
               f"{OBJECTIVE} {metrics[OBJECTIVE]:.4f}, "

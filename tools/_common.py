@@ -149,10 +149,12 @@ def make_strategy(plan):
 
 
 def load_data(plan, strategy):
-    """`data.load` at the strategy's global batch, announced."""
-    from tl_keras import data, distribute
+    """`data.load` at the strategy's global batch, announced; the backbone's cut
+    and weights are checked first, as reading a real dataset takes minutes."""
+    from tl_keras import backbones, data, distribute
 
     config = plan.config
+    backbones.check_buildable(config.backbone, plan.weights, plan.image_size, plan.cut)
     datasets = data.load(config, image_size=plan.image_size,
                          batch_size=distribute.global_batch(config, strategy),
                          drop_remainder=distribute.replicas(strategy) > 1)

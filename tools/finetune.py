@@ -45,6 +45,8 @@ def main(argv):
         metrics = train.finetune(plan, datasets, strategy=strategy)
     except ValueError as e:
         fail(first_line(e))
+    except OSError as e:  # a full disk: files are written whole or not at all (run_folder.py)
+        fail(f"{first_line(e)} (nothing is half-written; the same command resumes the run)")
     except Exception as e:  # noqa: BLE001
         if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
             try:  # a dead peer: rejoin the cluster afresh (replaces this process)
