@@ -51,6 +51,7 @@ def get_config():
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA
     config.distribution = "auto"         # auto | none | mirrored | multi_worker | tpu (tl_keras/distribute.py)
+    config.validation_freq = 1           # validate every N epochs (counted across phases); final metrics always
     config.seed = 0
     config.verbose = "auto"              # Keras fit verbosity: auto (bar on a terminal) | 0 | 1 | 2
 

@@ -9,6 +9,7 @@ import pytest
 from tl_keras import backbones
 
 STRIDES = {"early": 4, "middle": 8, "late": 16}
+SEED_CNN_STRIDES = {"early": 2, "middle": 4, "late": 8}  # a pool after each conv, no stem
 
 
 @pytest.mark.slow
@@ -23,7 +24,7 @@ def test_every_named_cut_is_a_real_layer_at_its_stride():
         assert built.layer == spec.cuts["early"]
         base = built.base
         assert spec.cuts["top"] == base.layers[-1].name, name
-        for cut, stride in STRIDES.items():
+        for cut, stride in (SEED_CNN_STRIDES if name == "seed_cnn" else STRIDES).items():
             layer = backbones.get_operation(base, spec.cuts[cut])
             measured = size / layer.output.shape[1]
             assert round(math.log2(measured)) == math.log2(stride), (name, cut, measured)
@@ -110,3 +111,32 @@ def test_imagenet_without_network_is_one_clear_error(monkeypatch):
     assert "could not download ImageNet weights for 'resnet50'" in str(e.value)
     for hint in ("network", "--weights=none", "--weights=PATH.weights.h5", "efficientnet_lite0"):
         assert hint in str(e.value)
+
+
+def test_seed_cnn_cuts_at_every_layer_boundary_and_takes_its_own_weights(tmp_path):
+    from tl_keras import model as model_lib
+
+    shapes = {"conv1": (16, 16, 16), "conv2": (8, 8, 32), "conv3": (4, 4, 32), "fc1": (256,),
+              "fc2": (128,)}
+    for cut, named in (("early", "conv1"), ("middle", "conv2"), ("late", "conv3"),
+                       ("top", "fc2"), *((c, c) for c in shapes)):
+        built = backbones.build_backbone("seed_cnn", weights="none", image_size=32, cut=cut)
+        assert tuple(built.model.output.shape[1:]) == shapes[named], cut
+    # A cut after a Dense layer feeds the head directly: nothing to pool.
+    built = backbones.build_backbone("seed_cnn", weights="none", image_size=32, cut="fc1")
+    classifier = model_lib.build_classifier(built.model, "seed_cnn", num_classes=3, channels=1)
+    names = [layer.name for layer in classifier.layers]
+    assert names == ["images", "preprocess", "backbone", "feature_norm", "dropout", "predictions"]
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 1)).astype("float32")
+    assert classifier.predict(x, verbose=0).shape == (2, 3)
+    # The backbone of a trained classifier (cut at top) is a --weights file for seed_cnn.
+    keras.utils.set_random_seed(5)
+    top = backbones.build_backbone("seed_cnn", weights="none", image_size=32, cut="top")
+    path = str(tmp_path / "seed_cnn.weights.h5")
+    top.model.save_weights(path)
+    loaded = backbones.build_backbone("seed_cnn", weights=path, image_size=32, cut="conv2")
+    for layer in ("conv1", "conv2"):
+        for a, b in zip(top.base.get_layer(layer).weights, loaded.base.get_layer(layer).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="seed_cnn has no ImageNet weights"):
+        backbones.build_backbone("seed_cnn", weights="imagenet", image_size=32)

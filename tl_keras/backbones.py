@@ -28,7 +28,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from tl_keras import efficientnet_lite, keras_internals
+from tl_keras import efficientnet_lite, keras_internals, seed_cnn
 
 A = keras.applications
 L = efficientnet_lite
@@ -61,6 +61,11 @@ BACKBONES = {
     "efficientnet_lite2": Backbone(
         L.EfficientNetLite2, L.preprocess_input, 260,
         _cuts("block2c_add", "block3c_add", "block5d_add", "top_activation")),
+    # The regime table's example network (tl_keras/seed_cnn.py): no ImageNet
+    # weights; tools/study.py pretrains it. Cut points name every layer boundary.
+    "seed_cnn": Backbone(
+        seed_cnn.SeedCNN, seed_cnn.preprocess_input, seed_cnn.IMAGE_SIZE,
+        {**seed_cnn.CUT_POINTS, **seed_cnn.CUTS}),
     # Keras Applications: ImageNet weights are downloaded on first use.
     "mobilenet_v2": Backbone(
         A.MobileNetV2, A.mobilenet_v2.preprocess_input, 224,

@@ -6,6 +6,7 @@
       backbone                     the cut backbone (see backbones.py)
       avg_pool                     GlobalAveragePooling2D (pool_grid=1), or
       grid_pool, grid_flatten      average-pooled to a pool_grid x pool_grid grid
+                                   (neither after a Dense cut: seed_cnn's fc1, fc2)
       feature_norm                 Normalization: standardises each feature with
                                    statistics of the training data, never trained
       dropout                      Dropout
@@ -73,16 +74,18 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
     if int(pool_grid) < 1:
         raise ValueError(f"pool_grid must be 1 (global average) or more, got {pool_grid}")
     height, width = backbone.input.shape[1:3]
-    feature_height, feature_width = backbone.output.shape[1:3]
 
     # === Layers ===
     # Preprocessing is float32 even under mixed precision: it is cheap, and
     # float16 would round 0-255 inputs.
     preprocess = keras.layers.Conv2D(
         3, 1, name="preprocess", trainable=False, dtype="float32")
-    if pool_grid == 1:
+    if len(backbone.output.shape) == 2:  # cut after a Dense layer (seed_cnn's fc1, fc2)
+        pool = []
+    elif pool_grid == 1:
         pool = [keras.layers.GlobalAveragePooling2D(name="avg_pool")]
     else:
+        feature_height, feature_width = backbone.output.shape[1:3]
         (window_h, stride_h), (window_w, stride_w) = (
             grid_window(feature_height, pool_grid), grid_window(feature_width, pool_grid))
         pool = [keras.layers.AveragePooling2D((window_h, window_w), (stride_h, stride_w),

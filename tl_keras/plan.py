@@ -36,6 +36,7 @@ _AT_LEAST = {
     "examples_per_class": (0, "0 (all) or more"),
     "cached_views": (1, "at least 1"),
     "pool_grid": (1, "1 (global average) or more"),
+    "validation_freq": (1, "at least 1"),
 }
 
 

@@ -141,5 +141,6 @@ def read_history(workdir, first_epoch, last_epoch):
         row = dict(zip(header, line))
         epoch = int(row["epoch"])
         if first_epoch <= epoch < last_epoch:
-            rows[epoch] = {k: float(v) for k, v in row.items() if k != "epoch"}
+            rows[epoch] = {k: float(v) for k, v in row.items()
+                           if k != "epoch" and v not in ("", "NA")}  # NA: not validated
     return [rows[e] for e in sorted(rows)]

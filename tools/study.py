@@ -1,0 +1,49 @@
+"""Does the rule hold? Every strategy in every quadrant of the regime table (tl_keras/study.py).
+
+Usage:
+    python tools/study.py            # the full study: benchmarks/study/ (about 30 minutes)
+    python tools/study.py --quick    # one seed, R1-R4 only, fewer images: about 2 minutes
+
+Pretrains seed_cnn (the regime table's example network) on Fashion-MNIST
+classes 0-4, then runs every strategy on a similar and a different target,
+small and large, 3 seeds each; writes study.json, table.md, heatmap.png and
+the depth curves. Every cell is a run folder under --workdir: a killed study
+resumes where it stopped.
+"""
+
+import sys
+
+from absl import app, flags
+
+import _common
+from _common import fail
+
+_common.require_backend()
+
+flags.DEFINE_bool("quick", False, "One seed, R1-R4 only, fewer images and epochs.")
+flags.DEFINE_string("out", None, "Results folder (default benchmarks/study, or "
+                    "benchmarks/study_quick with --quick).")
+flags.DEFINE_string("workdir", None, "Run folders of the cells (default runs/study, or "
+                    "runs/study_quick); a killed study resumes from them.")
+flags.DEFINE_bool("lite", None, "Also the EfficientNet-Lite0 part (default: not with --quick).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tl_keras import study
+
+    suffix = "_quick" if FLAGS.quick else ""
+    try:
+        study.run(study.QUICK if FLAGS.quick else study.FULL,
+                  out_dir=FLAGS.out or f"benchmarks/study{suffix}",
+                  work_dir=FLAGS.workdir or f"runs/study{suffix}",
+                  lite=not FLAGS.quick if FLAGS.lite is None else FLAGS.lite,
+                  command=" ".join(["python", "tools/study.py", *sys.argv[1:]]))
+    except ValueError as e:
+        fail(_common.first_line(e))
+
+
+if __name__ == "__main__":
+    app.run(main)
