@@ -62,6 +62,13 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
     ({"pool_grid": 0}, r"pool_grid must be 1 \(global average\) or more, got 0"),
     ({"mixed_precision": "float8"}, "unknown mixed_precision 'float8'; valid: '', 'float32', "),
     ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+    ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+    ({"augment_zoom": -1.0}, r"augment_zoom must be in \[0, 1\), got -1.0"),
+    ({"weight_decay": -1.0}, "weight_decay must be 0 or more, got -1.0"),
+    ({"augment_flip": "diagonal"}, "unknown augment_flip 'diagonal'; valid: horizontal, vertical, "
+                                   "horizontal_and_vertical, none"),
+    ({"verbose": "7"}, "unknown verbose '7'; valid: auto, 0, 1, 2"),
+    ({"validation_freq": 0}, "validation_freq must be at least 1, got 0"),
     ({"weights": "/no/such.weights.h5"},
      r"--weights='/no/such.weights.h5' is not 'imagenet', 'none' or an existing \.weights\.h5"),
 ])

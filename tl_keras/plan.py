@@ -40,6 +40,12 @@ _AT_LEAST = {
 }
 
 
+_ONE_OF = {
+    "augment_flip": ("horizontal", "vertical", "horizontal_and_vertical", "none"),
+    "verbose": ("auto", "0", "1", "2"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     config: ml_collections.FrozenConfigDict  # every setting, cut and image_size filled in
@@ -107,8 +113,14 @@ def _check_numbers(config):
     for key in ("learning_rate", "finetune_learning_rate"):
         if key in config and not config[key] > 0:
             raise ValueError(f"{key} must be above 0, got {config[key]}")
-    if "val_fraction" in config and not 0 <= config.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    for key in ("val_fraction", "dropout", "augment_zoom", "augment_rotation"):
+        if key in config and not 0 <= config[key] < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {config[key]}")
+    if "weight_decay" in config and not config.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
+    for key, valid in _ONE_OF.items():
+        if key in config and str(config[key]) not in valid:
+            raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")
 
 
 def _workdir(workdir):

@@ -303,6 +303,7 @@ def run(settings=FULL, out_dir="benchmarks/study", work_dir="runs/study", lite=T
     from tl_keras import data, features
 
     start = time.time()
+    _require("matplotlib", *(["skimage"] if lite else []))  # now, not after half an hour
     os.makedirs(out_dir, exist_ok=True)
     source, similar = fashion_halves()
     weights = os.path.join(out_dir, "seed_cnn_fashion0-4.weights.h5")
@@ -351,6 +352,14 @@ def run(settings=FULL, out_dir="benchmarks/study", work_dir="runs/study", lite=T
     results["wall_seconds"] = round(time.time() - start, 1)
     write_outputs(results, out_dir)
     return results
+
+
+def _require(*modules):
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the study needs {', '.join(missing)}: pip install -e '.[study]'")
 
 
 # --- The real pretrained network ----------------------------------------------------
