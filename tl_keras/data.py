@@ -56,6 +56,9 @@ class Datasets:
     skipped: list
     augmented: bool = False  # the training pipeline gives new random views on every read
     drop_remainder: bool = False  # training batches are all full
+    # The same pipelines built afresh: their first read is in the same seeded order
+    # as this one's first read (a pipeline read again is reshuffled).
+    fresh: object = None
 
 
 def load(config, image_size, batch_size=None, drop_remainder=False):
@@ -402,7 +405,8 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
         class_names=list(examples.class_names),
         train_examples=examples.train_examples, val_examples=examples.val_examples,
         channels=examples.channels, image_size=image_size, skipped=examples.skipped,
-        augmented=augment is not None, drop_remainder=drop_remainder)
+        augmented=augment is not None, drop_remainder=drop_remainder,
+        fresh=lambda: make_datasets(examples, config, image_size, batch_size, drop_remainder))
 
 
 def augmentation(config):

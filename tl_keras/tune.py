@@ -151,7 +151,11 @@ class TransferHyperModel(kt.HyperModel):
                 raise RuntimeError(f"trial {trial_id} finished without its checkpoint")
             print(f"trial_id {trial_id} finished in an earlier attempt; its result is reused.")
         else:
-            metrics = train.finetune(plan, self.data, model=model, initial_epoch=initial_epoch,
+            # Fresh pipelines: every trial reads the data in the order a new
+            # finetune.py process does, so features one trial computes and another
+            # reuses are those of that order, and the winner retrains to its result.
+            data = self.data.fresh() if getattr(self.data, "fresh", None) else self.data
+            metrics = train.finetune(plan, data, model=model, initial_epoch=initial_epoch,
                                      feature_store=self.feature_store, save_models=False,
                                      strategy=self.strategy)
             for path in checkpoints:
