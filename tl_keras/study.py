@@ -249,16 +249,17 @@ def cell_config(cell, settings, weights, workdir):
     return config
 
 
-def run_cell(config, data, store):
-    """`train.finetune` of `config`, quietly; a finished run folder's metrics are reused."""
-    from tl_keras import train
+def run_cell(config, make_data, store=None, save_models=False):
+    """`train.finetune` of `config` on `make_data()`, quietly; a finished run
+    folder's metrics are reused, and its data never built. Returns (metrics, reused)."""
+    from tl_keras import run_folder, train
 
     done = os.path.join(config.workdir, "metrics.json")
     if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f), True
+        return run_folder.read_json(done), True
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = train.finetune(config, data, feature_store=store, save_models=False)
+        metrics = train.finetune(config, make_data(), feature_store=store,
+                                 save_models=save_models)
     return metrics, False
 
 
@@ -273,22 +274,20 @@ def pretrain(source, settings, work_dir, out_path):
     """
     import keras
 
-    from tl_keras import data, run_folder, train
+    from tl_keras import data, run_folder
 
     config = cell_config(Cell("source", "large", "scratch", "", 0), settings, "none",
                          os.path.join(work_dir, "pretrain"))
     config.epochs = settings.pretrain_epochs
-    done = os.path.join(config.workdir, "metrics.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            metrics = json.load(f)
-    else:
+
+    def make_data():
         train_idx = slice(settings.pretrain_max or None)
         examples = data.from_arrays(source.x[train_idx], source.y[train_idx],
                                     class_names=source.class_names,
                                     x_val=source.x_val, y_val=source.y_val)
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics = train.finetune(config, data.make_datasets(examples, config, IMAGE_SIZE))
+        return data.make_datasets(examples, config, IMAGE_SIZE)
+
+    metrics, _ = run_cell(config, make_data, save_models=True)  # model.keras: the backbone
     model = keras.saving.load_model(os.path.join(config.workdir, "model.keras"), compile=False)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     run_folder.write_atomically(out_path, model.get_layer("backbone").save_weights)
@@ -331,7 +330,7 @@ def run(settings=FULL, out_dir="benchmarks/study", work_dir="runs/study", lite=T
         keras.backend.clear_session()
         tick = time.time()
         metrics, reused = run_cell(
-            config, data.make_datasets(examples, config, IMAGE_SIZE), store)
+            config, lambda: data.make_datasets(examples, config, IMAGE_SIZE), store)
         rows.append({**dataclasses.asdict(cell), "val_accuracy": metrics["val_accuracy"],
                      "train_examples": metrics["train_examples"],
                      "val_examples": metrics["val_examples"],
@@ -406,8 +405,8 @@ def lite_depth(settings, work_dir):
                 config.pool_grid = 1 if cut == "top" else 3
                 config.workdir = os.path.join(work_dir, "lite", f"{name}-{cut}-seed{seed}")
                 keras.backend.clear_session()
-                metrics, _ = run_cell(config, data.make_datasets(examples, config,
-                                                                 config.image_size), store)
+                metrics, _ = run_cell(config, lambda: data.make_datasets(
+                    examples, config, config.image_size), store)
                 accuracies.append(metrics["val_accuracy"])
             out.setdefault(name, {})[cut] = _stats(accuracies)
             print(f"EfficientNet-Lite0 frozen@{cut} on {name}: "
