@@ -12,7 +12,7 @@ def get_config():
     config = ml_collections.ConfigDict()
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
-    config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different
+    config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (tools)
     config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES
     config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)
     config.init = "pretrained"           # pretrained | scratch (large regimes: every weight random)
@@ -46,14 +46,23 @@ def get_config():
     config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
     config.unfreeze = 0                  # large regimes, phase 2: train only the top k stages of the backbone; 0: all
     config.label_smoothing = 0.0         # cross-entropy against labels smoothed by this much
+    config.class_weight = "none"         # none | balanced: each class's loss weighted by n / (classes x its images)
     config.scratch_batchnorm_momentum = 0.9  # init=scratch: BatchNorm momentum (Keras Applications: 0.99-0.999)
     config.weight_decay = 1e-4           # AdamW
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA
     config.distribution = "auto"         # auto | none | mirrored | multi_worker | tpu (tl_keras/distribute.py)
     config.validation_freq = 1           # validate every N epochs (counted across phases); final metrics always
+    config.report = True                 # a finished run draws curves.png, regime.png, report.html (report.py)
     config.seed = 0
     config.verbose = "auto"              # Keras fit verbosity: auto (bar on a terminal) | 0 | 1 | 2
+
+    # --- The regime advisor (--regime=auto, tools/advise.py; tl_keras/advise.py, docs/advisor.md) ---
+    config.advisor = ml_collections.ConfigDict()
+    config.advisor.sample = 2000         # training images scored (seeded: the pipeline's first read)
+    config.advisor.large_examples = 10_000  # training images from which a dataset is "large"
+    config.advisor.similar_margin = 0.02  # top cut's LogME within this of the best cut: "similar"
+    config.advisor.scratch_margin = 0.1  # large data, pretraining adds less LogME than this: init=scratch
 
     # --- Where ---
     config.workdir = ""                  # "": runs/<regime>_<backbone>_<time>

@@ -16,13 +16,13 @@ def test_benchmark_writes_consistent_results(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
          "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
-         "--dataset=digits", "--train_examples=48", "--val_examples=24", "--epochs=2",
+         "--dataset=digits", "--train_examples=100", "--val_examples=24", "--epochs=2",
          "--finetune_examples=32", "--finetune_epochs=1", "--tune_trials=3", f"--out={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.load(open(out))
     frozen, full = r["frozen_regime"], r["full_finetune"]
-    assert (frozen["train_examples"], frozen["val_examples"], frozen["epochs"]) == (48, 24, 2)
+    assert (frozen["train_examples"], frozen["val_examples"], frozen["epochs"]) == (100, 24, 2)
     # The two paths it times train the same model: the full model's outputs
     # equal the head's on the cached features.
     assert frozen["full_model_vs_head_max_abs_difference"] < 1e-5
@@ -35,6 +35,13 @@ def test_benchmark_writes_consistent_results(tmp_path):
     cuts, reused = tuning["cut_layer_of_each_trial"], tuning["reused_features_in_each_trial"]
     assert reused == [cut in cuts[:i] for i, cut in enumerate(cuts)]
     assert tuning["trials_computing_features"] == len(set(cuts))
+    # Part 5 trains every regime and sets the advisor's time against theirs.
+    advisor = r["advisor"]
+    assert list(advisor["regimes"]) == ["small_similar", "small_different", "large_similar",
+                                        "large_different"]
+    assert advisor["advisor_over_four_regimes"] == pytest.approx(
+        advisor["advisor_seconds"] / advisor["four_regimes_seconds"], abs=0.01)
+    assert advisor["advice"]["regime"] in advisor["regimes"] and advisor["sample"] == 100
 
 
 # As on a GPU machine that has Keras and JAX but no TensorFlow: importing it

@@ -46,7 +46,7 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"regime": "medium_similar"}, "unknown regime 'medium_similar'; valid regimes: "),
     ({"backbone": "resnet5"}, "unknown backbone 'resnet5'; valid backbones: "),
-    ({"regime": "small_different", "cut": "top"}, "cuts at early or middle"),
+    ({"regime": "small_different", "cut": "top"}, "cuts at early, middle or late"),
     ({"init": "random"}, "unknown init 'random'; valid inits: pretrained, scratch"),
     ({"epochs": 0}, "epochs must be at least 1, got 0"),
     ({"batch_size": -4}, "batch_size must be at least 1, got -4"),

@@ -126,7 +126,7 @@ def test_phase_plans_and_bad_values(tmp_path):
         trainable.plan_phases(tiny_config(tmp_path, "medium_similar"))
     with pytest.raises(ValueError, match="use large_different"):
         trainable.plan_phases(tiny_config(tmp_path, "small_similar", init="scratch"))
-    with pytest.raises(ValueError, match="cuts at early or middle"):
+    with pytest.raises(ValueError, match="cuts at early, middle or late"):
         plan_lib.resolve(tiny_config(tmp_path, "small_different", cut="top"))
     with pytest.raises(ValueError, match="valid inits: pretrained, scratch"):
         trainable.plan_phases(tiny_config(tmp_path, "large_different", init="random"))

@@ -38,7 +38,7 @@ def test_search_space_per_regime(tmp_path):
 
     names, hps = space(tiny_config(tmp_path, "small_different"))
     assert names == frozen
-    assert list(hps["cut"].values) == ["early", "middle"]  # only the early cut points
+    assert list(hps["cut"].values) == ["early", "middle", "late"]  # below the top
     assert hps["cut"].default == "early"
 
     names, hps = space(tiny_config(tmp_path, "large_similar", epochs=5, head_epochs=2))

@@ -13,6 +13,9 @@ Measured side by side in one process, same data, same seed:
      computes its cut's features against one that reuses them, and the
      process's resident memory after every trial (Keras Tuner clears the
      session between trials).
+  5. The regime advisor (advise.py) against training all four regimes with
+     their own configs on part 1's data: its cost as a fraction of theirs, and
+     which regime it picked next to the validation accuracy each one reached.
 
 With `KERAS_BACKEND=jax` it needs no TensorFlow (as on a GPU machine with JAX
 alone): parts 1-2 run on numpy arrays resized with keras.ops; part 2 then
@@ -50,6 +53,8 @@ class Settings:
     finetune_epochs: int = _setting(2, "Parts 2-3: timed epochs per feed, after a warm-up.")
     batch_size: int = _setting(32, "Batch size.")
     tune_trials: int = _setting(10, "Part 4: trials of the sweep (0: no part 4).")
+    advisor: int = _setting(1, "Part 5: the advisor against training the four regimes "
+                               "(0: no part 5).")
 
 
 def run(settings, command=""):
@@ -71,6 +76,8 @@ def run(settings, command=""):
     results["frozen_regime"] = frozen_regime(settings, plan, datasets)
     if settings.tune_trials:
         results["tuning"] = tuning(settings, plan, datasets)
+    if settings.advisor and _tensorflow():  # the advisor reads tl_keras's pipelines
+        results["advisor"] = advisor_cost(settings, plan, datasets)
     if _tensorflow():
         with tempfile.TemporaryDirectory() as root:
             write_folder(settings, root, settings.finetune_examples)
@@ -98,6 +105,43 @@ def compile_(model, learning_rate=1e-3):
 
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+# --- Part 5: the advisor against the four regimes ---------------------------------
+
+def advisor_cost(settings, plan, datasets):
+    """Seconds of `advise.advise` against those of training each regime (its own
+    config file, part 1's data); the advice, and each regime's val_accuracy."""
+    import importlib
+
+    import keras
+
+    from tl_keras import advise, train, trainable
+
+    keras.backend.clear_session()
+    tick = time.perf_counter()
+    advice, _ = advise.advise(plan, datasets, sample=settings.train_examples, verbose=0)
+    advisor_seconds = time.perf_counter() - tick
+    regimes = {}
+    with tempfile.TemporaryDirectory() as root:
+        for name in trainable.REGIMES:
+            own = importlib.import_module(f"tl_keras.configs.{name}").get_config()
+            config = config_for(settings, max_examples=settings.train_examples, regime=name,
+                                epochs=own.epochs, pool_grid=own.pool_grid)
+            config.workdir = os.path.join(root, name)
+            keras.backend.clear_session()
+            tick = time.perf_counter()
+            metrics = train.finetune(config, datasets.fresh(), save_models=False)
+            regimes[name] = {"seconds": round(time.perf_counter() - tick, 1),
+                             "val_accuracy": round(metrics["val_accuracy"], 4),
+                             "epochs": own.epochs, "cut": metrics["cut_layer"]}
+    total = sum(r["seconds"] for r in regimes.values())
+    return {"advisor_seconds": round(advisor_seconds, 1), "sample": advice.sample,
+            "four_regimes_seconds": round(total, 1),
+            "advisor_over_four_regimes": round(advisor_seconds / total, 4),
+            "advice": {"regime": advice.regime, "cut": advice.cut, "init": advice.init,
+                       "reasons": advice.reasons},
+            "regimes": regimes}
 
 
 # --- Part 1: cached features vs plain fit ---------------------------------------
@@ -444,6 +488,16 @@ def format_table(r):
                                            f"{u['peak_rss_mb_after_each_trial'][0]} / "
                                            f"{u['peak_rss_mb_after_each_trial'][-1]} MB)"),
         ]
+    if "advisor" in r:
+        a = r["advisor"]
+        rows += [
+            ("5. regime advisor", f"{a['advisor_seconds']} s on {a['sample']} images = "
+                                  f"{a['advisor_over_four_regimes']} of training the four "
+                                  f"regimes ({a['four_regimes_seconds']} s)"),
+            ("   advice", f"{a['advice']['regime']} at {a['advice']['cut']!r}, "
+                          f"init {a['advice']['init']}"),
+        ] + [(f"   {name}", f"val_accuracy {x['val_accuracy']} ({x['epochs']} epochs, "
+                            f"{x['seconds']} s)") for name, x in a["regimes"].items()]
     width = max(len(a) for a, _ in rows)
     lines = [f"{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px"]
     return "\n".join(lines + [f"{a:<{width}}  {b}" for a, b in rows])

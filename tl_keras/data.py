@@ -41,6 +41,7 @@ class Examples:
     val_examples: int
     channels: int
     skipped: list = dataclasses.field(default_factory=list)  # unreadable files
+    train_label_counts: object = None  # training images per class, when the source knows
 
 
 @dataclasses.dataclass
@@ -54,11 +55,15 @@ class Datasets:
     channels: int
     image_size: int
     skipped: list
+    train_label_counts: object = None  # training images per class; None: count a pass
     augmented: bool = False  # the training pipeline gives new random views on every read
     drop_remainder: bool = False  # training batches are all full
     # The same pipelines built afresh: their first read is in the same seeded order
     # as this one's first read (a pipeline read again is reshuffled).
     fresh: object = None
+    # A new training pipeline without shuffling or augmentation, in the source's
+    # seeded random order (the regime advisor scores its first N images: advise.py).
+    plain_train: object = None
 
 
 def load(config, image_size, batch_size=None, drop_remainder=False):
@@ -164,6 +169,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
 
     train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples,
                                        examples_per_class)
+    train_idx = _seeded_order(train_idx, seed)
     paths, labels = np.array(paths), np.array(labels, dtype="int32")
 
     def dataset(idx):
@@ -172,7 +178,8 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
 
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
                     len(train_idx), len(val_idx), channels=3,
-                    skipped=[p for p, _ in bad])
+                    skipped=[p for p, _ in bad],
+                    train_label_counts=np.bincount(labels[train_idx], minlength=len(class_names)))
 
 
 def _listing(title, lines, shown=5):
@@ -251,6 +258,14 @@ def _native_stderr_dropped():
         os.close(saved)
 
 
+def _seeded_order(indices, seed):
+    """`indices` in a seeded random order. Sources list the training set in this
+    order: the pipeline's shuffle buffer (10,000 at most) then mixes classes even
+    when a folder lists a million images class by class, and the first N images
+    are a seeded random sample (the regime advisor's, advise.py)."""
+    return np.random.default_rng([seed, 1]).permutation(indices)
+
+
 def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2,
                 seed=0, max_examples=None, examples_per_class=None):
     """Examples from numpy images `x` [N, H, W] or [N, H, W, C] (0-255) and labels `y`.
@@ -276,9 +291,12 @@ def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2
         x_val, y_val = _as_images(x_val), np.asarray(y_val).astype("int32").reshape(-1)
         train_idx, _ = split_indices(y, 0.0, seed, max_examples, examples_per_class)
         x, y = x[train_idx], y[train_idx]
+    order = _seeded_order(np.arange(len(y)), seed)
+    x, y = x[order], y[order]
     return Examples(tf.data.Dataset.from_tensor_slices((x, y)),
                     tf.data.Dataset.from_tensor_slices((x_val, y_val)),
-                    class_names, len(x), len(x_val), channels=x.shape[-1])
+                    class_names, len(x), len(x_val), channels=x.shape[-1],
+                    train_label_counts=np.bincount(y, minlength=len(class_names)))
 
 
 def _as_images(x):
@@ -387,8 +405,10 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
     augment = augmentation(config)
     cache_limit = config.get("cache_bytes", 2 << 30)
 
-    def pipeline(ds, n, training):
+    def pipeline(ds, n, training, augment=augment, plain=False):
         ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
+        if plain:  # the training images in the source's seeded order, as they are
+            return ds.batch(batch_size).prefetch(AUTOTUNE)
         if n * image_size * image_size * examples.channels <= cache_limit:
             ds = ds.cache()
         if training:
@@ -405,8 +425,9 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
         class_names=list(examples.class_names),
         train_examples=examples.train_examples, val_examples=examples.val_examples,
         channels=examples.channels, image_size=image_size, skipped=examples.skipped,
-        augmented=augment is not None, drop_remainder=drop_remainder,
-        fresh=lambda: make_datasets(examples, config, image_size, batch_size, drop_remainder))
+        train_label_counts=examples.train_label_counts, augmented=augment is not None, drop_remainder=drop_remainder,
+        fresh=lambda: make_datasets(examples, config, image_size, batch_size, drop_remainder),
+        plain_train=lambda: pipeline(examples.train, examples.train_examples, True, plain=True))
 
 
 def augmentation(config):

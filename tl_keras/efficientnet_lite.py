@@ -64,9 +64,14 @@ STEM_FILTERS = 32
 HEAD_FILTERS = 1280
 BN_EPSILON = 1e-3
 
-# Keras Applications' EfficientNet initializers.
-CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
-DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_out", "uniform")
+# Keras Applications' EfficientNet initializers, as configs: each layer gets its
+# own instance, seeded by `keras.utils.set_random_seed` at build time. (An
+# instance made at import drew its seed then, so init=scratch differed between
+# two processes with the same --seed.)
+CONV_INIT = {"class_name": "VarianceScaling",
+             "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"}}
+DENSE_INIT = {"class_name": "VarianceScaling",
+              "config": {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"}}
 
 
 def preprocess_input(x, data_format=None):

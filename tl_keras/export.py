@@ -4,7 +4,9 @@ The layout TF Serving watches (`--model_base_path=DIR`): one folder per
 integer version, the highest one served.
 
     DIR/
-      1/                  saved_model.pb, variables/, assets/, fingerprint.pb
+      1/                  saved_model.pb, variables/, assets/, fingerprint.pb,
+                          assets.extra/labels.txt (one class name per line, for
+                          tools/predict.py --saved_model; TF Serving ignores it)
       2/                  the next export; an existing version is never touched
       .tmp-3-XXXX/        only while version 3 is being written: it is renamed
                           to 3/ when complete, so TF Serving never sees half a model
@@ -35,6 +37,9 @@ import shutil
 import tempfile
 
 import keras
+
+
+LABELS = "labels.txt"  # in <version>/assets.extra/: the class names, one per line
 
 
 class ExportError(ValueError):
@@ -103,6 +108,9 @@ def export(model, class_names, export_dir, verbose=True):
     try:
         with _quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
             archive.write_out(tmp, verbose=False)
+        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+        with open(os.path.join(tmp, "assets.extra", LABELS), "w") as f:
+            f.write("".join(name + "\n" for name in class_names))
         version_dir = _publish(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless writing failed

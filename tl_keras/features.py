@@ -145,7 +145,7 @@ class FeatureStore(dict):
 
 
 def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=None,
-            verbose=1):
+            verbose=1, first_view=None):
     """Runs the frozen part of `model` over `data.train` (`views` times) and `data.val` (once).
 
     Args:
@@ -159,6 +159,9 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         `data.drop_remainder` (each view then holds full batches only).
       max_bytes: features larger than this go to `.npy` files in `spill_dir`.
       verbose: 0 silent, 1 a progress bar per pass, 2 a line per pass.
+      first_view: `(features, labels)` of the first read of `data.train`,
+        computed already (by the regime advisor, advise.py): view 0 is taken
+        from it, and the pipeline is read only for the other views.
 
     Returns:
       `FeatureCache`.
@@ -196,7 +199,15 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
             print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
         return out, labels.astype("int32")
 
-    train_views = [run(data.train, n_train, f"train_view{v}") for v in range(views)]
+    train_views = []
+    if first_view is not None:
+        given, labels = first_view
+        if np.shape(given) != (n_train, dim):
+            raise ValueError(f"first_view holds features of shape {np.shape(given)}, "
+                             f"expected {(n_train, dim)}")
+        train_views.append((np.asarray(given, "float32"), np.asarray(labels, "int32")))
+    train_views += [run(data.train, n_train, f"train_view{v}")
+                    for v in range(len(train_views), views)]
     val_features, val_labels = run(data.val, n_val, "val")
     return FeatureCache(
         train=[f for f, _ in train_views], train_labels=[y for _, y in train_views],

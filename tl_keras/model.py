@@ -76,21 +76,8 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
     height, width = backbone.input.shape[1:3]
 
     # === Layers ===
-    # Preprocessing is float32 even under mixed precision: it is cheap, and
-    # float16 would round 0-255 inputs.
-    preprocess = keras.layers.Conv2D(
-        3, 1, name="preprocess", trainable=False, dtype="float32")
-    if len(backbone.output.shape) == 2:  # cut after a Dense layer (seed_cnn's fc1, fc2)
-        pool = []
-    elif pool_grid == 1:
-        pool = [keras.layers.GlobalAveragePooling2D(name="avg_pool")]
-    else:
-        feature_height, feature_width = backbone.output.shape[1:3]
-        (window_h, stride_h), (window_w, stride_w) = (
-            grid_window(feature_height, pool_grid), grid_window(feature_width, pool_grid))
-        pool = [keras.layers.AveragePooling2D((window_h, window_w), (stride_h, stride_w),
-                                              name="grid_pool"),
-                keras.layers.Flatten(name="grid_flatten")]
+    preprocess = preprocess_layer(backbone_name, channels)
+    pool = pooling(backbone.output.shape, pool_grid)
     norm = keras.layers.Normalization(axis=-1, name="feature_norm", dtype="float32")
     drop = keras.layers.Dropout(dropout, name="dropout", seed=seed)
     head = keras.layers.Dense(
@@ -106,11 +93,37 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
     x = norm(x)
     x = drop(x)
     outputs = head(x)
-    model = keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+    return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
 
-    # === Config ===
-    preprocess.set_weights(list(preprocess_weights(backbone_name, channels)))
-    return model
+
+def preprocess_layer(backbone_name, channels):
+    """The fixed preprocessing layer, built: raw pixels (`channels`) -> the backbone's input.
+
+    Float32 even under mixed precision: it is cheap, and float16 would round
+    0-255 inputs.
+    """
+    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False, dtype="float32")
+    layer.build((None, None, None, channels))
+    layer.set_weights(list(preprocess_weights(backbone_name, channels)))
+    return layer
+
+
+def pooling(feature_shape, pool_grid=1, prefix=""):
+    """The layers between a cut and the head, for features of `feature_shape`.
+
+    None after a Dense cut (seed_cnn's fc1, fc2); a global average for
+    `pool_grid` 1; else an average-pooled `pool_grid` x `pool_grid` grid, flattened.
+    Their names start with `prefix`.
+    """
+    if len(feature_shape) == 2:
+        return []
+    if pool_grid == 1:
+        return [keras.layers.GlobalAveragePooling2D(name=prefix + "avg_pool")]
+    (window_h, stride_h), (window_w, stride_w) = (
+        grid_window(feature_shape[1], pool_grid), grid_window(feature_shape[2], pool_grid))
+    return [keras.layers.AveragePooling2D((window_h, window_w), (stride_h, stride_w),
+                                          name=prefix + "grid_pool"),
+            keras.layers.Flatten(name=prefix + "grid_flatten")]
 
 
 def grid_window(size, grid):

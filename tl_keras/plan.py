@@ -43,6 +43,7 @@ _AT_LEAST = {
 _ONE_OF = {
     "augment_flip": ("horizontal", "vertical", "horizontal_and_vertical", "none"),
     "verbose": ("auto", "0", "1", "2"),
+    "class_weight": ("none", "balanced"),
 }
 
 
@@ -162,6 +163,6 @@ def _cut(config):
     cut = config.cut or regime.cut
     if regime.cuts and cut in backbones.CUT_POINTS and cut not in regime.cuts:
         raise ValueError(
-            f"regime {config.regime!r} cuts at {' or '.join(regime.cuts)} "
+            f"regime {config.regime!r} cuts at {', '.join(regime.cuts[:-1])} or {regime.cuts[-1]} "
             f"(or a layer name), not {cut!r}")
     return cut

@@ -119,6 +119,15 @@ def write_json(path, value):
     write_atomically(path, write)
 
 
+def write_text(path, text):
+    """`text` at `path`, written whole or not at all."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

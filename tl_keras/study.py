@@ -36,6 +36,10 @@ A second part asks the same of a real pretrained network: EfficientNet-Lite0
 with its ImageNet weights, frozen, a new head at early / middle / late / top,
 on Fashion-MNIST, digits and scikit-image's faces / non-faces photos.
 
+A third part (`advisor_check`, `tools/study.py --advisor`) judges the regime
+advisor (advise.py) against these results: in each quadrant, is the advised
+strategy the measured best or within noise of it?
+
 Example:
     results = run(QUICK, out_dir="benchmarks/study_quick", work_dir="/tmp/study")
 """
@@ -412,6 +416,131 @@ def lite_depth(settings, work_dir):
             print(f"EfficientNet-Lite0 frozen@{cut} on {name}: "
                   f"{_format(out[name][cut])}", flush=True)
     return out
+
+
+# --- The advisor against the study --------------------------------------------------
+
+SEED_CUT = {"early": "conv1", "middle": "conv2", "late": "conv3", "top": "fc2"}
+
+
+def advised_strategy(advice, cut_names=SEED_CUT):
+    """The study's name of what `advice` runs: "frozen@conv3", "finetuned@fc2", "scratch"."""
+    if advice.init == "scratch":
+        return "scratch"
+    kind = "frozen" if advice.regime.startswith("small") else "finetuned"
+    return f"{kind}@{cut_names.get(advice.cut, advice.cut)}"
+
+
+def _advise_on(examples, config):
+    from tl_keras import advise, data, plan as plan_lib
+
+    plan = plan_lib.resolve(config)
+    datasets = data.make_datasets(examples, plan.config, plan.image_size)
+    advice, _ = advise.advise(plan, datasets, verbose=0)
+    return advice
+
+
+def _verdict(depth, label):
+    """(best label, gap in points, within noise) of `label` among `depth`'s strategies."""
+    best = max(depth, key=lambda k: depth[k]["mean"])
+    gap = depth[best]["mean"] - depth[label]["mean"]
+    noise = 2 * max(depth[best]["std"], depth[label]["std"])
+    return best, round(100 * gap, 1), bool(gap <= noise)
+
+
+def advisor_check(settings=FULL, study_dir="benchmarks/study", work_dir="runs/study"):
+    """The advisor's pick in every quadrant of the study and on the EfficientNet-Lite0
+    sets, against the measured best; a strategy the study did not run is run now
+    (3 seeds, as the study would). Writes `study_dir/advice.json` and `advice.md`."""
+    import keras
+
+    from tl_keras import data, run_folder
+
+    with open(os.path.join(study_dir, "study.json")) as f:
+        results = json.load(f)
+    weights = os.path.join(study_dir, "seed_cnn_fashion0-4.weights.h5")
+    _, similar = fashion_halves()
+    make = {"similar": lambda: similar, "different": lambda: characters(settings),
+            "digits": sklearn_digits}
+    rows = []
+    for key, quadrant in results["summary"].items():
+        target_name, size = key.split("/")
+        target = make[target_name]()
+        config = cell_config(Cell(target_name, size, "frozen", "fc2", 0), settings, weights, "")
+        keras.backend.clear_session()
+        advice = _advise_on(subset(target, size, 0, settings), config)
+        label = advised_strategy(advice)
+        depth, ran_now = dict(quadrant["depth"]), False
+        if label not in depth:  # a strategy the study did not run here: run it now
+            strategy, _, cut = label.partition("@")
+            accuracies = []
+            for seed in settings.seeds:
+                cell = Cell(target_name, size, strategy, cut, seed)
+                cell_conf = cell_config(cell, settings, weights, os.path.join(work_dir, cell.name))
+                examples = subset(target, size, seed, settings)
+                keras.backend.clear_session()
+                metrics, _ = run_cell(cell_conf, lambda: data.make_datasets(
+                    examples, cell_conf, IMAGE_SIZE))
+                accuracies.append(metrics["val_accuracy"])
+            depth[label], ran_now = _stats(accuracies), True
+        best, gap, within = _verdict(depth, label)
+        four = [c["seconds"] for c in results["cells"] if c["target"] == target_name
+                and c["size"] == size and c["seed"] == 0
+                and (c["strategy"], c["cut"]) in STRATEGIES.values()]
+        rows.append({
+            "network": "seed_cnn", "target": key, "train_examples": advice.train_examples,
+            "advice": advice.to_dict(), "advised": label,
+            "advised_accuracy": depth[label], "ran_now": ran_now,
+            "best": best, "best_accuracy": depth[best], "gap_points": gap, "within_noise": within,
+            "advisor_seconds": advice.seconds, "four_regimes_seconds": round(sum(four), 1)})
+        print(f"{key}: advised {label} ({_format(depth[label])}); best {best} "
+              f"({_format(depth[best])}): {'ok' if within else f'{gap} points behind'}",
+              flush=True)
+    for name, target in lite_targets(settings).items():
+        from tl_keras.configs import base
+
+        config = base.get_config()
+        config.image_size, config.augment, config.workdir = settings.lite_image_size, False, ""
+        examples = data.from_arrays(target.x, target.y, class_names=target.class_names,
+                                    x_val=target.x_val, y_val=target.y_val)
+        keras.backend.clear_session()
+        advice = _advise_on(examples, config)
+        depth = {f"frozen@{cut}": stats for cut, stats in results["lite"][name].items()}
+        label = advised_strategy(advice, cut_names={})
+        row = {"network": "efficientnet_lite0", "target": name,
+               "train_examples": advice.train_examples, "advice": advice.to_dict(),
+               "advised": label, "advisor_seconds": advice.seconds}
+        if label in depth:
+            best, gap, within = _verdict(depth, label)
+            row.update(advised_accuracy=depth[label], best=best, best_accuracy=depth[best],
+                       gap_points=gap, within_noise=within)
+        rows.append(row)
+        print(f"EfficientNet-Lite0 on {name}: advised {label}", flush=True)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "study": results["date"], "rows": rows}
+    run_folder.write_json(os.path.join(study_dir, "advice.json"), out)
+    table = format_advice_table(rows)
+    run_folder.write_text(os.path.join(study_dir, "advice.md"), table + "\n")
+    print(table)
+    return out
+
+
+def format_advice_table(rows):
+    lines = ["| network | target | advice | advised strategy | its accuracy | measured best "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["advice"]
+        advice = f"`{a['regime']}` at `{a['cut']}`{', init=scratch' if a['init'] == 'scratch' else ''}"
+        if "best" not in r:
+            lines.append(f"| {r['network']} | {r['target']} | {advice} | {r['advised']} | "
+                         "not measured | | |")
+            continue
+        verdict = ("best" if r["advised"] == r["best"] else
+                   f"{r['gap_points']} points behind, "
+                   f"{'within' if r['within_noise'] else 'outside'} noise")
+        lines.append(f"| {r['network']} | {r['target']} | {advice} | {r['advised']} | "
+                     f"{_format(r['advised_accuracy'])}{' (run now)' if r.get('ran_now') else ''}"
+                     f" | {r['best']} {_format(r['best_accuracy'])} | {verdict} |")
+    return "\n".join(lines)
 
 
 # --- Summaries ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import sys
 import time
 
 import keras
+import numpy as np
 
 from tl_keras import backbones, features, keras_internals, model as model_lib, plan as plan_lib
 from tl_keras import run_folder, trainable
@@ -67,7 +68,7 @@ def dtype_policy(plan):
 
 
 def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_models=True,
-             strategy=None):
+             strategy=None, first_view=None):
     """Trains the plan's regime on `data` and writes the run folder.
 
     Args:
@@ -86,6 +87,9 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
         None for one device. `data` must then be batched at the global batch
         (`distribute.global_batch`). Under a multi-worker strategy only the
         chief writes the run folder.
+      first_view: `(features, labels)` of the first read of `data.train` at
+        the plan's cut, computed by the regime advisor (advise.py): the head
+        phase's cached features start from it instead of computing it again.
 
     Returns:
       The metrics dict also written to `metrics.json`.
@@ -110,7 +114,7 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
                    else run_folder.refuse_finished(config.workdir))
         history, final = run_phases(model, plan, data, workdir,
                                     initial_epoch=initial_epoch, feature_store=feature_store,
-                                    save_models=save_models, dist=dist)
+                                    save_models=save_models, dist=dist, first_view=first_view)
 
     # The last phase's model and validation data: the head on cached features
     # when that phase trained on them (equal to the full model's outputs).
@@ -139,16 +143,34 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
         "epochs_run": len(history),
         "phases": [p.name for p in plan.phases],
         "train_path": final.paths,  # phase -> "cached_features" | "fit"
+        "class_weight": ({data.class_names[c]: round(w, 4) for c, w in
+                          final.class_weight.items()} if final.class_weight else None),
         "cached_features": final.cache_info,
         "backend": keras.backend.backend(),
         "distribution": dist.describe(config),
         "wall_seconds": round(time.time() - start, 2),
     }
+    if "advice" in config:  # --regime=auto: what the advisor measured and decided
+        metrics["advice"] = plan_lib.to_dict(config.advice)
     if dist.chief:
         run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
         for scratch in ("backup", "features"):
             shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
+        if save_models and config.get("report", True):
+            _draw(workdir, model, plan, metrics)
     return metrics
+
+
+def _draw(workdir, model, plan, metrics):
+    """curves.png, regime.png, report.html (report.py); a failure to draw is a warning,
+    as the run itself is finished and saved."""
+    from tl_keras import report
+
+    try:
+        report.draw_run(workdir, model, plan.to_dict(), metrics["phases"])
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not draw the run's pictures and report: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
 
 
 class _Distribution:
@@ -214,12 +236,12 @@ class _Final:
     """What `run_phases` leaves for the final evaluation and metrics.json."""
 
     def __init__(self):
-        self.model = self.val = self.cache_info = None
+        self.model = self.val = self.cache_info = self.class_weight = None
         self.paths = {}
 
 
 def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
-               save_models=True, dist=None):
+               save_models=True, dist=None, first_view=None):
     """Runs the phases of `plan` on `model`; returns (history rows of all epochs, `_Final`).
 
     A phase that trains only the head of a frozen backbone trains it on
@@ -228,7 +250,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
     earlier, interrupted attempt is not redone: its weights are loaded from
     `backup/<phase>.done.weights.h5`. Epochs before `initial_epoch` are not
     run: `model` comes with them done. `dist` (finetune's `_Distribution`)
-    says how to fit and who writes; by default one device.
+    says how to fit and who writes; by default one device. `first_view`: see `finetune`.
     """
     dist = dist or _Distribution(None)
     config = plan.config
@@ -238,6 +260,8 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
         1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
     final = _Final()
     cache = None
+    class_weight = class_weights(config, data, dist)
+    final.class_weight = class_weight
     phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, initial_epoch))
               for p in plan.phases if p.last_epoch > initial_epoch]
     for phase in phases:
@@ -255,7 +279,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
             with dist.scope():  # the frozen part runs on every replica
                 cache, reused = _cached_features(model, config, data, workdir, verbose,
                                                  phase.last_epoch - phase.first_epoch,
-                                                 feature_store, batch_size)
+                                                 feature_store, batch_size, first_view)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored, "reused": reused}
         if (phase is phases[0] and not finished and initial_epoch == 0
@@ -314,6 +338,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                        initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
                        verbose=verbose, callbacks=callbacks,
                        validation_freq=int(config.get("validation_freq", 1)),
+                       **({"class_weight": class_weight} if class_weight else {}),
                        **({"validation_batch_size": FEATURE_BATCH} if cached else {}))
         if fit_model.stop_training and any(
                 v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
@@ -325,7 +350,32 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
     return history, final
 
 
-def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size):
+def class_weights(config, data, dist=None):
+    """{class index: weight} for `config.class_weight="balanced"` (scikit-learn's
+    `compute_class_weight`: n / (classes x images of the class)), else None.
+    Classes without training images keep weight 1."""
+    if config.get("class_weight", "none") != "balanced":
+        return None
+    if dist is not None and dist.loop:
+        raise ValueError("class_weight=balanced is not supported with multi_worker "
+                         "(its training loop takes no class weights)")
+    from sklearn.utils.class_weight import compute_class_weight
+
+    counts = getattr(data, "train_label_counts", None)
+    if counts is None:  # a source that does not know its labels (TFDS): one pass
+        labels = np.concatenate([np.asarray(y).reshape(-1) for _, y in data.train])
+        counts = np.bincount(labels, minlength=len(data.class_names))
+    counts = np.asarray(counts)
+    present = np.flatnonzero(counts)
+    weights = compute_class_weight("balanced", classes=present,
+                                   y=np.repeat(np.arange(len(counts)), counts))
+    out = {int(c): 1.0 for c in range(len(data.class_names))}
+    out.update({int(c): float(w) for c, w in zip(present, weights)})
+    return out
+
+
+def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size,
+                     first_view=None):
     """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
     augmented = getattr(data, "augmented", False)
     views = features.views_to_cache(config.cached_views, epochs, augmented)
@@ -334,12 +384,13 @@ def _cached_features(model, config, data, workdir, verbose, epochs, store, batch
         print(f"Backbone features: reusing the {views} view(s) computed by an earlier run")
         return store[key], True
     print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
-          f"and {data.val_examples} validation images")
+          f"and {data.val_examples} validation images"
+          f"{' (the first from the advisor)' if first_view is not None else ''}")
     cache = features.compute(
         model, data, views=views, batch_size=batch_size,
         max_bytes=config.get("cache_bytes", 2 << 30),
         spill_dir=store.spill_dir(key) if key is not None else os.path.join(workdir, "features"),
-        verbose=verbose)
+        verbose=verbose, first_view=first_view)
     if key is not None:
         store[key] = cache
     return cache, False

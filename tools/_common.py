@@ -20,7 +20,8 @@ FLAGS = flags.FLAGS
 
 # Plain flags: name -> (type, help). Each, when given, overrides config.<name>.
 CONFIG_FLAGS = {
-    "regime": (str, "small_similar | small_different | large_similar | large_different"),
+    "regime": (str, "small_similar | small_different | large_similar | large_different | "
+                    "auto (measured by the regime advisor, docs/advisor.md)"),
     "backbone": (str, "A backbone name, e.g. efficientnet_lite0, resnet50."),
     "dataset": (str, "fashion_mnist, digits, a folder of class subfolders or tfds:NAME."),
     "weights": (str, "imagenet | none | PATH.weights.h5"),
@@ -42,6 +43,9 @@ CONFIG_FLAGS = {
     "jit_compile": (bool, "Compile with XLA."),
     "distribution": (str, "auto | none | mirrored | multi_worker (TF_CONFIG) | tpu"),
 }
+AUTO = "auto"  # --regime=auto: the regime advisor decides (tl_keras/advise.py)
+ADVISED = ("cut", "init", "pool_grid")  # what the advisor decides besides the regime
+_DEFAULT_CONFIG = False  # --config was not given: configs/<regime>.py
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
 
@@ -77,13 +81,18 @@ def parse_config_flags(argv):
     """absl parsing with the regime's config file as the default --config; bad flags exit 2."""
     from tl_keras import trainable
 
+    global _DEFAULT_CONFIG
     argv = list(argv)
     path = _flag_value(argv, "config")
+    _DEFAULT_CONFIG = path is None
     if path is None:
         regime = _flag_value(argv, "regime") or "small_similar"
-        if regime not in trainable.REGIMES:
-            fail(f"unknown regime {regime!r}; valid regimes: {', '.join(trainable.REGIMES)}")
-        path = os.path.join(CONFIGS, regime + ".py")
+        if regime not in (*trainable.REGIMES, AUTO):
+            fail(f"unknown regime {regime!r}; valid regimes: "
+                 f"{', '.join(trainable.REGIMES)}, {AUTO}")
+        # --regime=auto: any regime's file to parse the flags with; the advised
+        # regime's own file is read once the advisor has decided (`advised`).
+        path = os.path.join(CONFIGS, (regime if regime != AUTO else "small_similar") + ".py")
         argv.insert(1, f"--config={path}")
     path = path.split(":", 1)[0]  # FILE[:ARG]
     if not os.path.isfile(path):
@@ -146,6 +155,66 @@ def make_strategy(plan):
               f"{distribute.global_batch(config, strategy)} "
               f"({config.batch_size} per replica)")
     return strategy
+
+
+def given_keys():
+    """Config keys the command line sets: plain flags and `--config.KEY=VALUE`."""
+    from ml_collections import config_flags
+
+    plain = {name for name in CONFIG_FLAGS if FLAGS[name].present}
+    return plain | {key.split(".")[0] for key in config_flags.get_override_values(FLAGS["config"])}
+
+
+def probe_config(config):
+    """--regime=auto: `config` with a placeholder regime, to resolve and load data with
+    before the advisor decides; keys the advisor decides may not be given."""
+    given = sorted(given_keys() & set(ADVISED))
+    if given:
+        fail(f"--regime=auto decides {', '.join(ADVISED)}; drop {', '.join(given)} "
+             "or name a regime")
+    config = config.copy_and_resolve_references()
+    config.regime = "small_similar"
+    return config
+
+
+def advised(plan, datasets, strategy):
+    """--regime=auto: runs the advisor on `datasets` with `plan`'s backbone, prints its
+    table, and returns (the plan of the advised regime, the advisor's features to
+    reuse as the first cached view or None, the advice).
+
+    The advised regime's config file (unless --config named one) takes the
+    command line's other settings; `config.advice` records the decision.
+    """
+    import importlib
+
+    import ml_collections
+
+    from tl_keras import advise, plan as plan_lib
+
+    config = plan_lib.editable(plan.config)
+    knobs = config.advisor
+    print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
+          f"{knobs.sample} training images, pretrained and at random init")
+    thresholds = advise.Thresholds(large_examples=knobs.large_examples,
+                                   similar_margin=knobs.similar_margin,
+                                   scratch_margin=knobs.scratch_margin)
+    advice, sample = advise.advise(plan, datasets, sample=knobs.sample, thresholds=thresholds,
+                                   verbose=1 if sys.stdout.isatty() else 0)
+    print(advise.format_table(advice))
+    if _DEFAULT_CONFIG:  # the advised regime's own defaults, then the command line's
+        final = importlib.import_module(f"tl_keras.configs.{advice.regime}").get_config()
+        for key in given_keys():
+            final[key] = config[key]
+        final.workdir = config.workdir
+    else:
+        final = config
+    final.update(advice.config_overrides())
+    final.advice = ml_collections.ConfigDict(advice.decision())
+    plan = plan_lib.resolve(final)
+    key = f"pretrained/{advice.cut}"
+    reusable = (sample.whole_view and key in sample.features and strategy is None
+                and not plan.config.mixed_precision.startswith("mixed"))
+    return plan, ((sample.features[key], sample.labels) if reusable else None), advice
 
 
 def load_data(plan, strategy):

@@ -4,6 +4,7 @@ Usage:
     python tools/finetune.py --regime=small_similar --max_examples=2000   # offline default
     python tools/finetune.py --regime=small_similar --dataset=path/to/folder
     python tools/finetune.py --regime=large_similar --dataset=tfds:tf_flowers --epochs=20
+    python tools/finetune.py --regime=auto --dataset=path/to/folder  # the advisor decides
     python tools/finetune.py --config=configs/smoke.py:large_different --config.init=scratch
     python tools/finetune.py --regime=small_similar --export_dir=exports/fashion  # + SavedModel
     python tools/finetune.py --regime=large_similar --distribution=mirrored  # every GPU here
@@ -33,16 +34,25 @@ def main(argv):
 
     strategy = None
     try:
-        plan = plan_lib.resolve(_common.flags_config("runs"))
+        config = _common.flags_config("runs")
+        auto = config.regime == _common.AUTO
+        plan = plan_lib.resolve(_common.probe_config(config) if auto else config)
         config = plan.config
         strategy = _common.make_strategy(plan)  # before any other TensorFlow work
         if distribute.writes(strategy):  # a finished run, another run's folder: refused now
-            run_folder.check(config.workdir, plan.to_dict())
+            if auto:  # its config is known once the advisor has decided
+                run_folder.refuse_finished(config.workdir)
+            else:
+                run_folder.check(config.workdir, plan.to_dict())
         if FLAGS.export_dir:  # checked before training, not after
             export.check_export_dir(FLAGS.export_dir)
         print(f"Run folder: {config.workdir}")
         datasets = _common.load_data(plan, strategy)
-        metrics = train.finetune(plan, datasets, strategy=strategy)
+        first_view = None
+        if auto:
+            plan, first_view, _ = _common.advised(plan, datasets, strategy)
+            config = plan.config
+        metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
     except ValueError as e:
         fail(first_line(e))
     except OSError as e:  # a full disk: files are written whole or not at all (run_folder.py)

@@ -3,6 +3,7 @@
 Usage:
     python tools/study.py            # the full study: benchmarks/study/ (about 30 minutes)
     python tools/study.py --quick    # one seed, R1-R4 only, fewer images: about 2 minutes
+    python tools/study.py --advisor  # the regime advisor against the study's results
 
 Pretrains seed_cnn (the regime table's example network) on Fashion-MNIST
 classes 0-4, then runs every strategy on a similar and a different target,
@@ -26,6 +27,8 @@ flags.DEFINE_string("out", None, "Results folder (default benchmarks/study, or "
 flags.DEFINE_string("workdir", None, "Run folders of the cells (default runs/study, or "
                     "runs/study_quick); a killed study resumes from them.")
 flags.DEFINE_bool("lite", None, "Also the EfficientNet-Lite0 part (default: not with --quick).")
+flags.DEFINE_bool("advisor", False, "Judge the regime advisor against the finished study in "
+                  "--out: advice.json and advice.md there (docs/advisor.md).")
 FLAGS = flags.FLAGS
 
 
@@ -36,6 +39,11 @@ def main(argv):
 
     suffix = "_quick" if FLAGS.quick else ""
     try:
+        if FLAGS.advisor:
+            study.advisor_check(study.QUICK if FLAGS.quick else study.FULL,
+                                study_dir=FLAGS.out or f"benchmarks/study{suffix}",
+                                work_dir=FLAGS.workdir or f"runs/study{suffix}")
+            return
         study.run(study.QUICK if FLAGS.quick else study.FULL,
                   out_dir=FLAGS.out or f"benchmarks/study{suffix}",
                   work_dir=FLAGS.workdir or f"runs/study{suffix}",

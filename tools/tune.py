@@ -4,6 +4,7 @@ Usage:
     python tools/tune.py --regime=small_similar --max_examples=2000 --max_trials=10 \
         --workdir=sweeps/fashion
     python tools/tune.py --regime=large_similar --tuner=hyperband --epochs=9 --dataset=PATH
+    python tools/tune.py --regime=auto --dataset=PATH   # sweeps the regime the advisor picks
     python tools/finetune.py --config=sweeps/fashion/best_config.py --export_dir=exports/best
 
 Takes finetune.py's flags (`--regime`, `--config`, `--dataset`, `--backbone`,
@@ -46,14 +47,17 @@ def main(argv):
 
     try:
         role = tune.role()  # checks the KERASTUNER_* variables
-        plan = plan_lib.resolve(_common.flags_config("sweeps"))
+        config = _common.flags_config("sweeps")
+        auto = config.regime == _common.AUTO  # the sweep's regime is known after the data
+        plan = plan_lib.resolve(_common.probe_config(config) if auto else config)
         config = plan.config
         if plan.distribution == "multi_worker":
             raise ValueError("--distribution=multi_worker trains one run across hosts; a sweep "
                              "spreads its trials over hosts with KERASTUNER_* variables "
                              "(docs/tuning.md)")
         strategy = _common.make_strategy(plan)  # trials run under it; before other TF work
-        tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
+        if not auto:
+            tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
         if role == "chief":
             tune.check_oracle_port()
         elif role == "worker":
@@ -61,6 +65,9 @@ def main(argv):
         print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
               f"{', ' + tune.tuner_id() if role != 'single' else ''})")
         datasets = _common.load_data(plan, strategy)
+        if auto:
+            plan, _, _ = _common.advised(plan, datasets, strategy)
+            tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
         tuner = tune.make_tuner(FLAGS.tuner, plan, datasets, FLAGS.max_trials, config.workdir,
                                 strategy)
         if role != "worker":

@@ -1,0 +1,215 @@
+"""The regime advisor: LogME against its definition, the decision rule, features equal
+to a run's, the first cached view reused, and the tools' output and errors."""
+
+import json
+import math
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config, write_image_folder
+
+from tl_keras import advise, data, features, plan as plan_lib, train
+
+SEED_WEIGHTS = os.path.join(ROOT, "benchmarks", "study", "seed_cnn_fashion0-4.weights.h5")
+
+
+def _log_evidence(f, y, alpha, beta):
+    """log N(y; 0, F F^T / alpha + I / beta): the evidence, computed directly."""
+    n = len(y)
+    cov = f @ f.T / alpha + np.eye(n) / beta
+    _, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (n * math.log(2 * math.pi) + logdet + y @ np.linalg.solve(cov, y))
+
+
+@pytest.mark.parametrize("n, d", [(60, 8), (20, 40)])  # more examples than features, and fewer
+def test_logme_is_the_maximum_evidence_of_the_linear_model(n, d):
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(n, d))
+    y = (f[:, 0] + 0.5 * rng.normal(size=n) > 0).astype("float64")
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    x2 = (u.T @ y) ** 2
+    alpha, beta = advise._fit(s ** 2, x2, float(y @ y - x2.sum()), n)
+    evidence = advise._evidence(s ** 2, x2, float(y @ y - x2.sum()), n, d)
+    assert evidence == pytest.approx(_log_evidence(f, y, alpha, beta), abs=1e-6)
+    for a, b in ((alpha * 1.2, beta), (alpha / 1.2, beta), (alpha, beta * 1.2),
+                 (alpha, beta / 1.2)):  # a maximum: any other alpha, beta gives less
+        assert _log_evidence(f, y, a, b) < evidence
+    labels = y.astype("int32")
+    assert advise.logme(f, labels) == pytest.approx(
+        np.mean([advise._evidence(s ** 2, (u.T @ (labels == c)) ** 2,
+                                  float((labels == c).sum() - ((u.T @ (labels == c)) ** 2).sum()),
+                                  n, d) for c in (0, 1)]) / n)
+
+
+def test_scores_rank_informative_features_above_noise():
+    rng = np.random.default_rng(1)
+    labels = np.arange(300) % 3
+    informative = np.eye(3)[labels] + 0.3 * rng.normal(size=(300, 3))
+    informative = np.concatenate([informative, rng.normal(size=(300, 5))], axis=1)
+    noise = rng.normal(size=(300, 8))
+    for score, margin in ((advise.logme, 0.2), (advise.h_score, 1.0)):
+        assert score(advise.standardise(informative), labels) > score(
+            advise.standardise(noise), labels) + margin
+
+
+def _scores(**pretrained_random):
+    return {cut: {"pretrained": p, "random": r, "gain": round(p - r, 4)}
+            for cut, (p, r) in pretrained_random.items()}
+
+
+def test_the_decision_rule():
+    t = advise.Thresholds(large_examples=1000, similar_margin=0.02, scratch_margin=0.1)
+    similar = _scores(early=(0.1, 0.0), late=(0.3, 0.0), top=(0.29, 0.0))
+    assert advise.decide(similar, 500, t)[:5] == (
+        "small_similar", "top", "pretrained", "small", "similar")
+    assert advise.decide(similar, 1000, t)[0] == "large_similar"
+    different = _scores(early=(0.1, 0.0), late=(0.3, 0.0), top=(0.2, 0.0))
+    regime, cut, init, *_ , reasons = advise.decide(different, 500, t)
+    assert (regime, cut, init) == ("small_different", "late", "pretrained")
+    assert "the top cut scores 0.100 below the best cut, 'late'" in reasons
+    # Pretraining adds little: large data trains from random init; small data stays frozen.
+    little = _scores(early=(0.1, 0.05), late=(0.3, 0.25), top=(0.2, 0.0))
+    assert advise.decide(little, 5000, t)[:3] == ("large_different", "late", "scratch")
+    assert advise.decide(little, 500, t)[:3] == ("small_different", "late", "pretrained")
+    # No pretrained weights at all: random init, whatever the size.
+    assert advise.decide({"top": {"random": 0.1}}, 500, t)[:3] == (
+        "large_different", "top", "scratch")
+    # The margins are settings.
+    assert advise.decide(different, 500, advise.Thresholds(similar_margin=0.2))[0] == (
+        "small_similar")
+
+
+@pytest.fixture(scope="module")
+def digits_setup(tmp_path_factory):
+    """seed_cnn pretrained by the study, on 200 digits: a plan and its datasets."""
+    config = tiny_config(tmp_path_factory.mktemp("digits"), backbone="seed_cnn", image_size=28, weights=SEED_WEIGHTS,
+                         dataset="digits", max_examples=200, pool_grid=1)
+    config.workdir = ""
+    plan = plan_lib.resolve(config)
+    return plan, data.load(plan.config, plan.image_size)
+
+
+def test_advice_scores_every_cut_reproducibly_from_features_equal_to_a_runs(digits_setup):
+    plan, datasets = digits_setup
+    advice, sample = advise.advise(plan, datasets, verbose=0)
+    assert list(advice.scores) == ["early", "middle", "late", "top"]
+    assert all({"pretrained", "random", "gain", "h_pretrained", "h_random"} <= set(row)
+               for row in advice.scores.values())
+    assert advice.sample == sum(advice.per_class.values()) == 200 and sample.whole_view
+    assert advice.regime in plan_lib.trainable.REGIMES and advice.reasons
+    again, _ = advise.advise(plan, datasets, verbose=0)
+    assert again.scores == advice.scores  # seeded sample, no augmentation, seeded random init
+
+    # The advisor's features at a cut are what the run's frozen part computes there.
+    for cut in ("late", "top"):
+        config = plan_lib.editable(plan.config)
+        config.update(cut=cut, pool_grid=advise.pool_grid_for(cut))
+        model, _ = train.build(plan_lib.resolve(config), len(datasets.class_names),
+                               datasets.channels)
+        images, labels = zip(*((x, y) for x, y in datasets.plain_train()))
+        expected = features.extractor(model).predict(np.concatenate(images), verbose=0)
+        np.testing.assert_allclose(sample.features[f"pretrained/{cut}"], expected,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(sample.labels, np.concatenate(labels))
+
+
+def test_a_run_takes_the_advisors_features_as_its_first_view(digits_setup, tmp_path):
+    plan, datasets = digits_setup
+    model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+    dim = int(features.extractor(model).output.shape[-1])
+    given = np.full((200, dim), 7.0, "float32"), np.arange(200, dtype="int32") % 10
+    reads = []
+
+    class Counted:  # the training pipeline, its reads counted
+        def map(self, fn):
+            reads.append(1)
+            return datasets.train.map(fn)
+
+    counted = types.SimpleNamespace(train=Counted(), val=datasets.val, train_examples=200,
+                                    val_examples=datasets.val_examples)
+    cache = features.compute(model, counted, views=2, first_view=given, verbose=0)
+    assert np.all(cache.train[0] == 7.0) and not np.all(cache.train[1] == 7.0)
+    np.testing.assert_array_equal(cache.train_labels[0], given[1])
+    assert len(reads) == 1  # one pass over the pipeline: view 2 only
+    with pytest.raises(ValueError, match=r"first_view holds features of shape \(3, "):
+        features.compute(model, counted, views=1, first_view=(given[0][:3], given[1][:3]))
+
+
+def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tmp_path):
+    out = tmp_path / "advice"
+    result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28",
+                      f"--weights={SEED_WEIGHTS}", "--dataset=digits", "--max_examples=200",
+                      "--config.advisor.sample=150", "--cuts=early,late,top,conv2,nosuch",
+                      f"--workdir={out}")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "advice.json").read_text())
+    assert list(saved["scores"]) == ["early", "late", "top", "conv2"]  # a layer name scores too
+    assert saved["sample"] == 150 and saved["thresholds"]["similar_margin"] == 0.02
+    assert "Note: cut 'nosuch' is neither a named cut point of seed_cnn" in result.stdout
+    assert f"Advice: --regime={saved['regime']} --cut={saved['cut']}" in result.stdout
+    assert f"Why: {saved['reasons']}." in result.stdout
+    assert (out / "advice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"python tools/finetune.py --regime={saved['regime']} --cut={saved['cut']}" in (
+        result.stdout)
+    # Nothing is overwritten.
+    again = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28", "--dataset=digits",
+                     f"--workdir={out}")
+    assert again.returncode == 2 and "is not empty; choose another --workdir" in again.last_line()
+
+
+def test_advise_tool_refuses_data_it_cannot_score(run_tool, tmp_path):
+    one = tmp_path / "one"
+    write_image_folder(one, classes=("cat", "dog"), per_class=4)
+    shutil.rmtree(one / "dog")
+    result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28",
+                      f"--weights={SEED_WEIGHTS}", f"--dataset={one}", f"--workdir={tmp_path / 'a'}")
+    assert result.returncode == 2
+    assert "at least 2 classes" in result.last_line() and len(result.stderr.splitlines()) <= 3
+    few = tmp_path / "few"
+    write_image_folder(few, classes=("cat", "dog"), per_class=1)
+    result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28",
+                      f"--weights={SEED_WEIGHTS}", f"--dataset={few}", "--config.val_fraction=0.3",
+                      f"--workdir={tmp_path / 'b'}")
+    assert result.returncode == 2
+    assert "too few images to score: the sample of" in result.last_line()
+    assert "fewer than 2 of" in result.last_line()
+
+
+def test_finetune_auto_runs_the_advised_regime_and_records_the_advice(run_tool, tmp_path):
+    work = tmp_path / "run"
+    args = ("--backbone=seed_cnn", "--image_size=28", f"--weights={SEED_WEIGHTS}",
+            "--dataset=digits", "--max_examples=200", "--epochs=2", "--config.verbose=0")
+    result = run_tool("finetune.py", "--regime=auto", *args, f"--workdir={work}")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((work / "config.json").read_text())
+    metrics = json.loads((work / "metrics.json").read_text())
+    advice = config["advice"]
+    assert (config["regime"], config["cut"], config["init"], config["pool_grid"]) == (
+        advice["regime"], advice["cut"], advice["init"], advice["pool_grid"])
+    assert metrics["advice"] == advice and metrics["regime"] == advice["regime"]
+    assert config["epochs"] == 2  # the command line's settings over the regime's file
+    assert f"Advice: --regime={advice['regime']}" in result.stdout
+    # 200 digits, unlike the Fashion-MNIST classes it was pretrained on: the head stays on
+    # frozen layers below the top, and the advisor's features are its first cached view.
+    assert (advice["regime"], advice["init"]) == ("small_different", "pretrained")
+    assert "(the first from the advisor)" in result.stdout
+    bad = run_tool("finetune.py", "--regime=auto", "--cut=late", *args,
+                   f"--workdir={tmp_path / 'x'}")
+    assert bad.returncode == 2
+    assert bad.last_line().endswith("--regime=auto decides cut, init, pool_grid; drop cut "
+                                    "or name a regime")
+
+
+def test_tune_auto_sweeps_the_advised_regime(run_tool, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_tool("tune.py", "--regime=auto", "--backbone=seed_cnn", "--image_size=28",
+                      f"--weights={SEED_WEIGHTS}", "--dataset=digits", "--max_examples=200",
+                      "--epochs=1", "--config.verbose=0", "--max_trials=1", f"--workdir={sweep}")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((sweep / "sweep.json").read_text())["config"]
+    assert (config["regime"], config["cut"]) == (config["advice"]["regime"],
+                                                 config["advice"]["cut"])
+    assert f"Advice: --regime={config['regime']} --cut={config['cut']}" in result.stdout

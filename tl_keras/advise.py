@@ -1,0 +1,428 @@
+"""The regime advisor: measures a dataset's size and its similarity to the
+pretraining data, picks the regime, the cut and the initialisation, and says why.
+
+    training images --(one pass over a seeded sample, <= 2,000)--> features at every
+      named cut, of the pretrained backbone and of the same one at random init
+      --> LogME per cut (H-score beside it) --> `Advice`
+
+Similarity is measured, not guessed, with LogME (You et al., "LogME: Practical
+Assessment of Pre-trained Models for Transfer Learning", ICML 2021): the
+evidence (marginal likelihood per example) of a Bayesian linear model from the
+features to the one-hot labels -- no training, one SVD per cut. The features
+are scored as the new head would see them: pooled as the regime pools them (a
+3 x 3 grid of averages below `top`) and standardised. H-score (Bao et al.,
+ICIP 2019) is the cheap cross-check printed beside it.
+
+How it decides (`decide`; the margins are `Thresholds`, justified in docs/advisor.md):
+
+- size: `small` below `large_examples` training images, else `large`;
+- cut: the best-scoring cut; `top` when it scores within `similar_margin` of the best:
+  then the data is *similar* (the table's "cut off the last layer"), else
+  *different* (keep the layers up to the best earlier cut);
+- init, large data only: `scratch` (every weight random, `large_different`)
+  when pretraining adds less than `scratch_margin` to the score at the cut;
+  small data keeps the pretrained weights frozen, as the table says.
+
+Example:
+    advice = advise(plan, datasets)
+    advice.regime, advice.cut, advice.init, advice.reasons
+"""
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+
+import keras
+import numpy as np
+
+from tl_keras import backbones, model as model_lib, run_folder
+
+SAMPLE = 2000          # training images scored, by default
+MIN_PER_CLASS = 2      # fewer images of a class in the sample: it cannot be scored
+GRID = 3               # pool_grid below `top`, as small_different
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    large_examples: int = 10_000   # training images from which a dataset is "large"
+    similar_margin: float = 0.02   # top's LogME within this of the best cut: similar
+    scratch_margin: float = 0.10   # pretraining adds less than this at the best cut: scratch
+
+
+# --- Scores ------------------------------------------------------------------------
+
+def logme(features, labels):
+    """LogME of `features` [N, D] for integer `labels` [N]: the log evidence per example.
+
+    For each class c, the evidence of y_c (1 where the label is c, else 0)
+    under y = F w + noise, w ~ N(0, 1/alpha), noise ~ N(0, 1/beta), with
+    alpha and beta set to their maximum-evidence values by MacKay's
+    fixed-point updates; the mean over classes, divided by N. Higher is
+    better; comparable across feature sets of different dimension.
+    """
+    f = np.asarray(features, "float64")
+    labels = np.asarray(labels).reshape(-1)
+    n, d = f.shape
+    sigma, project = _spectrum(f)
+    evidences = []
+    for c in np.unique(labels):
+        y = (labels == c).astype("float64")
+        x2 = project(y) ** 2                         # y in the basis of F's left vectors
+        outside = max(float(y @ y - x2.sum()), 0.0)  # the part of y no weights reach
+        evidences.append(_evidence(sigma, x2, outside, n, d))
+    return float(np.mean(evidences)) / n
+
+
+def _spectrum(f):
+    """(sigma, project): the nonzero eigenvalues of F^T F (squared singular values of F)
+    and y -> U^T y for F's left singular vectors U, from the smaller of the two Gram
+    matrices (an eigendecomposition of min(N, D) x min(N, D): faster than an SVD)."""
+    n, d = f.shape
+    gram = f @ f.T if n <= d else f.T @ f
+    sigma, vectors = np.linalg.eigh(gram)
+    keep = sigma > max(sigma.max(), 0) * 1e-10 * max(n, d)
+    sigma, vectors = sigma[keep], vectors[:, keep]
+    if n <= d:  # the eigenvectors of F F^T are U
+        return sigma, lambda y: vectors.T @ y
+    scale = 1 / np.sqrt(sigma)  # U = F V / s
+    return sigma, lambda y: (vectors.T @ (f.T @ y)) * scale
+
+
+def _fit(sigma, x2, outside, n, iterations=100):
+    """(alpha, beta) of maximum evidence: MacKay's fixed point, from 1, 1."""
+    alpha, beta = 1.0, 1.0
+    for _ in range(iterations):
+        t = alpha / beta
+        gamma = float((sigma / (sigma + t)).sum())
+        m2 = float((sigma * x2 / (sigma + t) ** 2).sum())           # |m|^2
+        res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + outside  # |F m - y|^2
+        alpha = gamma / (m2 + 1e-12)
+        beta = (n - gamma) / (res2 + 1e-12)
+        if abs(alpha / beta - t) <= 1e-6 * t:
+            break
+    return alpha, beta
+
+
+def _evidence(sigma, x2, outside, n, d):
+    """log p(y | alpha, beta) at the maximum-evidence alpha, beta (You et al., eq. 2)."""
+    alpha, beta = _fit(sigma, x2, outside, n)
+    t = alpha / beta
+    m2 = float((sigma * x2 / (sigma + t) ** 2).sum())
+    res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + outside
+    log_det = float(np.log(alpha + beta * sigma).sum()) + (d - len(sigma)) * math.log(alpha)
+    return (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - alpha / 2 * m2
+            - beta / 2 * res2 - log_det / 2 - n / 2 * math.log(2 * math.pi))
+
+
+def h_score(features, labels, shrinkage=1e-3):
+    """H-score (Bao et al. 2019): tr(cov(f)^-1 cov(E[f | y])), f standardised;
+    `shrinkage` x the mean variance is added to cov(f)'s diagonal for stability."""
+    f = np.asarray(features, "float64")
+    labels = np.asarray(labels).reshape(-1)
+    f = f - f.mean(axis=0)
+    cov = f.T @ f / len(f)
+    cov += shrinkage * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
+    means = np.zeros_like(f)
+    for c in np.unique(labels):
+        means[labels == c] = f[labels == c].mean(axis=0)
+    between = means.T @ means / len(f)
+    return float(np.trace(np.linalg.solve(cov, between)))
+
+
+def standardise(features, floor=1e-3):
+    """Each feature at mean 0 and variance 1, as `feature_norm` gives the head
+    (a variance is at least `floor` x the mean variance, as there)."""
+    f = np.asarray(features, "float64")
+    variance = f.var(axis=0)
+    if variance.mean() > 0:
+        variance = np.maximum(variance, floor * variance.mean())
+    else:
+        variance = np.ones_like(variance)
+    return (f - f.mean(axis=0)) / np.sqrt(variance)
+
+
+# --- Features at every cut -----------------------------------------------------------
+
+def cut_layers(backbone_name, cuts=backbones.CUT_POINTS, image_size=32):
+    """{cut: layer name} of the cuts that can be scored, and the names of those that cannot.
+
+    A named cut point the backbone does not define, or a layer name it lacks,
+    cannot be scored; the advisor says so and scores the rest.
+    """
+    spec = backbones.get_backbone(backbone_name)
+    base = None
+    found, missing = {}, []
+    for cut in cuts:
+        if cut in spec.cuts:
+            found[cut] = spec.cuts[cut]
+            continue
+        if base is None:  # a layer name: looked up in the backbone itself
+            base = backbones.build_backbone(backbone_name, "none", image_size).base
+        try:
+            backbones.get_operation(base, cut)
+            found[cut] = cut
+        except ValueError:
+            missing.append(cut)
+    return found, missing
+
+
+def pool_grid_for(cut):
+    return 1 if cut == "top" else GRID
+
+
+def cut_extractor(backbone_name, weights, image_size, channels, layers, name):
+    """One model: raw pixels -> {cut: pooled features} for every cut in `layers`
+    ({cut: layer name}), each pooled as the head of a run cut there sees it."""
+    base = backbones.build_backbone(backbone_name, weights=weights, image_size=image_size,
+                                    cut="top").base
+    inputs = keras.Input((image_size, image_size, channels), name="images")
+    x = model_lib.preprocess_layer(backbone_name, channels)(inputs)
+    maps = keras.Model(base.input, [backbones.get_operation(base, layer).output
+                                    for layer in layers.values()], name=f"{name}_cuts")(x)
+    outputs = {}
+    for cut, feature_map in zip(layers, maps):
+        y = feature_map
+        for layer in model_lib.pooling(feature_map.shape, pool_grid_for(cut), f"{cut}_"):
+            y = layer(y)
+        outputs[f"{name}/{cut}"] = y
+    return keras.Model(inputs, outputs, name=f"{name}_extractor")
+
+
+@dataclasses.dataclass
+class Sample:
+    """Features of one pass over (up to `SAMPLE`) training images."""
+    features: dict   # "pretrained/<cut>" | "random/<cut>" -> [N, D] float32
+    labels: np.ndarray
+    whole_view: bool  # every training image: a run can take it as a cached view
+    seconds: float
+
+
+def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, seed=0,
+            verbose=1):
+    """Features of the first `sample` training images at every cut of `layers`,
+    pretrained and at random init, in one pass.
+
+    The images are the first read of `data.plain_train()` when `data` has it
+    (`data.Datasets`: seeded order, no augmentation, so the same images and
+    scores every time), else of `data.train`. Random init is the same
+    architecture built under `seed`. With `weights` "none" there is no
+    pretrained backbone: random init only.
+    """
+    start = time.time()
+    keras.utils.set_random_seed(seed)
+    pretrained = weights not in (None, "none")
+    parts = [cut_extractor(backbone_name, "none", image_size, data.channels, layers, "random")]
+    if pretrained:
+        parts.insert(0, cut_extractor(backbone_name, weights, image_size, data.channels,
+                                      layers, "pretrained"))
+    images = keras.Input((image_size, image_size, data.channels), name="images")
+    labels = keras.Input((), dtype="int32", name="labels")
+    outputs = {}
+    for part in parts:
+        outputs.update(part(images))
+    outputs["labels"] = keras.layers.Identity(name="labels_out")(labels)
+    both = keras.Model([images, labels], outputs)
+    n = min(int(sample), int(data.train_examples))
+    plain = getattr(data, "plain_train", None)
+    source = plain() if plain is not None else data.train
+    if isinstance(source, tuple):
+        x, y = source
+        out = both.predict([x[:n], np.asarray(y[:n]).reshape(-1).astype("int32")],
+                           batch_size=64, verbose=verbose)
+    else:  # a tf.data pipeline, used through its own API (no TensorFlow import here)
+        with warnings.catch_warnings():  # `take` ends the pass early, as it should
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            out = both.predict(source.unbatch().take(n).batch(64).map(lambda x, y: ((x, y),)),
+                               verbose=verbose)
+    labels = np.asarray(out.pop("labels")).reshape(-1).astype("int32")
+    whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
+    return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,
+                  time.time() - start)
+
+
+# --- The decision ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Advice:
+    regime: str
+    cut: str
+    init: str
+    pool_grid: int
+    size: str                # small | large
+    similarity: str          # similar | different
+    reasons: str             # one sentence
+    scores: dict             # cut -> {"pretrained", "random", "gain", "h_pretrained", "h_random"}
+    train_examples: int
+    per_class: dict          # class name -> training images in the sample
+    sample: int
+    thresholds: dict
+    notes: list = dataclasses.field(default_factory=list)  # cuts not scored, and why
+    seconds: float = 0.0
+
+    def config_overrides(self):
+        """What `--regime=auto` sets in the run's config."""
+        return {"regime": self.regime, "cut": self.cut, "init": self.init,
+                "pool_grid": self.pool_grid}
+
+    def decision(self):
+        """What was decided and from what, without timings: `config.json` records it."""
+        out = {k: v for k, v in self.to_dict().items() if k not in ("seconds", "thresholds")}
+        out["per_class"] = list(self.per_class.values())  # class names may hold "." or "/"
+        return out
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def score(sample):
+    """{cut: scores} of a `Sample`: LogME and H-score of each cut's standardised
+    features, pretrained and random, and the gain (pretrained - random LogME)."""
+    scores = {}
+    for key in sample.features:
+        init, cut = key.split("/")
+        f = standardise(sample.features[key])
+        row = scores.setdefault(cut, {})
+        row[init] = round(logme(f, sample.labels), 4)
+        row[f"h_{init}"] = round(h_score(f, sample.labels), 3)
+    for row in scores.values():
+        if "pretrained" in row:
+            row["gain"] = round(row["pretrained"] - row["random"], 4)
+    return scores
+
+
+def decide(scores, train_examples, thresholds=Thresholds()):
+    """(regime, cut, init, size, similarity, reasons) from the scores per cut."""
+    size = "large" if train_examples >= thresholds.large_examples else "small"
+    size_reason = (f"{train_examples:,} training images are "
+                   f"{'at least' if size == 'large' else 'fewer than'} "
+                   f"{thresholds.large_examples:,} ({size})")
+    if not any("pretrained" in row for row in scores.values()):
+        return ("large_different", "top", "scratch", size, "different",
+                f"{size_reason}; no pretrained weights to transfer, so every weight trains "
+                "from random init")
+    best = max(scores, key=lambda c: scores[c]["pretrained"])
+    top_gap = (scores[best]["pretrained"] - scores["top"]["pretrained"]
+               if "top" in scores else math.inf)
+    cut = "top" if top_gap <= thresholds.similar_margin else best
+    similarity = "similar" if cut == "top" else "different"
+    gain = scores[cut]["gain"]
+    if similarity == "similar":
+        why = (f"the top cut scores within {thresholds.similar_margin} of the best "
+               f"(LogME {scores['top']['pretrained']:.3f}), so the data is similar")
+    elif "top" not in scores:
+        why = (f"the top cut was not scored, so the data counts as different; the best "
+               f"cut is {best!r} (LogME {scores[best]['pretrained']:.3f})")
+    else:
+        why = (f"the top cut scores {top_gap:.3f} below the best cut, {best!r} "
+               f"(LogME {scores[best]['pretrained']:.3f}), so the data is different "
+               f"and the layers above {best!r} are dropped")
+    if size == "large" and gain < thresholds.scratch_margin:
+        return ("large_different", cut, "scratch", size, similarity,
+                f"{size_reason}; {why}; pretraining adds only {gain:.3f} to the score "
+                f"at {cut!r} (under {thresholds.scratch_margin}), so every weight trains "
+                "from random init")
+    regime = f"{size}_{similarity}"
+    action = ("the backbone stays frozen and a new head trains" if size == "small" else
+              "a new head trains, then everything at a low learning rate")
+    return (regime, cut, "pretrained", size, similarity,
+            f"{size_reason}; {why}; pretraining adds {gain:.3f} at {cut!r}, so {action}")
+
+
+def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CUT_POINTS,
+           verbose=1):
+    """Measures `data` (a `data.Datasets`) with the plan's backbone; returns (`Advice`, `Sample`).
+
+    When the sample is the whole training set, a run of the advised regime
+    takes its features at the advised cut as its first cached view
+    (`train.finetune(..., first_view=...)`): un-augmented, beside the
+    augmented views it computes.
+    """
+    start = time.time()
+    config = plan.config
+    layers, missing = cut_layers(config.backbone, cuts, plan.image_size)
+    notes = [f"cut {c!r} is neither a named cut point of {config.backbone} nor one of its "
+             "layers: not scored" for c in missing]
+    if not layers:
+        raise ValueError(f"none of the cuts {', '.join(cuts)} exists in {config.backbone}")
+    if len(data.class_names) < 2:
+        raise ValueError(f"the advisor needs at least 2 classes, found {len(data.class_names)}")
+    weights = "none" if config.init == "scratch" else plan.weights
+    measured = extract(data, config.backbone, weights, plan.image_size, layers,
+                       sample=sample, seed=config.seed, verbose=verbose)
+    counts = np.bincount(measured.labels, minlength=len(data.class_names))
+    few = [f"{data.class_names[i]} ({counts[i]})" for i in range(len(counts))
+           if counts[i] < MIN_PER_CLASS]
+    if few:
+        raise ValueError(f"too few images to score: the sample of {len(measured.labels)} holds "
+                         f"fewer than {MIN_PER_CLASS} of {len(few)} classes: "
+                         f"{', '.join(few[:5])}{' ...' if len(few) > 5 else ''}")
+    scores = score(measured)
+    if "top" not in scores:
+        notes.append("the top cut was not scored: the data counts as different")
+    regime, cut, init, size, similarity, reasons = decide(
+        scores, int(data.train_examples), thresholds)
+    advice = Advice(
+        regime=regime, cut=cut, init=init, pool_grid=pool_grid_for(cut), size=size,
+        similarity=similarity, reasons=reasons, scores=scores,
+        train_examples=int(data.train_examples),
+        per_class={name: int(c) for name, c in zip(data.class_names, counts)},
+        sample=len(measured.labels), thresholds=dataclasses.asdict(thresholds), notes=notes,
+        seconds=round(time.time() - start, 2))
+    return advice, measured
+
+
+def format_table(advice):
+    """The scores per cut and the decision, as printed by the tools."""
+    width = max(8, *(len(cut) for cut in advice.scores))
+    lines = [f"{'cut':<{width}} {'LogME':>8} {'random':>8} {'gain':>8} {'H-score':>8}"]
+    for cut, row in advice.scores.items():
+        mark = "  <- " + advice.cut if cut == advice.cut else ""
+        pre = row.get("pretrained")
+        lines.append(f"{cut:<{width}} {_num(pre):>8} {_num(row['random']):>8} "
+                     f"{_num(row.get('gain')):>8} {_num(row.get('h_pretrained', row['h_random'])):>8}"
+                     f"{mark}")
+    lines.append(f"Advice: --regime={advice.regime} --cut={advice.cut}"
+                 f"{' --init=scratch' if advice.init == 'scratch' else ''} "
+                 f"(sample of {advice.sample} images, {advice.seconds:.0f} s)")
+    lines.append(f"Why: {advice.reasons}.")
+    lines += [f"Note: {note}" for note in advice.notes]
+    return "\n".join(lines)
+
+
+def _num(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def write(advice, folder):
+    """`folder/advice.json` and `folder/advice.png` (LogME per cut, pretrained and
+    random init), each written whole; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    path_json = os.path.join(folder, "advice.json")
+    run_folder.write_json(path_json, advice.to_dict())
+    cuts = list(advice.scores)
+    x = np.arange(len(cuts))
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for offset, init, colour in ((-0.2, "pretrained", "tab:blue"), (0.2, "random", "tab:grey")):
+        values = [advice.scores[c].get(init) for c in cuts]
+        if all(v is None for v in values):
+            continue
+        ax.bar(x + offset, [np.nan if v is None else v for v in values], 0.4, color=colour,
+               label=f"{init}{' init' if init == 'random' else ''}")
+    ax.set_xticks(x, [f"{c}\n(chosen)" if c == advice.cut else c for c in cuts])
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("LogME (higher: more transferable)")
+    ax.set_title(f"{advice.regime}{' (init=scratch)' if advice.init == 'scratch' else ''}, "
+                 f"cut {advice.cut!r}; {advice.sample} images", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path_png = os.path.join(folder, "advice.png")
+    run_folder.write_atomically(path_png, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path_json, path_png

@@ -1,0 +1,159 @@
+"""Classify image files with a finished run or an exported SavedModel: top-k classes as CSV.
+
+    files and folders --(every image file, folders walked, sorted)--> decode check
+      (an undecodable file is skipped and counted, or with strict an error)
+      --> batches decoded and resized as training resized them --> the model
+      --> rows: path, class_1, probability_1, ..., class_k, probability_k
+
+A run folder's `model.keras` takes the images through the same TensorFlow
+decode and antialiased resize as `data.py` (RGB converted to the model's
+channels as export.py does); a SavedModel (`tools/export.py`) takes the file
+bytes through its own `serve_bytes` signature, which decodes and resizes
+inside the graph, and names classes from its `assets.extra/labels.txt`.
+
+Example:
+    predictor = from_run("runs/small_similar_...")
+    rows, skipped = predict_files(predictor, ["photo.jpg", "folder/"], top_k=3)
+"""
+
+import csv
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+from tl_keras import data, export
+
+BATCH = 32
+
+
+@dataclasses.dataclass
+class Predictor:
+    class_names: list
+    probabilities: object   # callable: [paths] -> [N, C] float array
+    source: str
+
+
+def from_run(workdir, which="model"):
+    """A `Predictor` of a finished run's model.keras (or best.keras)."""
+    import keras
+    import tensorflow as tf
+
+    path = os.path.join(workdir, f"{which}.keras")
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(path) or not os.path.exists(metrics_path):
+        raise ValueError(f"workdir {workdir!r} holds no finished run ({which}.keras and "
+                         "metrics.json); pass the run folder tools/finetune.py printed")
+    from tl_keras import run_folder
+
+    class_names = run_folder.read_json(metrics_path)["class_names"]
+    model = keras.saving.load_model(path, compile=False)
+    height, width, channels = model.input.shape[1:4]
+
+    def load(path):
+        image = data._decode(path)
+        image = tf.clip_by_value(tf.round(tf.image.resize(image, (height, width),
+                                                          antialias=True)), 0, 255)
+        return export.to_model_channels(image[None], channels)[0]
+
+    def probabilities(paths):
+        images = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
+        return np.asarray(model.predict(images, verbose=0), "float64")
+
+    return Predictor(class_names, probabilities, path)
+
+
+def from_saved_model(directory):
+    """A `Predictor` of a SavedModel export: a version folder, or the base folder
+    (its highest version, as TF Serving serves)."""
+    import tensorflow as tf
+
+    if not os.path.isdir(directory):
+        raise ValueError(f"saved_model {directory!r} is not a folder")
+    versions = [d for d in os.listdir(directory) if d.isdigit()]
+    if not os.path.exists(os.path.join(directory, "saved_model.pb")) and versions:
+        directory = os.path.join(directory, max(versions, key=int))
+    if not os.path.exists(os.path.join(directory, "saved_model.pb")):
+        raise ValueError(f"{directory!r} holds no SavedModel (saved_model.pb); pass an "
+                         "export folder tools/export.py wrote")
+    labels = os.path.join(directory, "assets.extra", export.LABELS)
+    if not os.path.exists(labels):
+        raise ValueError(f"{directory!r} has no assets.extra/{export.LABELS} (an export of an "
+                         "older tl_keras); export the run again with tools/export.py")
+    with open(labels) as f:
+        class_names = [line.rstrip("\n") for line in f]
+    serve = tf.saved_model.load(directory).signatures.get("serve_bytes")
+    if serve is None:
+        raise ValueError(f"{directory!r} has no serve_bytes signature; export it with "
+                         "tools/export.py")
+
+    def probabilities(paths):
+        out = []
+        for i in range(0, len(paths), BATCH):
+            blobs = [tf.io.read_file(p) for p in paths[i:i + BATCH]]
+            out.append(serve(image_bytes=tf.stack(blobs))["probabilities"].numpy())
+        return np.concatenate(out).astype("float64")
+
+    return Predictor(class_names, probabilities, directory)
+
+
+def image_files(inputs):
+    """Image files named in `inputs` or found in the folders named there (walked,
+    sorted); a name that does not exist raises `ValueError`."""
+    paths = []
+    for name in inputs:
+        if os.path.isdir(name):
+            for root, dirs, files in os.walk(name):
+                dirs.sort()
+                paths += [os.path.join(root, f) for f in sorted(files)
+                          if f.lower().endswith(data.IMAGE_EXTENSIONS) and not f.startswith(".")]
+        elif os.path.isfile(name):
+            paths.append(name)
+        else:
+            raise ValueError(f"{name!r} is neither a file nor a folder")
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in "
+                         f"{', '.join(map(repr, inputs))}")
+    return paths
+
+
+def predict_files(predictor, inputs, top_k=5, strict=False):
+    """(rows, skipped): a row per decodable image -- path, then its top-k (class,
+    probability) pairs -- and [(path, reason)] of the files that could not be decoded."""
+    paths = image_files(inputs)
+    skipped = data.check_images(paths)
+    if skipped and strict:
+        path, reason = skipped[0]
+        raise ValueError(f"cannot decode image {path!r}: {reason} "
+                         f"({len(skipped)} undecodable files in all)")
+    bad = {p for p, _ in skipped}
+    good = [p for p in paths if p not in bad]
+    if not good:
+        raise ValueError(f"none of the {len(paths)} files could be decoded")
+    probabilities = predictor.probabilities(good)
+    k = min(top_k, len(predictor.class_names))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    rows = [[path] + [value for c in top for value in
+                      (predictor.class_names[c], float(probabilities[i, c]))]
+            for i, (path, top) in enumerate(zip(good, order))]
+    return rows, skipped
+
+
+def write_csv(rows, top_k, stream):
+    """`rows` as CSV with a header: path, class_1, probability_1, ..."""
+    k = (len(rows[0]) - 1) // 2 if rows else top_k
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1)
+                                for kind in ("class", "probability")])
+    for row in rows:
+        writer.writerow([row[0]] + [f"{v:.6f}" if isinstance(v, float) else v
+                                    for v in row[1:]])
+
+
+def report_skipped(skipped, total, stream=sys.stderr, shown=5):
+    if skipped:
+        print(data._listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
+                            "(--strict fails instead)", [f"{p}: {r}" for p, r in skipped],
+                            shown), file=stream)
