@@ -161,6 +161,7 @@ def test_predict_tool_classifies_files_and_folders_as_csv(finished_run, run_tool
     assert again.returncode == 2 and "nothing is overwritten" in again.last_line()
 
 
+@pytest.mark.slow
 def test_predict_tool_reads_a_saved_model_export(finished_run, run_tool, tmp_path):
     run, images = finished_run
     exported = run_tool("export.py", f"--workdir={run}", f"--export_dir={tmp_path / 'ex'}")

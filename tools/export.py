@@ -1,11 +1,15 @@
-"""Export a finished run as a SavedModel for TF Serving.
+"""Export a finished run: a SavedModel for TF Serving, or a LiteRT model for phones.
 
 Usage:
     python tools/export.py --workdir=runs/small_similar_... --export_dir=exports/fashion
+    python tools/export.py --workdir=RUN --export_dir=exports/fashion_lite --format=litert \
+        --quantize=int8          # none | float16 | dynamic | int8
 
-Writes the next free version `export_dir/<n>/` (never overwriting one) with the
-signatures `serving_default` (float32 pixels) and `serve_bytes` (encoded
-images); see tl_keras/export.py. Errors: one line, exit 2.
+Writes the next free version `export_dir/<n>/` (never overwriting one). A
+SavedModel has the signatures `serving_default` (float32 pixels) and
+`serve_bytes` (encoded images); see tl_keras/export.py. A LiteRT model is
+measured against the Keras model on the validation split and written with
+labels.txt and export.json; see tl_keras/litert.py. Errors: one line, exit 2.
 """
 
 from absl import app, flags
@@ -16,7 +20,13 @@ from _common import fail, first_line
 _common.require_backend()  # one line, not a traceback, without TensorFlow
 
 flags.DEFINE_string("workdir", None, "A finished run folder (holds model.keras and metrics.json).")
-flags.DEFINE_string("export_dir", None, "The model's base directory for TF Serving.")
+flags.DEFINE_string("export_dir", None, "The model's base directory (TF Serving's, or any).")
+flags.DEFINE_enum("format", "saved_model", ["saved_model", "litert"], "What to export.")
+flags.DEFINE_enum("quantize", "int8", ["none", "float16", "dynamic", "int8"],
+                  "LiteRT: float32, float16 weights, int8 weights, or full integer int8 "
+                  "(calibrated on the run's own training images).")
+flags.DEFINE_integer("calibration_images", 300, "LiteRT int8: training images to calibrate on.")
+flags.DEFINE_integer("eval_images", 0, "LiteRT: validation images to measure on (0: all).")
 FLAGS = flags.FLAGS
 
 
@@ -33,11 +43,16 @@ def main(argv):
     for name in ("workdir", "export_dir"):
         if not getattr(FLAGS, name):
             fail(f"--{name} is required")
-    from tl_keras import export
+    from tl_keras import export, litert
 
     try:
-        export.export_run(FLAGS.workdir, FLAGS.export_dir)
-    except ValueError as e:
+        if FLAGS.format == "litert":
+            litert.export_run(FLAGS.workdir, FLAGS.export_dir, FLAGS.quantize,
+                              calibration_count=FLAGS.calibration_images,
+                              eval_images=FLAGS.eval_images)
+        else:
+            export.export_run(FLAGS.workdir, FLAGS.export_dir)
+    except (ValueError, OSError) as e:
         fail(first_line(e))
 
 

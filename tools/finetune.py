@@ -22,8 +22,12 @@ from _common import fail, first_line
 _common.require_backend()  # one line, not a traceback, without TensorFlow
 
 _common.define_config_flags()
-flags.DEFINE_string("export_dir", None, "Also export the final model for TF Serving as "
+flags.DEFINE_string("export_dir", None, "Also export the final model as "
                     "EXPORT_DIR/<next version>/ (see tools/export.py).")
+flags.DEFINE_enum("export_format", "saved_model", ["saved_model", "litert"],
+                  "With --export_dir: a SavedModel for TF Serving, or LiteRT.")
+flags.DEFINE_enum("export_quantize", "int8", ["none", "float16", "dynamic", "int8"],
+                  "With --export_format=litert: see tools/export.py --quantize.")
 FLAGS = flags.FLAGS
 
 
@@ -71,8 +75,13 @@ def main(argv):
     print(f"val_accuracy: {metrics['val_accuracy']:.4f}  val_loss: {metrics['val_loss']:.4f}  "
           f"({metrics['epochs_run']} epochs, {metrics['wall_seconds']:.0f} s)")
     if FLAGS.export_dir:
+        from tl_keras import litert
+
         try:
-            export.export_run(config.workdir, FLAGS.export_dir)
+            if FLAGS.export_format == "litert":
+                litert.export_run(config.workdir, FLAGS.export_dir, FLAGS.export_quantize)
+            else:
+                export.export_run(config.workdir, FLAGS.export_dir)
         except ValueError as e:
             fail(f"{first_line(e)} (the run is complete in {config.workdir}; "
                  "export it later with tools/export.py)")

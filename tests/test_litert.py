@@ -1,0 +1,95 @@
+"""LiteRT export: outputs equal the Keras model's, int8 is calibrated on the run's own data
+and measured, a broken calibration is refused, versions are never overwritten."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config, write_image_folder
+
+from tl_keras import data, evaluate, litert, train
+
+pytest.importorskip("ai_edge_litert", reason="pip install ai-edge-litert (the [test] extra)")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """seed_cnn (ReLU convolutions and Dense layers: what int8 handles well), pretrained by
+    the study, a head trained on a tiny 3-class folder."""
+    root = tmp_path_factory.mktemp("litert")
+    write_image_folder(root / "images", per_class=12)
+    weights = os.path.join(ROOT, "benchmarks", "study", "seed_cnn_fashion0-4.weights.h5")
+    config = tiny_config(root, dataset=str(root / "images"), epochs=30, val_fraction=0.3,
+                         learning_rate=1e-2, backbone="seed_cnn", image_size=28,
+                         weights=weights)
+    train.finetune(config, data.load(config, config.image_size))
+    return root / "run"
+
+
+def test_float32_litert_gives_the_keras_models_outputs(finished_run):
+    model, config, _ = evaluate.load_run(str(finished_run))
+    images, _ = litert.calibration_images(config, 20)
+    tflite = litert.convert(model, "none")
+    np.testing.assert_allclose(litert.Runner(tflite)(images), model.predict(images, verbose=0),
+                               atol=1e-5)
+
+
+def test_int8_export_is_calibrated_measured_and_versioned(finished_run, run_tool, tmp_path):
+    out = tmp_path / "lite"
+    result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={out}",
+                      "--format=litert", "--quantize=int8", "--calibration_images=24")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "1" / "export.json").read_text())
+    assert (out / "1" / "labels.txt").read_text() == "cat\ndog\nfox\n"
+    assert (out / "1" / "model.tflite").stat().st_size == report["bytes"]
+    assert report["quantize"] == "int8" and report["calibration_images"] == 24
+    assert report["bytes"] < report["float32_bytes"]
+    assert report["calibration_agreement"] >= litert.AGREEMENT
+    assert (report["input"]["dtype"], report["output"]["dtype"]) == ("float32", "float32")
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    # The Keras model measured beside it is the run's: its validation accuracy.
+    assert report["keras_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert report["images"] == metrics["val_examples"]
+    assert "LiteRT int8" in result.stdout and "top-1 agreement" in result.stdout
+    # A second export is version 2; version 1 is untouched.
+    first = (out / "1" / "model.tflite").read_bytes()
+    again = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={out}",
+                     "--format=litert", "--quantize=float16")
+    assert again.returncode == 0, again.stderr
+    assert (out / "1" / "model.tflite").read_bytes() == first
+    assert json.loads((out / "2" / "export.json").read_text())["quantize"] == "float16"
+
+
+def test_a_broken_calibration_is_refused_and_nothing_is_written(finished_run, tmp_path):
+    model, config, _ = evaluate.load_run(str(finished_run))
+    images, _ = litert.calibration_images(config, 24)
+    broken = np.zeros_like(images)  # every calibration image black: activations' ranges collapse
+    out = tmp_path / "lite"
+    with pytest.raises(ValueError, match=r"agrees with the Keras model on only \d+% of 24 "
+                                         r"calibration images .* nothing was written"):
+        litert.export_run(str(finished_run), str(out), "int8", calibration_count=24,
+                          calibration=broken, verbose=False)
+    assert [p.name for p in out.iterdir()] == []
+
+
+def test_unknown_quantization_is_one_line(finished_run, run_tool, tmp_path):
+    result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={tmp_path}",
+                      "--format=litert", "--quantize=int4")
+    assert result.returncode != 0 and "int4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_finetune_exports_litert_after_training(run_tool, tmp_path):
+    images = tmp_path / "images"
+    write_image_folder(images, per_class=12)
+    weights = os.path.join(ROOT, "benchmarks", "study", "seed_cnn_fashion0-4.weights.h5")
+    result = run_tool("finetune.py", "--regime=small_similar", "--backbone=seed_cnn",
+                      "--image_size=28", f"--weights={weights}", f"--dataset={images}",
+                      "--epochs=2", "--config.verbose=0", f"--workdir={tmp_path / 'run'}",
+                      f"--export_dir={tmp_path / 'lite'}", "--export_format=litert",
+                      "--export_quantize=float16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "lite" / "1" / "export.json").read_text())
+    assert report["quantize"] == "float16" and report["top1_agreement"] >= 0.9
