@@ -240,3 +240,16 @@ def test_tfds_rejects_examples_per_class(monkeypatch, tmp_path):
     with tfds.testing.mock_data(num_examples=20):
         with pytest.raises(ValueError, match="examples_per_class is not supported for tfds"):
             data.load_examples(config)
+
+
+def test_the_first_read_order_does_not_depend_on_the_global_seed(tmp_path, shared_images):
+    """A tuner trial builds its pipelines after seeds were set; a fresh finetune.py before:
+    both must read the training images in the same order (the winner retrains to its result)."""
+    config = tiny_config(tmp_path, dataset=str(shared_images), val_fraction=0.4)
+    orders = []
+    for global_seed in (None, 5, 123):
+        if global_seed is not None:
+            tf.random.set_seed(global_seed)
+        datasets = data.load(config, 32)
+        orders.append(np.concatenate([np.asarray(y) for _, y in datasets.train]))
+    assert all((order == orders[0]).all() for order in orders[1:])

@@ -404,6 +404,11 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
 
     augment = augmentation(config)
     cache_limit = config.get("cache_bytes", 2 << 30)
+    # TensorFlow combines an op's seed with the global seed, and uses a default one
+    # when none is set: without this the shuffle order depended on whether anything
+    # had set the global seed before (a tuner trial's data and a fresh process's
+    # differed). `train.finetune` sets the same seed again before training.
+    tf.random.set_seed(config.seed)
 
     def pipeline(ds, n, training, augment=augment, plain=False):
         ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
