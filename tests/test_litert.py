@@ -35,6 +35,7 @@ def test_float32_litert_gives_the_keras_models_outputs(finished_run):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_export_is_calibrated_measured_and_versioned(finished_run, run_tool, tmp_path):
     out = tmp_path / "lite"
     result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={out}",
