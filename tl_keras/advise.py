@@ -37,7 +37,7 @@ import warnings
 import keras
 import numpy as np
 
-from tl_keras import backbones, model as model_lib, run_folder
+from tl_keras import backbones, features as features_lib, model as model_lib, run_folder
 
 SAMPLE = 2000          # training images scored, by default
 MIN_PER_CLASS = 2      # fewer images of a class in the sample: it cannot be scored
@@ -49,6 +49,13 @@ class Thresholds:
     large_examples: int = 10_000   # training images from which a dataset is "large"
     similar_margin: float = 0.02   # top's LogME within this of the best cut: similar
     scratch_margin: float = 0.10   # pretraining adds less than this at the best cut: scratch
+
+    @classmethod
+    def from_config(cls, advisor):
+        """The thresholds `config.advisor` (configs/base.py) sets."""
+        return cls(large_examples=advisor.large_examples,
+                   similar_margin=advisor.similar_margin,
+                   scratch_margin=advisor.scratch_margin)
 
 
 # --- Scores ------------------------------------------------------------------------
@@ -131,16 +138,10 @@ def h_score(features, labels, shrinkage=1e-3):
     return float(np.trace(np.linalg.solve(cov, between)))
 
 
-def standardise(features, floor=1e-3):
-    """Each feature at mean 0 and variance 1, as `feature_norm` gives the head
-    (a variance is at least `floor` x the mean variance, as there)."""
-    f = np.asarray(features, "float64")
-    variance = f.var(axis=0)
-    if variance.mean() > 0:
-        variance = np.maximum(variance, floor * variance.mean())
-    else:
-        variance = np.ones_like(variance)
-    return (f - f.mean(axis=0)) / np.sqrt(variance)
+def standardise(features):
+    """The features as `feature_norm` gives them to the head (features.norm_statistics)."""
+    mean, variance = features_lib.norm_statistics(features)
+    return (np.asarray(features, "float64") - mean) / np.sqrt(variance)
 
 
 # --- Features at every cut -----------------------------------------------------------

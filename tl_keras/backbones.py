@@ -147,6 +147,13 @@ class CutBackbone:
     base: keras.Model   # the whole backbone (include_top=False)
 
 
+def stage_ends(name):
+    """The layers that end backbone `name`'s stages below the top: the `early`,
+    `middle` and `late` cut layers, in order."""
+    cuts = get_backbone(name).cuts
+    return tuple(cuts[c] for c in CUT_POINTS[:-1])
+
+
 def build_backbone(name, weights="imagenet", image_size=None, cut="top"):
     """Builds backbone `name` and cuts it at `cut`.
 

@@ -108,9 +108,7 @@ def export(model, class_names, export_dir, verbose=True):
     try:
         with _quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
             archive.write_out(tmp, verbose=False)
-        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, "assets.extra", LABELS), "w") as f:
-            f.write("".join(name + "\n" for name in class_names))
+        write_labels(os.path.join(tmp, "assets.extra"), class_names)
         version_dir = _publish(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless writing failed
@@ -121,6 +119,13 @@ def export(model, class_names, export_dir, verbose=True):
               f"  serve_bytes: image_bytes string [N] (JPEG, PNG, GIF, BMP; any size)\n"
               f"  outputs: probabilities [N, {num_classes}], class_id [N], class_name [N]")
     return version_dir
+
+
+def write_labels(folder, class_names):
+    """`folder/labels.txt`: one class name per line, in output order."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LABELS), "w") as f:
+        f.write("".join(f"{name}\n" for name in class_names))
 
 
 def serving_archive(model, class_names):

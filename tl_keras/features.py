@@ -52,8 +52,8 @@ def head_model(model):
     return keras.Model(inputs, x, name="head")
 
 
-def adapt_feature_norm(model, features, floor=1e-3):
-    """Sets `feature_norm` to standardise `features` [N, D] with their mean and variance.
+def norm_statistics(features, floor=1e-3):
+    """(mean, variance) [D] with which `feature_norm` standardises `features` [N, D].
 
     A feature that barely varies in the training data (a random backbone has
     many) would be divided by almost zero and explode on new images, so each
@@ -66,6 +66,12 @@ def adapt_feature_norm(model, features, floor=1e-3):
         variance = np.maximum(variance, floor * variance.mean())
     else:  # no feature varies at all (e.g. all 0 after a float16 underflow): scale 1
         variance = np.ones_like(variance)
+    return mean, variance
+
+
+def adapt_feature_norm(model, features, floor=1e-3):
+    """Sets `feature_norm` to standardise `features` [N, D] (`norm_statistics`)."""
+    mean, variance = norm_statistics(features, floor)
     layer = model.get_layer(HEAD_LAYERS[0])
     layer.set_weights([mean.astype("float32"), variance.astype("float32"),
                        np.asarray(len(features), layer.count.dtype)])

@@ -187,8 +187,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     tick = time.time()
     tflite = convert(model, quantize, calibration)
     seconds = time.time() - tick
-    keras_on_own = model.predict(own, verbose=0)
-    agreed = agreement(keras_on_own, Runner(tflite)(own))
+    runner = Runner(tflite)
+    agreed = agreement(model.predict(own, verbose=0), runner(own))
     if agreed < AGREEMENT:
         raise ValueError(f"the {quantize} model agrees with the Keras model on only "
                          f"{agreed:.0%} of {len(own)} calibration images (at least "
@@ -199,7 +199,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         print("Measuring against the Keras model on the validation split ...")
     measured = measure(model, tflite, source)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
-    input_type, output_type = Runner(tflite).types()
+    input_type, output_type = runner.types()
     result = {
         "format": "litert", "quantize": quantize, "file": "model.tflite",
         "bytes": len(tflite), "float32_bytes": float32_bytes,
@@ -219,8 +219,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     try:
         with open(os.path.join(tmp, "model.tflite"), "wb") as f:
             f.write(tflite)
-        with open(os.path.join(tmp, export.LABELS), "w") as f:
-            f.write("".join(name + "\n" for name in class_names))
+        export.write_labels(tmp, class_names)
         run_folder.write_json(os.path.join(tmp, "export.json"), result)
         version_dir = export._publish(tmp, export_dir)
     finally:

@@ -37,24 +37,15 @@ class Predictor:
 
 def from_run(workdir, which="model"):
     """A `Predictor` of a finished run's model.keras (or best.keras)."""
-    import keras
     import tensorflow as tf
 
-    path = os.path.join(workdir, f"{which}.keras")
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if not os.path.exists(path) or not os.path.exists(metrics_path):
-        raise ValueError(f"workdir {workdir!r} holds no finished run ({which}.keras and "
-                         "metrics.json); pass the run folder tools/finetune.py printed")
-    from tl_keras import run_folder
+    from tl_keras import evaluate
 
-    class_names = run_folder.read_json(metrics_path)["class_names"]
-    model = keras.saving.load_model(path, compile=False)
+    model, _, metrics = evaluate.load_run(workdir, which)
     height, width, channels = model.input.shape[1:4]
 
-    def load(path):
-        image = data._decode(path)
-        image = tf.clip_by_value(tf.round(tf.image.resize(image, (height, width),
-                                                          antialias=True)), 0, 255)
+    def load(path):  # decoded and resized as training resized (export.decode_image)
+        image = export.decode_image(tf.io.read_file(path), height, width)
         return export.to_model_channels(image[None], channels)[0]
 
     def probabilities(paths):
@@ -62,7 +53,7 @@ def from_run(workdir, which="model"):
             load, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
         return np.asarray(model.predict(images, verbose=0), "float64")
 
-    return Predictor(class_names, probabilities, path)
+    return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"))
 
 
 def from_saved_model(directory):

@@ -123,8 +123,8 @@ def stages(model, config):
     backbone = model.get_layer("backbone")
     layers = backbone.layers  # topological order: a cut backbone is flat
     index = {layer.name: i for i, layer in enumerate(layers)}
-    named = backbones.get_backbone(config["backbone"]).cuts
-    ends = [index.get(named[c]) for c in backbones.CUT_POINTS[:-1]] + [len(layers) - 1]
+    ends = [index.get(name) for name in backbones.stage_ends(config["backbone"])]
+    ends.append(len(layers) - 1)
     out, start = [], 0
     for name, end in zip(STAGES, ends):
         if end is None or start > len(layers) - 1:

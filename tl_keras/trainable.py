@@ -119,10 +119,9 @@ def plan_phases(config):
     if head_epochs > 0:
         phases.append(Phase("head", "head", 0, head_epochs, config.learning_rate, True))
     if config.epochs > head_epochs:
-        cuts = backbones.get_backbone(config.backbone).cuts
         phases.append(Phase("finetune", "all", head_epochs, config.epochs,
                             config.finetune_learning_rate, True, unfreeze=unfreeze,
-                            stage_ends=tuple(cuts[c] for c in backbones.CUT_POINTS[:-1])))
+                            stage_ends=backbones.stage_ends(config.backbone)))
     return phases
 
 

@@ -195,10 +195,8 @@ def advised(plan, datasets, strategy):
     knobs = config.advisor
     print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
           f"{knobs.sample} training images, pretrained and at random init")
-    thresholds = advise.Thresholds(large_examples=knobs.large_examples,
-                                   similar_margin=knobs.similar_margin,
-                                   scratch_margin=knobs.scratch_margin)
-    advice, sample = advise.advise(plan, datasets, sample=knobs.sample, thresholds=thresholds,
+    advice, sample = advise.advise(plan, datasets, sample=knobs.sample,
+                                   thresholds=advise.Thresholds.from_config(knobs),
                                    verbose=1 if sys.stdout.isatty() else 0)
     print(advise.format_table(advice))
     if _DEFAULT_CONFIG:  # the advised regime's own defaults, then the command line's

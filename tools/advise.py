@@ -47,12 +47,10 @@ def main(argv):
         if os.path.isdir(config.workdir) and os.listdir(config.workdir):  # nothing overwritten
             fail(f"workdir {config.workdir!r} is not empty; choose another --workdir")
         datasets = _common.load_data(plan, None)
-        knobs = config.advisor
         advice, _ = advise.advise(
-            plan, datasets, sample=knobs.sample, cuts=tuple(FLAGS.cuts or backbones.CUT_POINTS),
-            thresholds=advise.Thresholds(large_examples=knobs.large_examples,
-                                         similar_margin=knobs.similar_margin,
-                                         scratch_margin=knobs.scratch_margin),
+            plan, datasets, sample=config.advisor.sample,
+            cuts=tuple(FLAGS.cuts or backbones.CUT_POINTS),
+            thresholds=advise.Thresholds.from_config(config.advisor),
             verbose=1 if sys.stdout.isatty() else 0)
         print(advise.format_table(advice))
         paths = advise.write(advice, config.workdir)
