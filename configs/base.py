@@ -42,6 +42,9 @@ def get_config():
     config.batch_size = 32
     config.cache_features = True         # frozen backbone: compute its features once, train the head on them
     config.cached_views = 2              # augmented views cached per training image (1 without augmentation)
+    config.inference_batch_size = 256    # images per forward pass that trains nothing (cached features); 0: batch_size
+    config.folded_inference = True       # TensorFlow on a CPU: such passes run as one constant-folded graph (tl_keras/folded.py)
+    config.head_steps_per_execution = 32  # head on cached features: training steps per call into the backend; 1: Keras' default
     config.learning_rate = 1e-3          # head phase (and init=scratch)
     config.finetune_learning_rate = 1e-5  # large regimes, phase 2: everything trains
     config.unfreeze = 0                  # large regimes, phase 2: train only the top k stages of the backbone; 0: all

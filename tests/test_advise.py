@@ -123,10 +123,10 @@ def test_a_run_takes_the_advisors_features_as_its_first_view(digits_setup, tmp_p
     given = np.full((200, dim), 7.0, "float32"), np.arange(200, dtype="int32") % 10
     reads = []
 
-    class Counted:  # the training pipeline, its reads counted
-        def map(self, fn):
+    class Counted:  # the training pipeline, its reads counted (each pass rebatches it first)
+        def rebatch(self, n):
             reads.append(1)
-            return datasets.train.map(fn)
+            return datasets.train.rebatch(n)
 
     counted = types.SimpleNamespace(train=Counted(), val=datasets.val, train_examples=200,
                                     val_examples=datasets.val_examples)

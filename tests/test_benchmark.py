@@ -17,7 +17,9 @@ def test_benchmark_writes_consistent_results(tmp_path):
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
          "--backbone=mobilenet_v3_small", "--weights=none", "--image_size=32",
          "--dataset=digits", "--train_examples=100", "--val_examples=24", "--epochs=2",
-         "--finetune_examples=32", "--finetune_epochs=1", "--tune_trials=3", f"--out={out}"],
+         "--finetune_examples=32", "--finetune_epochs=1", "--tune_trials=3",
+         "--speed_train_examples=40", "--speed_val_examples=30", "--speed_rounds=1",
+         f"--out={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.load(open(out))
@@ -42,6 +44,16 @@ def test_benchmark_writes_consistent_results(tmp_path):
     assert advisor["advisor_over_four_regimes"] == pytest.approx(
         advisor["advisor_seconds"] / advisor["four_regimes_seconds"], abs=0.01)
     assert advisor["advice"]["regime"] in advisor["regimes"] and advisor["sample"] == 100
+    # Parts 6-7 time the old and the new feature pass on the same images (the
+    # same features, labels in the same order) and the head phase on those features.
+    passes, head = r["speed"]["feature_pass"], r["speed"]["head_phase"]
+    assert passes["images"] == 70 and passes["same_labels"]
+    assert passes["max_abs_difference"] <= 1e-5 * max(1.0, passes["max_abs_feature"])
+    assert set(head["runs"]) == {"one_step_per_call", "steps_per_execution"}
+    # Training on the same cached features, one or 32 steps per call: the same head.
+    [old], [new] = head["runs"]["one_step_per_call"], head["runs"]["steps_per_execution"]
+    assert old["val_accuracy"] == new["val_accuracy"]
+    assert "pytorch_peer" not in r["speed"]  # no --peer_python: no part 8
 
 
 # As on a GPU machine that has Keras and JAX but no TensorFlow: importing it

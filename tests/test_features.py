@@ -2,6 +2,7 @@
 
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -110,3 +111,56 @@ def test_feature_norm_of_features_that_never_vary_is_finite(tmp_path):
 ])
 def test_no_more_views_than_epochs_that_use_them(asked, epochs, augmented, want):
     assert features.views_to_cache(asked, epochs, augmented) == want
+
+
+def test_folded_passes_in_large_batches_equal_keras_predict(tmp_path, shared_images):
+    # The default path here (TensorFlow, no GPU): the extractor folded into one
+    # constant graph, pipelines rebatched to `inference_batch`. Features must equal
+    # Keras' predict at the pipeline's own batches, row for row, labels in step.
+    from tl_keras import folded
+
+    assert folded.usable()  # else this test would compare predict with itself
+    # Cut early: the random tiny backbone's top features are ~1e-12, too small to compare.
+    config = tiny_config(tmp_path, "small_different", dataset=str(shared_images),
+                         val_fraction=0.4)
+    datasets = tiny_data(config)
+    model = built(config, datasets)
+    keras_path = features.compute(model, datasets, views=1, verbose=0, folded=False,
+                                  inference_batch=0)
+    fast = features.compute(model, datasets, views=1, verbose=0, inference_batch=5)
+    np.testing.assert_array_equal(fast.val_labels, keras_path.val_labels)
+    np.testing.assert_allclose(fast.val, keras_path.val, rtol=1e-5, atol=1e-5)
+    # The training pipeline reshuffles on every read: the same rows, labels with them.
+    for row, label in zip(fast.train[0], fast.train_labels[0]):
+        same_label = keras_path.train[0][keras_path.train_labels[0] == label]
+        assert np.isclose(same_label, row, rtol=1e-5, atol=1e-5).all(axis=1).any()
+    assert np.abs(keras_path.val).max() > 1e-3  # features, not zeros, were compared
+
+    # Several outputs come back as the model gives them; numpy inputs too.
+    extract = features.extractor(model)
+    x, y = val_images(datasets)
+    two = keras.Model(extract.input, {"pooled": extract.output,
+                                      "probabilities": model.output})
+    out, labels = folded.predict(two, (x, y), batch_size=3)
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(out["probabilities"], model.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(out["pooled"], keras_path.val, rtol=1e-5, atol=1e-5)
+
+
+def test_with_a_gpu_visible_passes_go_through_keras_predict(tmp_path, shared_images,
+                                                            monkeypatch):
+    # The folded graph is measured faster on CPUs only; on a GPU machine the
+    # feature pass must stay Keras' predict (the path GPUs were measured on).
+    import tensorflow as tf
+
+    from tl_keras import folded
+
+    visible = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/GPU:0"] if kind == "GPU" else visible(kind))
+    monkeypatch.setattr(folded, "fold", lambda model: pytest.fail("folded on a GPU machine"))
+    assert not folded.usable()
+    config = tiny_config(tmp_path, "small_different", dataset=str(shared_images))
+    datasets = tiny_data(config)
+    cache = features.compute(built(config, datasets), datasets, views=1, verbose=0)
+    assert len(cache.val) == datasets.val_examples

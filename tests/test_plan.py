@@ -69,6 +69,9 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
                                    "horizontal_and_vertical, none"),
     ({"verbose": "7"}, "unknown verbose '7'; valid: auto, 0, 1, 2"),
     ({"validation_freq": 0}, "validation_freq must be at least 1, got 0"),
+    ({"head_steps_per_execution": 0}, "head_steps_per_execution must be at least 1, got 0"),
+    ({"inference_batch_size": -1}, r"inference_batch_size must be 0 \(the training batch "
+                                   r"size\) or more, got -1"),
     ({"weights": "/no/such.weights.h5"},
      r"--weights='/no/such.weights.h5' is not 'imagenet', 'none' or an existing \.weights\.h5"),
 ])

@@ -188,6 +188,51 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
     assert metrics["best_val_accuracy"] == max(float(r["val_accuracy"]) for r in rows) > 0
 
 
+def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(tmp_path):
+    # Cached head phases keep their best weights in memory and write best.keras
+    # when fit ends: it must hold the best epoch's weights, not the last ones,
+    # and the model must be left with the weights it ended with.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
+    workdir = str(tmp_path)
+    best = train._BestModel(model, workdir, defer=True)
+    kernel = model.get_layer("d").kernel
+    path = os.path.join(workdir, "best.keras")
+    for epoch, accuracy in enumerate([0.5, 0.75, 0.6]):
+        best.on_epoch_begin(epoch)
+        kernel.assign(np.full((4, 2), float(epoch), "float32"))
+        best.on_epoch_end(epoch, {"val_accuracy": accuracy})
+        assert not os.path.exists(path)  # nothing written per epoch
+    best.on_train_end()
+    saved = keras.saving.load_model(path).get_layer("d").kernel.numpy()
+    np.testing.assert_array_equal(saved, 1.0)  # epoch 2 (index 1) was best
+    np.testing.assert_array_equal(kernel.numpy(), 2.0)  # the model as fit left it
+    assert not best.holds_final
+    assert run_folder.read_json(os.path.join(workdir, "backup", "best.json")) == {
+        "epoch": 2, "val_accuracy": 0.75}
+
+    # Best in the last epoch: best.keras holds the final weights, and says so
+    # (finetune then copies it to model.keras instead of saving again).
+    later = train._BestModel(model, workdir, defer=True)
+    later.on_epoch_begin(3)
+    kernel.assign(np.full((4, 2), 3.0, "float32"))
+    later.on_epoch_end(3, {"val_accuracy": 0.8})
+    later.on_train_end()
+    assert later.holds_final
+    np.testing.assert_array_equal(keras.saving.load_model(path).get_layer("d").kernel, 3.0)
+
+
+def test_model_keras_equals_best_keras_when_the_last_epoch_was_best(small_different_run):
+    run = small_different_run  # a head on cached features
+    rows = list(csv.DictReader(open(run.path("history.csv"))))
+    accuracies = [float(r["val_accuracy"]) for r in rows]
+    final = keras.saving.load_model(run.path("model.keras"))
+    best = keras.saving.load_model(run.path("best.keras"))
+    same = [np.array_equal(a, b) for a, b in zip(final.get_weights(), best.get_weights())]
+    # Equal weights exactly when the last epoch was strictly the best.
+    assert all(same) == (accuracies[-1] > max(accuracies[:-1]))
+
+
 def test_model_and_training_code_import_no_tensorflow():
     for module in ("plan", "arrays", "torch_state_dict", "efficientnet_lite", "backbones",
                    "model", "features", "trainable", "losses", "train", "run_folder", "tune",

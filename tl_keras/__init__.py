@@ -8,6 +8,7 @@ Modules, in the order data flows:
                 torch_state_dict files), their preprocessing, named cut points
     model       raw pixels -> preprocessing -> cut backbone -> new Dense head
     features    cached backbone features for training a head on a frozen backbone
+    folded      forward passes as one constant-folded TensorFlow graph (CPU)
     trainable   the regimes as data; the one function that applies them
     losses      the training loss (label smoothing)
     train       phases with model.fit (distribute: tf.distribute); writes the run folder

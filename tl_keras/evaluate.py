@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tl_keras import data, report, run_folder
+from tl_keras import data, features, folded, report, run_folder
 
 BINS = 15           # calibration bins, equal width in confidence (Guo et al. 2017)
 MISTAKES = 16       # images in mistakes.png
@@ -93,14 +93,20 @@ def _few(names, shown=6):
     return "[" + ", ".join(names[:shown]) + (", ..." if len(names) > shown else "") + "]"
 
 
-def predict(model, source, flip=False, verbose=0):
-    """(probabilities [N, C], labels [N]) over the pipeline `source`, in its order."""
+def predict(model, source, flip=False, verbose=0, batch_size=features.INFERENCE_BATCH):
+    """(probabilities [N, C], labels [N]) over the pipeline `source`, in its order,
+    in batches of `batch_size`; on a CPU through the folded graph (folded.py)."""
     import tensorflow as tf
 
-    images = source.map(lambda x, y: tf.image.flip_left_right(x) if flip else x)
-    probabilities = model.predict(images, verbose=verbose)
-    labels = np.concatenate([np.asarray(y) for _, y in source]).reshape(-1)
-    return np.asarray(probabilities, "float64"), labels.astype("int64")
+    source = features.rebatch(source, batch_size)
+    if flip:
+        source = source.map(lambda x, y: (tf.image.flip_left_right(x), y))
+    if folded.usable():
+        probabilities, labels = folded.predict(model, source, verbose=verbose)
+    else:
+        probabilities = model.predict(source.map(lambda x, y: x), verbose=verbose)
+        labels = np.concatenate([np.asarray(y) for _, y in source])
+    return np.asarray(probabilities, "float64"), labels.reshape(-1).astype("int64")
 
 
 def calibration(probabilities, labels, bins=BINS):

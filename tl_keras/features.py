@@ -30,11 +30,18 @@ import hashlib
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
 
 HEAD_LAYERS = ("feature_norm", "dropout", "predictions")  # the head, in order
+
+# Forward passes that train nothing (cached features, evaluation, prediction,
+# the advisor) run in batches this large: EfficientNet-Lite0 at 96 px on 2 CPU
+# cores computed ~400 images/s at 256 against ~300 at 32, the same features to
+# the bit (docs/performance.md). `config.inference_batch_size` sets it for a run.
+INFERENCE_BATCH = 256
 
 
 def extractor(model):
@@ -151,7 +158,7 @@ class FeatureStore(dict):
 
 
 def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=None,
-            verbose=1, first_view=None):
+            verbose=1, first_view=None, inference_batch=INFERENCE_BATCH, folded=None):
     """Runs the frozen part of `model` over `data.train` (`views` times) and `data.val` (once).
 
     Args:
@@ -168,6 +175,11 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
       first_view: `(features, labels)` of the first read of `data.train`,
         computed already (by the regime advisor, advise.py): view 0 is taken
         from it, and the pipeline is read only for the other views.
+      inference_batch: images per forward pass (pipelines are rebatched to it,
+        in their order); falsy: `batch_size`. Pipelines that drop remainders
+        (distributed runs) and spilled passes keep their own batches.
+      folded: run in-memory passes as a constant-folded graph (folded.py);
+        None: where `folded.usable()` (TensorFlow on a CPU); False: `predict`.
 
     Returns:
       `FeatureCache`.
@@ -192,13 +204,21 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
                                          "float32", (n, dim))
 
     paired = _with_labels(extract)
+    if getattr(data, "drop_remainder", False) or not inference_batch:
+        inference_batch = batch_size
+    if folded is None or folded:
+        from tl_keras import folded as folded_lib
+
+        # Folded once, for every pass.
+        folded = folded_lib.fold(extract) if folded or folded_lib.usable() else None
 
     def run(source, n, name):
         began = time.time()
         if spill:
             out, labels = _pass_by_batch(extract, source, allocate(name, n), batch_size, verbose)
         else:
-            out, labels = _pass(paired, source, batch_size, verbose=int(verbose == 1))
+            out, labels = _pass(folded or paired, source, int(inference_batch),
+                                verbose=int(verbose == 1), total=n)
         if len(labels) != n:
             raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
         if verbose == 2:
@@ -227,21 +247,36 @@ def _with_labels(extract):
                        [extract.output, keras.layers.Identity(name="labels_out")(labels)])
 
 
-def _pass(paired, source, batch_size, verbose):
-    """Features and labels of one pass, in memory, with `predict`.
+def _pass(model, source, batch_size, verbose, total=None):
+    """Features and labels of one pass, in memory, in batches of `batch_size`:
+    `model` is the extractor folded (`folded.fold`), or `_with_labels(extractor)`
+    run with `predict`, which ran twice as fast as `predict_on_batch` batch by batch
+    (EfficientNet-Lite0 at 96 px, 512 images: 2.5 s against 5.1 s)."""
+    if not isinstance(model, keras.Model):  # folded
+        from tl_keras import folded as folded_lib
 
-    `predict` ran twice as fast as `predict_on_batch` batch by batch
-    (EfficientNet-Lite0 at 96 px, 512 images: 2.5 s against 5.1 s).
-    """
+        if not isinstance(source, tuple):
+            source = rebatch(source, batch_size)
+        features, labels = folded_lib.predict(model, source, batch_size, verbose, total)
+        return np.asarray(features, "float32"), np.asarray(labels).reshape(-1).astype("int32")
     if isinstance(source, tuple):
         x, y = source
         y = np.asarray(y).reshape(-1).astype("int32")
-        features, _ = paired.predict([x, y], batch_size=batch_size, verbose=verbose)
+        features, _ = model.predict([x, y], batch_size=batch_size, verbose=verbose)
         return np.asarray(features, "float32"), y
     # A tf.data pipeline (used through its own API: this module imports no
     # TensorFlow): images and labels go in together, in the pass's own order.
-    features, labels = paired.predict(source.map(lambda x, y: ((x, y),)), verbose=verbose)
+    with warnings.catch_warnings():  # a rebatched pipeline's length is unknown until it ends
+        warnings.filterwarnings("ignore", "Your input ran out of data")
+        features, labels = model.predict(
+            rebatch(source, batch_size).map(lambda x, y: ((x, y),)), verbose=verbose)
     return np.asarray(features, "float32"), np.asarray(labels).reshape(-1)
+
+
+def rebatch(source, batch_size):
+    """The batched tf.data pipeline `source` in batches of `batch_size`, same order
+    (its own API: no TensorFlow import here)."""
+    return source.rebatch(int(batch_size)) if batch_size else source
 
 
 def _pass_by_batch(extract, source, out, batch_size, verbose):

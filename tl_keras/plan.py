@@ -37,6 +37,8 @@ _AT_LEAST = {
     "cached_views": (1, "at least 1"),
     "pool_grid": (1, "1 (global average) or more"),
     "validation_freq": (1, "at least 1"),
+    "inference_batch_size": (0, "0 (the training batch size) or more"),
+    "head_steps_per_execution": (1, "at least 1"),
 }
 
 

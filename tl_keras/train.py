@@ -120,7 +120,10 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
     # when that phase trained on them (equal to the full model's outputs).
     val_loss, val_accuracy = dist.evaluate(final.model, final.val)
     if save_models and dist.chief:
-        run_folder.write_atomically(os.path.join(workdir, "model.keras"), model.save)
+        best = os.path.join(workdir, "best.keras")
+        run_folder.write_atomically(
+            os.path.join(workdir, "model.keras"),
+            (lambda path: shutil.copyfile(best, path)) if final.best_is_final else model.save)
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     metrics = {
@@ -237,6 +240,7 @@ class _Final:
 
     def __init__(self):
         self.model = self.val = self.cache_info = self.class_weight = None
+        self.best_is_final = False  # best.keras holds the final weights: model.keras is a copy
         self.paths = {}
 
 
@@ -279,7 +283,8 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
             with dist.scope():  # the frozen part runs on every replica
                 cache, reused = _cached_features(model, config, data, workdir, verbose,
                                                  phase.last_epoch - phase.first_epoch,
-                                                 feature_store, batch_size, first_view)
+                                                 feature_store, batch_size, first_view,
+                                                 distributed=dist.strategy is not None)
             final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
                                 "stored": cache.stored, "reused": reused}
         if (phase is phases[0] and not finished and initial_epoch == 0
@@ -311,7 +316,11 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                         learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
                     loss=plan.loss,
                     metrics=["accuracy"],
-                    jit_compile=config.jit_compile)
+                    jit_compile=config.jit_compile,
+                    # A head step on cached features is a few microseconds of
+                    # arithmetic: many per call into the backend, not one.
+                    steps_per_execution=(int(config.get("head_steps_per_execution", 1))
+                                         if m is fit_model and cached else 1))
             if fit_model is not model:
                 # Built now, so best.keras and model.keras load without warnings.
                 model.optimizer.build(model.trainable_variables)
@@ -332,8 +341,12 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                 keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
         if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
+        best_model = None
         if save_models and dist.chief:
-            callbacks.append(_BestModel(model, workdir))
+            # A cached head's epochs take a fraction of a second and saving the
+            # full model ~0.75 s: its best weights are kept in memory, saved once.
+            best_model = _BestModel(model, workdir, defer=cached)
+            callbacks.append(best_model)
         fit = dist.fit(fit_model, train_data, val_data,
                        initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
                        verbose=verbose, callbacks=callbacks,
@@ -346,6 +359,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                                      "try a lower learning rate")
         if dist.chief:
             run_folder.write_atomically(done, model.save_weights)
+        final.best_is_final = best_model is not None and best_model.holds_final
         history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
     return history, final
 
@@ -375,7 +389,7 @@ def class_weights(config, data, dist=None):
 
 
 def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size,
-                     first_view=None):
+                     first_view=None, distributed=False):
     """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
     augmented = getattr(data, "augmented", False)
     views = features.views_to_cache(config.cached_views, epochs, augmented)
@@ -390,7 +404,10 @@ def _cached_features(model, config, data, workdir, verbose, epochs, store, batch
         model, data, views=views, batch_size=batch_size,
         max_bytes=config.get("cache_bytes", 2 << 30),
         spill_dir=store.spill_dir(key) if key is not None else os.path.join(workdir, "features"),
-        verbose=verbose, first_view=first_view)
+        verbose=verbose, first_view=first_view,
+        inference_batch=config.get("inference_batch_size", features.INFERENCE_BATCH),
+        # tf.distribute runs keep Keras' predict, which spreads batches over replicas.
+        folded=None if config.get("folded_inference", True) and not distributed else False)
     if key is not None:
         store[key] = cache
     return cache, False
@@ -410,14 +427,20 @@ class _BestModel(keras.callbacks.Callback):
     The best value so far is kept in backup/best.json beside it, so a resumed
     run, or a phase after one finished in an earlier attempt, compares against
     the model best.keras holds instead of overwriting it with a worse one.
+    With `defer`, the best weights are kept in memory and written when `fit`
+    ends (a run killed before then keeps the previous phase's best.keras).
     """
 
-    def __init__(self, full_model, workdir):
+    def __init__(self, full_model, workdir, defer=False):
         super().__init__()
         self.full_model = full_model
         self.path = os.path.join(workdir, "best.keras")
         self.record = os.path.join(workdir, "backup", "best.json")
+        self.defer = defer
+        self.holds_final = False  # best.keras was written from the weights fit ended with
+        self.last_epoch = None
         self.best = None
+        self.pending = None  # defer: (epoch, weights) not yet written
         if os.path.exists(self.path) and os.path.exists(self.record):
             self.best = run_folder.read_json(self.record)["val_accuracy"]
 
@@ -425,7 +448,32 @@ class _BestModel(keras.callbacks.Callback):
         value = (logs or {}).get("val_accuracy")
         if value is None or math.isnan(value) or (self.best is not None and value <= self.best):
             return
-        run_folder.write_atomically(self.path, self.full_model.save)
         self.best = float(value)
+        if self.defer:
+            self.pending = (epoch, self.full_model.get_weights())  # copies
+        else:
+            self._write(epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.last_epoch = epoch
+
+    def on_train_end(self, logs=None):
+        if self.pending is None:
+            return
+        epoch, weights = self.pending
+        self.pending = None
+        if epoch == self.last_epoch:  # the weights as they are now
+            self._write(epoch)
+            self.holds_final = True
+            return
+        current = self.full_model.get_weights()
+        self.full_model.set_weights(weights)
+        try:
+            self._write(epoch)
+        finally:
+            self.full_model.set_weights(current)
+
+    def _write(self, epoch):
+        run_folder.write_atomically(self.path, self.full_model.save)
         os.makedirs(os.path.dirname(self.record), exist_ok=True)
         run_folder.write_json(self.record, {"epoch": epoch + 1, "val_accuracy": self.best})
