@@ -203,14 +203,16 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         return np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), "w+",
                                          "float32", (n, dim))
 
-    paired = _with_labels(extract)
     if getattr(data, "drop_remainder", False) or not inference_batch:
         inference_batch = batch_size
-    if folded is None or folded:
+    if spill:  # batch by batch into files: `predict_on_batch`
+        folded = None
+    elif folded is None or folded:
         from tl_keras import folded as folded_lib
 
         # Folded once, for every pass.
         folded = folded_lib.fold(extract) if folded or folded_lib.usable() else None
+    paired = None if folded else _with_labels(extract)
 
     def run(source, n, name):
         began = time.time()

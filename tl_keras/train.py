@@ -120,10 +120,11 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
     # when that phase trained on them (equal to the full model's outputs).
     val_loss, val_accuracy = dist.evaluate(final.model, final.val)
     if save_models and dist.chief:
-        best = os.path.join(workdir, "best.keras")
+        best_path = os.path.join(workdir, "best.keras")
         run_folder.write_atomically(
             os.path.join(workdir, "model.keras"),
-            (lambda path: shutil.copyfile(best, path)) if final.best_is_final else model.save)
+            (lambda path: shutil.copyfile(best_path, path)) if final.best_is_final
+            else model.save)
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     metrics = {
@@ -318,9 +319,12 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                     metrics=["accuracy"],
                     jit_compile=config.jit_compile,
                     # A head step on cached features is a few microseconds of
-                    # arithmetic: many per call into the backend, not one.
+                    # arithmetic: many per call into the backend, not one. (Not
+                    # under tf.distribute: MirroredStrategy's multi-step loop
+                    # fails on the cached batches, a PyDataset.)
                     steps_per_execution=(int(config.get("head_steps_per_execution", 1))
-                                         if m is fit_model and cached else 1))
+                                         if m is fit_model and cached and dist.strategy is None
+                                         else 1))
             if fit_model is not model:
                 # Built now, so best.keras and model.keras load without warnings.
                 model.optimizer.build(model.trainable_variables)
