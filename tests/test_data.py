@@ -135,9 +135,17 @@ def test_pipeline_resizes_batches_and_augments_only_training(tmp_path):
     datasets = data.make_datasets(examples, config, image_size=32)
     val_x, _ = next(iter(datasets.val))
     assert val_x.dtype == tf.uint8 and val_x.shape == (4, 32, 32, 1)
-    want = tf.cast(tf.round(tf.image.resize(x[examples_val_indices(y)][:4, ..., None],
-                                            (32, 32), antialias=True)), tf.uint8)
-    np.testing.assert_array_equal(val_x.numpy(), want.numpy())
+    # Enlarged: bilinear, within rounding of the antialiased kernel's result.
+    val = x[examples_val_indices(y)][:4, ..., None]
+    want = tf.cast(tf.round(tf.image.resize(val, (32, 32))), tf.uint8).numpy()
+    np.testing.assert_array_equal(val_x.numpy(), want)
+    smooth = tf.round(tf.image.resize(val, (32, 32), antialias=True)).numpy()
+    assert np.abs(smooth - want).max() <= 1
+    # Shrunk: antialiased (bilinear alone would alias).
+    shrunk, _ = next(iter(data.make_datasets(examples, config, image_size=12).val))
+    want = tf.cast(tf.round(tf.image.resize(val, (12, 12), antialias=True)), tf.uint8).numpy()
+    np.testing.assert_array_equal(shrunk.numpy(), want)
+    assert not np.array_equal(want, tf.cast(tf.round(tf.image.resize(val, (12, 12))), tf.uint8))
     train_x, _ = next(iter(datasets.train))
     assert train_x.dtype == tf.float32 and train_x.shape[1:] == (32, 32, 1)  # augmented
     config.augment = False

@@ -145,6 +145,16 @@ def test_folded_passes_in_large_batches_equal_keras_predict(tmp_path, shared_ima
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_allclose(out["probabilities"], model.predict(x, verbose=0), atol=1e-5)
     np.testing.assert_allclose(out["pooled"], keras_path.val, rtol=1e-5, atol=1e-5)
+    # Keras' path (GPUs, JAX, tf.distribute): from a pipeline, the labels passed
+    # through beside the images; a pipeline of images alone has none.
+    pipeline = features.rebatch(datasets.val, 4)
+    slow, slow_labels = folded.predict(two, pipeline, fold_it=False)
+    np.testing.assert_array_equal(slow_labels, y)
+    for name in ("pooled", "probabilities"):
+        np.testing.assert_allclose(slow[name], out[name], rtol=1e-5, atol=1e-5)
+    alone, no_labels = folded.predict(two, pipeline.map(lambda images, _: images), fold_it=False)
+    assert no_labels is None
+    np.testing.assert_allclose(alone["pooled"], out["pooled"], rtol=1e-5, atol=1e-5)
 
 
 def test_with_a_gpu_visible_passes_go_through_keras_predict(tmp_path, shared_images,

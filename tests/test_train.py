@@ -188,14 +188,47 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
     assert metrics["best_val_accuracy"] == max(float(r["val_accuracy"]) for r in rows) > 0
 
 
+def test_a_killed_head_phase_on_cached_features_runs_again_from_its_first_epoch(
+        tmp_path, shared_images, small_different_run, monkeypatch):
+    # No per-epoch backup in a cached head phase: killed, it reruns whole and
+    # ends with the model an uninterrupted run (small_different_run's) ends with.
+    config = tiny_config(tmp_path, "small_different", dataset=str(shared_images), epochs=2,
+                         cache_bytes=100)
+
+    class CrashInEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", CrashInEpoch2)
+    with pytest.raises(KeyboardInterrupt):
+        train.finetune(config, tiny_data(config))
+    assert not os.path.exists(os.path.join(config.workdir, "backup", "head"))
+    monkeypatch.undo()
+    metrics = train.finetune(config, tiny_data(config))
+    rows = list(csv.DictReader(open(os.path.join(config.workdir, "history.csv"))))
+    assert [r["epoch"] for r in rows] == ["0", "0", "1"]  # the phase ran again
+    assert metrics["epochs_run"] == 2
+    assert metrics["val_accuracy"] == small_different_run.metrics["val_accuracy"]
+    resumed = keras.saving.load_model(os.path.join(config.workdir, "model.keras"))
+    once = keras.saving.load_model(small_different_run.path("model.keras"))
+    for a, b in zip(resumed.get_weights(), once.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(tmp_path):
     # Cached head phases keep their best weights in memory and write best.keras
     # when fit ends: it must hold the best epoch's weights, not the last ones,
     # and the model must be left with the weights it ended with.
+    # Only the head's weights are kept: `changing`, which shares them with the model.
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(
+        keras.layers.Dense(4, name="frozen")(inputs)))
+    head_inputs = keras.Input((4,))
+    head = keras.Model(head_inputs, model.get_layer("d")(head_inputs))
+    frozen = model.get_layer("frozen").kernel.numpy()
     workdir = str(tmp_path)
-    best = train._BestModel(model, workdir, defer=True)
+    best = train._BestModel(model, workdir, defer=True, changing=head)
     kernel = model.get_layer("d").kernel
     path = os.path.join(workdir, "best.keras")
     for epoch, accuracy in enumerate([0.5, 0.75, 0.6]):
@@ -204,8 +237,9 @@ def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(
         best.on_epoch_end(epoch, {"val_accuracy": accuracy})
         assert not os.path.exists(path)  # nothing written per epoch
     best.on_train_end()
-    saved = keras.saving.load_model(path).get_layer("d").kernel.numpy()
-    np.testing.assert_array_equal(saved, 1.0)  # epoch 2 (index 1) was best
+    saved = keras.saving.load_model(path)
+    np.testing.assert_array_equal(saved.get_layer("d").kernel, 1.0)  # epoch 2 (index 1) was best
+    np.testing.assert_array_equal(saved.get_layer("frozen").kernel, frozen)
     np.testing.assert_array_equal(kernel.numpy(), 2.0)  # the model as fit left it
     assert not best.holds_final
     assert run_folder.read_json(os.path.join(workdir, "backup", "best.json")) == {

@@ -17,6 +17,7 @@ Modules, in the order data flows:
     export      a finished model as a SavedModel for TF Serving
     benchmark   tools/benchmark.py's measurements
     keras_internals  every private Keras / Keras Tuner API used, version-checked
+    tf_internals     the same for TensorFlow's (folded's constant conversion)
 
 configs/ installs as `tl_keras.configs` (setup.cfg).
 """

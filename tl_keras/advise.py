@@ -32,7 +32,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 
 import keras
 import numpy as np
@@ -231,20 +230,8 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
         source = (x[:n], np.asarray(y[:n]).reshape(-1).astype("int32"))
     else:  # a tf.data pipeline, used through its own API (no TensorFlow import here)
         source = source.unbatch().take(n).batch(batch)
-    if folded.usable():  # on a CPU: the constant-folded graph
-        out, labels = folded.predict(keras.Model(images, outputs), source, batch,
-                                     verbose=verbose, total=n)
-    else:  # labels passed through the model, so one `predict` keeps them in step
-        labels_in = keras.Input((), dtype="int32", name="labels")
-        outputs["labels"] = keras.layers.Identity(name="labels_out")(labels_in)
-        both = keras.Model([images, labels_in], outputs)
-        with warnings.catch_warnings():  # `take` ends the pass early, as it should
-            warnings.filterwarnings("ignore", "Your input ran out of data")
-            if isinstance(source, tuple):
-                out = both.predict(list(source), batch_size=batch, verbose=verbose)
-            else:
-                out = both.predict(source.map(lambda x, y: ((x, y),)), verbose=verbose)
-        labels = out.pop("labels")
+    out, labels = folded.predict(keras.Model(images, outputs), source, batch, verbose=verbose,
+                                 total=n)
     labels = np.asarray(labels).reshape(-1).astype("int32")
     whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
     return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,

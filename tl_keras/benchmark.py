@@ -146,8 +146,12 @@ def speed(settings):
     config.epochs = 10
     plan = plan_lib.resolve(config)
     datasets = tf_datasets(settings, plan, settings.speed_val_examples)
-    keras.utils.set_random_seed(0)
-    model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+
+    def fresh_model():
+        keras.utils.set_random_seed(0)
+        return train.build(plan, len(datasets.class_names), datasets.channels)[0]
+
+    model = fresh_model()
     n = datasets.train_examples + datasets.val_examples
 
     # Part 6: the feature pass, old and new path in turn.
@@ -178,8 +182,7 @@ def speed(settings):
         warm = config.copy_and_resolve_references()
         warm.update(epochs=1, workdir=os.path.join(root, "warm-up"))
         train.finetune(warm, datasets, model=model, feature_store=store)  # first-time imports
-        keras.utils.set_random_seed(0)
-        model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+        model = fresh_model()
         for r in range(settings.speed_rounds):
             for name, steps in (("one_step_per_call", 1),
                                 ("steps_per_execution", config.head_steps_per_execution)):
@@ -189,8 +192,7 @@ def speed(settings):
                 m = train.finetune(run, datasets, model=model, feature_store=store)
                 part7.setdefault(name, []).append(
                     {"seconds": m["wall_seconds"], "val_accuracy": round(m["val_accuracy"], 4)})
-                keras.utils.set_random_seed(0)
-                model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+                model = fresh_model()
     head = {k: float(np.median([x["seconds"] for x in v])) for k, v in part7.items()}
     out = {
         "feature_pass": part6,
@@ -372,12 +374,14 @@ def numpy_datasets(settings, plan):
 
 
 def resize(images, size):
-    """uint8 [N, size, size, C] as data.make_datasets resizes (antialiased, rounded), via keras.ops."""
+    """uint8 [N, size, size, C] as data.resize resizes (antialiased when it shrinks,
+    rounded), via keras.ops."""
     import keras
     import numpy as np
 
     images = images[..., None] if images.ndim == 3 else images
-    out = keras.ops.image.resize(images.astype("float32"), (size, size), antialias=True)
+    out = keras.ops.image.resize(images.astype("float32"), (size, size),
+                                 antialias=max(images.shape[1:3]) > size)
     return np.clip(np.round(keras.ops.convert_to_numpy(out)), 0, 255).astype("uint8")
 
 

@@ -101,11 +101,7 @@ def predict(model, source, flip=False, verbose=0, batch_size=features.INFERENCE_
     source = features.rebatch(source, batch_size)
     if flip:
         source = source.map(lambda x, y: (tf.image.flip_left_right(x), y))
-    if folded.usable():
-        probabilities, labels = folded.predict(model, source, verbose=verbose)
-    else:
-        probabilities = model.predict(source.map(lambda x, y: x), verbose=verbose)
-        labels = np.concatenate([np.asarray(y) for _, y in source])
+    probabilities, labels = folded.predict(model, source, verbose=verbose)
     return np.asarray(probabilities, "float64"), labels.reshape(-1).astype("int64")
 
 

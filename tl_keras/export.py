@@ -171,15 +171,16 @@ def serving_archive(model, class_names):
 def decode_image(image_bytes, height, width):
     """Encoded image -> float32 RGB [height, width, 3], 0-255, as training resizes.
 
-    Decoded to RGB, resized with antialiasing, rounded to whole pixel values
-    (training caches resized images as uint8).
+    Decoded to RGB, resized as `data.resize` resizes (antialiased when it
+    shrinks), rounded to whole pixel values (training caches resized images as uint8).
     """
     import tensorflow as tf
 
+    from tl_keras import data
+
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, (height, width), antialias=True)
-    return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    return data.resize(image, (height, width))
 
 
 # Luma weights of ITU-R BT.601, as TensorFlow's and libjpeg's RGB -> grey.

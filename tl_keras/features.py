@@ -30,7 +30,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 
 import keras
 import numpy as np
@@ -205,22 +204,23 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
 
     if getattr(data, "drop_remainder", False) or not inference_batch:
         inference_batch = batch_size
-    if spill:  # batch by batch into files: `predict_on_batch`
-        folded = None
-    elif folded is None or folded:
-        from tl_keras import folded as folded_lib
+    from tl_keras import folded as folded_lib
 
-        # Folded once, for every pass.
-        folded = folded_lib.fold(extract) if folded or folded_lib.usable() else None
-    paired = None if folded else _with_labels(extract)
+    # In-memory passes: folded once, for all of them, where it applies.
+    folded = not spill and bool(folded or (folded is None and folded_lib.usable()))
+    run_with = folded_lib.fold(extract) if folded else extract
 
     def run(source, n, name):
         began = time.time()
-        if spill:
+        if spill:  # batch by batch into files: `predict_on_batch`
             out, labels = _pass_by_batch(extract, source, allocate(name, n), batch_size, verbose)
         else:
-            out, labels = _pass(folded or paired, source, int(inference_batch),
-                                verbose=int(verbose == 1), total=n)
+            if not isinstance(source, tuple):
+                source = rebatch(source, inference_batch)
+            out, labels = folded_lib.predict(run_with, source, int(inference_batch),
+                                             verbose=int(verbose == 1), total=n, fold_it=folded)
+            out = np.asarray(out, "float32")
+        labels = np.asarray(labels).reshape(-1)
         if len(labels) != n:
             raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
         if verbose == 2:
@@ -240,39 +240,6 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
     return FeatureCache(
         train=[f for f, _ in train_views], train_labels=[y for _, y in train_views],
         val=val_features, val_labels=val_labels, seconds=time.time() - start, stored=stored)
-
-
-def _with_labels(extract):
-    """`extract` with the labels passed through, so one `predict` keeps them in step."""
-    labels = keras.Input((), dtype="int32", name="labels")
-    return keras.Model([extract.input, labels],
-                       [extract.output, keras.layers.Identity(name="labels_out")(labels)])
-
-
-def _pass(model, source, batch_size, verbose, total=None):
-    """Features and labels of one pass, in memory, in batches of `batch_size`:
-    `model` is the extractor folded (`folded.fold`), or `_with_labels(extractor)`
-    run with `predict`, which ran twice as fast as `predict_on_batch` batch by batch
-    (EfficientNet-Lite0 at 96 px, 512 images: 2.5 s against 5.1 s)."""
-    if not isinstance(model, keras.Model):  # folded
-        from tl_keras import folded as folded_lib
-
-        if not isinstance(source, tuple):
-            source = rebatch(source, batch_size)
-        features, labels = folded_lib.predict(model, source, batch_size, verbose, total)
-        return np.asarray(features, "float32"), np.asarray(labels).reshape(-1).astype("int32")
-    if isinstance(source, tuple):
-        x, y = source
-        y = np.asarray(y).reshape(-1).astype("int32")
-        features, _ = model.predict([x, y], batch_size=batch_size, verbose=verbose)
-        return np.asarray(features, "float32"), y
-    # A tf.data pipeline (used through its own API: this module imports no
-    # TensorFlow): images and labels go in together, in the pass's own order.
-    with warnings.catch_warnings():  # a rebatched pipeline's length is unknown until it ends
-        warnings.filterwarnings("ignore", "Your input ran out of data")
-        features, labels = model.predict(
-            rebatch(source, batch_size).map(lambda x, y: ((x, y),)), verbose=verbose)
-    return np.asarray(features, "float32"), np.asarray(labels).reshape(-1)
 
 
 def rebatch(source, batch_size):

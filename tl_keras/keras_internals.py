@@ -4,7 +4,9 @@ Each works around something the public API cannot do (the reasons are where
 they are used). Private APIs change without notice, so each is checked against
 the versions tl_keras was tested with: on another version, using one fails with
 a one-line `RuntimeError` that names the version to install, instead of a
-wrong result or an AttributeError deep inside a run.
+wrong result or an AttributeError deep inside a run. (Private TensorFlow APIs
+are in tf_internals.py, which shares `check_version`: this module imports no
+TensorFlow.)
 
     symbolic_build(model, spec)      Model._symbolic_build: variables from shapes
     build_from_spec(model)           replaces Model._maybe_symbolic_build (distribute.py)
@@ -23,7 +25,7 @@ import types
 
 import keras
 
-TESTED = {"keras": "3.15", "keras_tuner": "1.4"}  # major.minor
+TESTED = {"keras": "3.15", "keras_tuner": "1.4", "tensorflow": "2.21"}  # major.minor
 
 
 def check_version(package, version, what):

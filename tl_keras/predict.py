@@ -51,9 +51,8 @@ def from_run(workdir, which="model"):
     def probabilities(paths):
         images = tf.data.Dataset.from_tensor_slices(list(paths)).map(
             load, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
-        if folded.usable():  # on a CPU: the constant-folded graph (folded.py)
-            return np.asarray(folded.predict(model, images)[0], "float64")
-        return np.asarray(model.predict(images, verbose=0), "float64")
+        # On a CPU through the constant-folded graph (folded.py), else `predict`.
+        return np.asarray(folded.predict(model, images)[0], "float64")
 
     return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"))
 

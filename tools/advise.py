@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail, first_line
@@ -65,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_common.parse_config_flags)
+    _common.run(main, flags_parser=_common.parse_config_flags)

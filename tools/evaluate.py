@@ -12,7 +12,7 @@ RUN/report.html again, with the evaluation; nothing else of the run changes
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail, first_line
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main)

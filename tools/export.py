@@ -12,7 +12,7 @@ measured against the Keras model on the validation split and written with
 labels.txt and export.json; see tl_keras/litert.py. Errors: one line, exit 2.
 """
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail, first_line
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    _common.run(main, flags_parser=parse_flags)

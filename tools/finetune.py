@@ -14,7 +14,7 @@ Usage:
 `--config.KEY=VALUE` override it. Errors in flags or data: one line, exit 2.
 """
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail, first_line
@@ -88,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_common.parse_config_flags)
+    _common.run(main, flags_parser=_common.parse_config_flags)

@@ -15,7 +15,7 @@ import io
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail, first_line
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main)

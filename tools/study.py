@@ -14,7 +14,7 @@ resumes where it stopped.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main)

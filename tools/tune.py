@@ -25,7 +25,7 @@ Errors in flags, data or the oracle's address: one line, exit 2.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 import _common
 from _common import fail
@@ -99,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_common.parse_config_flags)
+    _common.run(main, flags_parser=_common.parse_config_flags)
