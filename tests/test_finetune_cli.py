@@ -183,3 +183,24 @@ def test_without_tensorflow_every_tool_says_which_extra_to_install(tmp_path, too
         "tl_keras with one of its extras, pip install -e '.[cpu]' (no GPU: the small "
         "tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs)"]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_collector(
+        monkeypatch):
+    # gc.freeze keeps Python's full collections (and the one at exit, 1.0-1.5 s)
+    # off TensorFlow's and Keras' objects; a caller that goes on gets them back.
+    import gc
+    import sys
+
+    from conftest import TOOLS
+
+    monkeypatch.syspath_prepend(TOOLS)
+    import _common
+
+    frozen = []
+    monkeypatch.setattr(sys, "argv", ["tool"])
+    with pytest.raises(SystemExit) as e:
+        _common.run(lambda argv: frozen.append(gc.get_freeze_count()))
+    assert e.value.code in (0, None)
+    assert frozen[0] > 10_000  # Keras and TensorFlow are imported here
+    assert gc.get_freeze_count() == 0

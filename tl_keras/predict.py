@@ -6,7 +6,7 @@
       --> rows: path, class_1, probability_1, ..., class_k, probability_k
 
 A run folder's `model.keras` takes the images through the same TensorFlow
-decode and antialiased resize as `data.py` (RGB converted to the model's
+decode and resize as `data.py` (`data.resize`; RGB converted to the model's
 channels as export.py does); a SavedModel (`tools/export.py`) takes the file
 bytes through its own `serve_bytes` signature, which decodes and resizes
 inside the graph, and names classes from its `assets.extra/labels.txt`.

@@ -5,6 +5,7 @@ configs/<regime>.py), `--config.KEY=VALUE` overrides, and a plain flag for
 each common key (`--regime`, `--backbone`, `--dataset`, ...).
 """
 
+import atexit
 import gc
 import os
 import sys
@@ -59,20 +60,22 @@ def fail(message):
 
 def run(main, flags_parser=None):
     """absl's `app.run(main)`, with Python's garbage collector kept off what is
-    alive when `main` starts (the flags parsed, TensorFlow and Keras imported)
-    and when it ends (`gc.freeze`). Every full collection would scan those
-    objects again; the last one, at exit, took 1.0-1.5 s of each tool's run
-    with TensorFlow imported, and takes 0.1 s frozen (docs/performance.md).
-    Nothing is left uncollected that a collection would free: what is frozen is
-    alive, or dies with the process."""
+    alive when `main` starts (the flags parsed, TensorFlow and Keras imported:
+    every full collection would scan them again) and at exit (`gc.freeze`):
+    Python's last collection took 1.0-1.5 s of each tool's run with TensorFlow
+    imported, and takes 0.1 s frozen (docs/performance.md). Unfrozen again when
+    `main` returns, for a caller that goes on (a test running the tool in its
+    own process)."""
 
     def frozen(argv):
         gc.freeze()
         try:
             return main(argv)
         finally:
-            gc.freeze()
+            gc.unfreeze()
 
+    atexit.unregister(gc.freeze)  # once, however often a process runs a tool
+    atexit.register(gc.freeze)  # atexit runs before the interpreter's last collections
     app.run(frozen, **({"flags_parser": flags_parser} if flags_parser else {}))
 
 
