@@ -342,7 +342,7 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
         if not cached:
             # Resumes a killed phase at its last finished epoch. A head phase on
             # cached features is not backed up each epoch (0.07 s a save, its
-            # epochs ~0.3 s): killed, it runs again from its first epoch, in
+            # epochs ~0.2 s): killed, it runs again from its first epoch, in
             # seconds, on features that must be computed again anyway.
             callbacks.insert(0, dist.backup(os.path.join(workdir, "backup", phase.name)))
         if dist.chief:  # a multi-worker run's other workers write nothing
