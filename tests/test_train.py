@@ -216,6 +216,18 @@ def test_a_killed_head_phase_on_cached_features_runs_again_from_its_first_epoch(
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_cached_head_phase_before_another_marks_itself_done_without_saving_models(
+        tmp_path, shared_images):
+    # Tuner trials and study cells save no models, so no best.json creates
+    # backup/ for them, and a cached head phase has no BackupAndRestore folder:
+    # its `done` weights must still be written (they were not, in CI).
+    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=2,
+                         head_epochs=1)
+    metrics = train.finetune(config, tiny_data(config), save_models=False)
+    assert metrics["phases"] == ["head", "finetune"] and metrics["epochs_run"] == 2
+    assert not os.path.exists(os.path.join(config.workdir, "best.keras"))
+
+
 def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(tmp_path):
     # Cached head phases keep their best weights in memory and write best.keras
     # when fit ends: it must hold the best epoch's weights, not the last ones,

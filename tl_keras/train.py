@@ -370,6 +370,8 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
             # Marks the phase finished: a resumed run does not train it again. Not
             # a last phase on cached features (0.4 s to write the full model): the
             # run ends a second later, and one killed within it trains that head again.
+            # (A cached phase has no backup folder of its own to hold the file.)
+            os.makedirs(os.path.dirname(done), exist_ok=True)
             run_folder.write_atomically(done, model.save_weights)
         final.best_is_final = best_model is not None and best_model.holds_final
         history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
