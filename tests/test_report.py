@@ -91,12 +91,19 @@ def test_calibration_error_and_top_k_by_hand():
     assert list(evaluate.worst_mistakes(probabilities, labels)) == [1]
 
 
-def test_evaluate_tool_matches_the_run_and_changes_nothing_else(finished_run, run_tool):
+def test_evaluate_tool_matches_the_run_and_changes_nothing_else(finished_run, run_tool,
+                                                               monkeypatch):
+    from tl_keras import folded
+
     run, _ = finished_run
     before = {k: v for k, v in _hashes(run).items()
               if not k.startswith("eval") and k != "report.html"}
+    folds = []
+    fold = folded.fold
+    monkeypatch.setattr(folded, "fold", lambda model: folds.append(model) or fold(model))
     result = run_tool("evaluate.py", f"--workdir={run}", "--tta=flip", "--top_k=2")
     assert result.returncode == 0, result.stderr
+    assert len(folds) == 1  # one folded graph for the plain and the flipped pass
     ev = json.loads((run / "eval" / "eval.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     # The same final model on the same validation split as training's own measurement.

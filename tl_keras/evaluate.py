@@ -95,7 +95,8 @@ def _few(names, shown=6):
 
 def predict(model, source, flip=False, verbose=0, batch_size=features.INFERENCE_BATCH):
     """(probabilities [N, C], labels [N]) over the pipeline `source`, in its order,
-    in batches of `batch_size`; on a CPU through the folded graph (folded.py)."""
+    in batches of `batch_size`; on a CPU through the folded graph (folded.py).
+    `model`: a Keras model, or `folded.fold(model)` for several passes."""
     import tensorflow as tf
 
     source = features.rebatch(source, batch_size)
@@ -260,13 +261,15 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model", verb
                                            channels=model.input.shape[-1])
     if verbose:
         print(f"Evaluating {which}.keras on {described}: {n} images")
-    probabilities, labels = predict(model, source, verbose=verbose)
+    # Folded once for both passes of flip TTA (on a CPU; else Keras' predict).
+    run = folded.fold(model) if folded.usable() else model
+    probabilities, labels = predict(run, source, verbose=verbose)
     if len(labels) != n:
         raise ValueError(f"the dataset gave {len(labels)} images, expected {n}")
     result = {"dataset": described, "model": f"{which}.keras",
               **scores(probabilities, labels, class_names, top_k)}
     if tta == "flip":
-        flipped, _ = predict(model, source, flip=True, verbose=verbose)
+        flipped, _ = predict(run, source, flip=True, verbose=verbose)
         averaged = (probabilities + flipped) / 2
         ece, _ = calibration(averaged, labels)
         result["tta"] = {"kind": "horizontal flip", "accuracy": float(
