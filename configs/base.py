@@ -12,7 +12,7 @@ def get_config():
     config = ml_collections.ConfigDict()
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
-    config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (tools)
+    config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (the advisor)
     config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES
     config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)
     config.init = "pretrained"           # pretrained | scratch (large regimes: every weight random)
@@ -30,7 +30,7 @@ def get_config():
     config.train_split = "train"         # TFDS split, slicing allowed ("train[:10%]")
     config.val_split = ""                # TFDS split; "": validation, else test, else carved from train
     config.tfds_data_dir = ""            # TFDS data directory; "": TFDS' default
-    config.cache_bytes = 2 << 30         # cache the resized images in memory up to this size
+    config.image_cache_bytes = 2 << 30   # cache the resized images in memory up to this size
     config.augment = True                # training-side augmentation on/off
     config.augment_flip = "horizontal"   # horizontal | vertical | horizontal_and_vertical | none
     config.augment_zoom = 0.1            # RandomZoom factor; 0: off
@@ -42,6 +42,7 @@ def get_config():
     config.batch_size = 32
     config.cache_features = True         # frozen backbone: compute its features once, train the head on them
     config.cached_views = 2              # augmented views cached per training image (1 without augmentation)
+    config.feature_cache_bytes = 2 << 30  # cached features in memory up to this size, else .npy files in the run folder
     config.inference_batch_size = 256    # images per forward pass that trains nothing (cached features); 0: batch_size
     config.folded_inference = True       # TensorFlow on a CPU: such passes run as one constant-folded graph (tl_keras/folded.py)
     config.head_steps_per_execution = 32  # head on cached features: training steps per call into the backend; 1: Keras' default

@@ -1,6 +1,7 @@
 """A config resolved once into an immutable plan, every bad setting refused first."""
 
 import json
+import re
 
 import os
 
@@ -93,3 +94,27 @@ def test_the_workdir_is_normalised_and_must_be_a_writable_folder(tmp_path):
     with pytest.raises(ValueError, match=r"cannot create the run folder in '/proc': "):
         plan_lib.resolve(tiny_config(tmp_path, workdir="/proc/no/run"))
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # the checks leave nothing behind
+
+
+def test_every_default_has_one_home_in_base(tmp_path):
+    from tl_keras.configs import base
+
+    # A config without a key (an older run's config.json) takes base.py's default,
+    # and resolve reads the same default train.py and distribute.py use.
+    old = {k: v for k, v in plan_lib.to_dict(tiny_config(tmp_path)).items()
+           if k not in ("head_steps_per_execution", "distribution", "feature_cache_bytes")}
+    merged = plan_lib.with_defaults(old)
+    defaults = base.get_config()
+    for key in ("head_steps_per_execution", "distribution", "feature_cache_bytes"):
+        assert merged[key] == defaults[key]
+    assert merged.epochs == 2 and merged.backbone == "mobilenet_v3_small"  # the given ones
+    plan = plan_lib.resolve(merged)
+    assert (plan.config.head_steps_per_execution, plan.distribution) == (32, "auto")
+    # No fallback default hides anywhere else in the package: config.get(KEY, DEFAULT).
+    package = os.path.join(os.path.dirname(plan_lib.__file__))
+    for root, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as f:
+                    text = f.read()
+                assert not re.search(r"\bconfig\.get\([^()]*,", text), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config, write_image_folder
 
-from tl_keras import data, evaluate, plan as plan_lib, report, train, trainable
+from tl_keras import data, evaluate, plan as plan_lib, report, run_folder, train, trainable
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -67,13 +67,14 @@ def test_regime_picture_states_come_from_the_model(tmp_path, regime, cut, states
     assert sum(kept) == sum(int(np.prod(w.shape)) for w in backbone.weights)
 
 
-def test_curves_mark_the_large_regimes_phase_boundary():
-    assert report.phase_boundary({"regime": "large_similar", "init": "pretrained",
-                                  "head_epochs": 2, "epochs": 5}) == 2
-    assert report.phase_boundary({"regime": "large_different", "init": "scratch",
-                                  "head_epochs": 2, "epochs": 5}) is None
-    assert report.phase_boundary({"regime": "small_similar", "init": "pretrained",
-                                  "head_epochs": 2, "epochs": 5}) is None
+def test_curves_mark_the_large_regimes_phase_boundary(tmp_path):
+    def boundary(regime, init):  # from the plan's phases, not from the regime's name
+        config = tiny_config(tmp_path, regime, init=init, head_epochs=2, epochs=5)
+        return report.phase_boundary(plan_lib.resolve(config).phases)
+
+    assert boundary("large_similar", "pretrained") == 2
+    assert boundary("large_different", "scratch") is None
+    assert boundary("small_similar", "pretrained") is None
 
 
 def test_calibration_error_and_top_k_by_hand():
@@ -241,3 +242,23 @@ def test_the_report_renders_in_a_real_browser(finished_run, tmp_path):
     assert errors == []
     assert len(sizes) >= 2 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_history_csv_has_one_reader_for_the_run_and_its_pictures(tmp_path):
+    # A resumed run writes an epoch again, and CSVLogger a second header; "NA": not validated.
+    (tmp_path / "history.csv").write_text(
+        "epoch,accuracy,loss,val_accuracy,val_loss\n"
+        "0,0.5,1.0,NA,NA\n"
+        "1,0.6,0.9,0.55,0.95\n"
+        "epoch,accuracy,loss,val_accuracy,val_loss\n"
+        "1,0.65,0.85,0.6,0.9\n"
+        "2,0.7,0.8,0.62,0.88\n")
+    rows = run_folder.read_history(str(tmp_path))
+    assert rows == [{"accuracy": 0.5, "loss": 1.0},
+                    {"accuracy": 0.65, "loss": 0.85, "val_accuracy": 0.6, "val_loss": 0.9},
+                    {"accuracy": 0.7, "loss": 0.8, "val_accuracy": 0.62, "val_loss": 0.88}]
+    assert run_folder.read_history(str(tmp_path), 1, 2) == rows[1:2]
+    columns = report.history_columns(str(tmp_path))
+    assert columns["epoch"] == [0, 1, 2]
+    assert columns["accuracy"] == [0.5, 0.65, 0.7]
+    assert np.isnan(columns["val_accuracy"][0]) and columns["val_accuracy"][1:] == [0.6, 0.62]

@@ -52,7 +52,7 @@ def _finished_run(tmp_path_factory, images, regime, **overrides):
 def small_different_run(tmp_path_factory, shared_images):
     """small_different, 2 epochs on cached features that spill to the run folder."""
     return _finished_run(tmp_path_factory, shared_images, "small_different", epochs=2,
-                         cache_bytes=100)
+                         feature_cache_bytes=100)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def uncached_run(tmp_path_factory, shared_images):
 def large_similar_run(tmp_path_factory, shared_images):
     """large_similar: 1 epoch of the head on cached features (spilled), 1 of everything."""
     return _finished_run(tmp_path_factory, shared_images, "large_similar", epochs=2,
-                         head_epochs=1, cache_bytes=100)
+                         head_epochs=1, feature_cache_bytes=100)
 
 
 def test_run_folder_and_refusing_to_overwrite(small_different_run):
@@ -113,7 +113,7 @@ def test_metrics_say_which_path_ran(request, run_name, paths):
     assert saved["train_path"] == paths
     if run.config.cache_features:
         assert saved["cached_features"]["views"] == 1  # tiny_config: no augmentation
-        assert run.config.cache_bytes == 100  # too small: spilled to the run folder
+        assert run.config.feature_cache_bytes == 100  # too small: spilled to the run folder
         assert saved["cached_features"]["stored"] == run.path("features")
     else:
         assert saved["cached_features"] is None
@@ -193,7 +193,7 @@ def test_a_killed_head_phase_on_cached_features_runs_again_from_its_first_epoch(
     # No per-epoch backup in a cached head phase: killed, it reruns whole and
     # ends with the model an uninterrupted run (small_different_run's) ends with.
     config = tiny_config(tmp_path, "small_different", dataset=str(shared_images), epochs=2,
-                         cache_bytes=100)
+                         feature_cache_bytes=100)
 
     class CrashInEpoch2(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

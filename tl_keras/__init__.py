@@ -1,5 +1,12 @@
 """tl_keras: transfer learning for Keras in four regimes.
 
+One call from Python or a notebook (api.py; docs/python.md):
+
+    import tl_keras
+    run = tl_keras.finetune("fashion_mnist", regime="small_similar", max_examples=2000)
+    tl_keras.advise_regime("digits"), tl_keras.evaluate_run(run.workdir)
+    tl_keras.classify(run.workdir, ["photo.jpg"])
+
 Modules, in the order data flows:
     plan        a config resolved once: regime, backbone, cut, image size, phases, loss
     arrays      built-in datasets and the seeded split as numpy arrays (no TensorFlow)
@@ -14,12 +21,19 @@ Modules, in the order data flows:
     train       phases with model.fit (distribute: tf.distribute); writes the run folder
     run_folder  what a run folder holds; starting, resuming and refusing one
     tune        Keras Tuner sweeps whose trials train as `train` does
-    export      a finished model as a SavedModel for TF Serving
-    benchmark   tools/benchmark.py's measurements
+    report      a finished run's curves.png, regime.png, report.html
+    evaluate, predict  a finished run measured, and used on new images
+    export, litert     a finished model as a SavedModel for TF Serving, or for LiteRT
+    advise      the regime advisor (regime="auto")
+    api         the calls above, one each; tools/*.py are thin callers of them
     keras_internals  every private Keras / Keras Tuner API used, version-checked
     tf_internals     the same for TensorFlow's (folded's constant conversion)
 
-configs/ installs as `tl_keras.configs` (setup.cfg).
+configs/ installs as `tl_keras.configs` (setup.cfg); experiments/ holds the drivers
+of tools/study.py and tools/benchmark.py.
+
+`import tl_keras` imports neither Keras nor TensorFlow: the calls load on first use,
+so `missing_backend` can say in one line that TensorFlow is missing.
 """
 
 import importlib.util
@@ -27,6 +41,32 @@ import json
 import os
 
 __version__ = "0.1.0"
+
+__all__ = ["finetune", "advise_regime", "evaluate_run", "classify", "make_config",
+           "Run", "AdviceRun", "Evaluation", "Predictions", "missing_backend",
+           "interactive", "__version__"]
+_API = {"finetune", "advise_regime", "evaluate_run", "classify", "make_config", "Run",
+        "AdviceRun", "Evaluation", "Predictions"}
+
+
+def __getattr__(name):  # PEP 562: tl_keras.finetune imports api.py (and Keras) on first use
+    if name in _API:
+        from tl_keras import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tl_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _API)
+
+
+def interactive():
+    """Whether output goes to a person: a terminal, or a Jupyter kernel (whose output
+    is no terminal, yet renders Keras' progress bars)."""
+    import sys
+
+    return sys.stdout.isatty() or "ipykernel" in sys.modules
 
 
 def missing_backend():

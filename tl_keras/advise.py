@@ -422,3 +422,62 @@ def write(advice, folder):
     run_folder.write_atomically(path_png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path_json, path_png
+
+
+# --- --regime=auto: the advice, then a run of the advised regime --------------------------
+
+AUTO = "auto"  # config.regime: the advisor decides (tl_keras.finetune, tools/finetune.py)
+ADVISED = ("cut", "init", "pool_grid")  # what the advisor decides besides the regime
+
+
+def probe_config(config, given=()):
+    """`config` with a placeholder regime, to resolve and load data with before the
+    advisor decides; the keys it decides may not be `given` (set by the caller)."""
+    taken = sorted(set(given) & set(ADVISED))
+    if taken:
+        raise ValueError(f"--regime=auto decides {', '.join(ADVISED)}; drop {', '.join(taken)} "
+                         "or name a regime")
+    from tl_keras import plan as plan_lib
+
+    config = plan_lib.editable(config)
+    config.regime = "small_similar"
+    return config
+
+
+def advised_plan(plan, datasets, strategy=None, given=None, verbose=0):
+    """Runs the advisor on `datasets` with `plan`'s backbone, prints its table, and
+    returns (the plan of the advised regime, the advisor's features to reuse as the
+    first cached view or None, the `Advice`).
+
+    `given`: the keys the caller set over a regime's config file (None: the
+    config is the caller's own, e.g. `--config=FILE`). With `given`, the advised
+    regime's own config file is read and takes those keys from `plan`; else
+    `plan`'s config is kept. Either way `config.advice` records the decision.
+    """
+    import importlib
+
+    import ml_collections
+
+    from tl_keras import plan as plan_lib
+
+    config = plan_lib.editable(plan.config)
+    knobs = config.advisor
+    print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
+          f"{knobs.sample} training images, pretrained and at random init")
+    advice, sample = advise(plan, datasets, sample=knobs.sample,
+                            thresholds=Thresholds.from_config(knobs), verbose=verbose)
+    print(format_table(advice))
+    if given is not None:  # the advised regime's own defaults, then the caller's
+        final = importlib.import_module(f"tl_keras.configs.{advice.regime}").get_config()
+        for key in given:
+            final[key] = config[key]
+        final.workdir = config.workdir
+    else:
+        final = config
+    final.update(advice.config_overrides())
+    final.advice = ml_collections.ConfigDict(advice.decision())
+    plan = plan_lib.resolve(final)
+    key = f"pretrained/{advice.cut}"
+    reusable = (sample.whole_view and key in sample.features and strategy is None
+                and not plan.config.mixed_precision.startswith("mixed"))
+    return plan, ((sample.features[key], sample.labels) if reusable else None), advice

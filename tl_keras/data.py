@@ -148,7 +148,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         paths += [os.path.join(folder, f) for f in files]
         labels += [label] * len(files)
     if ignored:
-        print(_listing(f"Not read: {len(ignored)} entries of class folders that are not "
+        print(listing(f"Not read: {len(ignored)} entries of class folders that are not "
                        f"{'/'.join(IMAGE_EXTENSIONS)} files (nested folders are not read either)",
                        [p + ("/" if os.path.isdir(p) else "") for p in ignored]), file=sys.stderr)
 
@@ -157,7 +157,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         path, reason = bad[0]
         raise ValueError(f"cannot decode image {path!r}: {reason} ({len(bad)} bad files in all)")
     if bad:
-        print(_listing(f"Skipped {len(bad)} of {len(paths)} files that cannot be decoded "
+        print(listing(f"Skipped {len(bad)} of {len(paths)} files that cannot be decoded "
                        "(--strict fails instead)", [f"{p}: {r}" for p, r in bad]),
               file=sys.stderr)
         bad_paths = {p for p, _ in bad}
@@ -182,7 +182,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
                     train_label_counts=np.bincount(labels[train_idx], minlength=len(class_names)))
 
 
-def _listing(title, lines, shown=5):
+def listing(title, lines, shown=5):
     """`title:` and the first `shown` lines, indented, then how many more."""
     more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
     return "\n  ".join([title + ":", *lines[:shown], *more])
@@ -321,7 +321,7 @@ def from_tfds(spec, config):
     """
     import tensorflow_datasets as tfds
 
-    data_dir = config.get("tfds_data_dir") or None
+    data_dir = config.tfds_data_dir or None
     try:
         builder = tfds.builder(spec, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
@@ -336,8 +336,8 @@ def from_tfds(spec, config):
 
     info = builder.info
     splits = set(info.splits.keys()) if info.splits else set()
-    train_split = config.get("train_split") or "train"
-    val_split = config.get("val_split") or next(
+    train_split = config.train_split or "train"
+    val_split = config.val_split or next(
         (s for s in ("validation", "test") if s in splits), None)
     if val_split is None:
         percent = max(1, round(100 * config.val_fraction))
@@ -349,7 +349,7 @@ def from_tfds(spec, config):
     except Exception as e:
         raise ValueError(f"TFDS dataset {spec!r}: cannot read splits "
                          f"{train_split!r}, {val_split!r}: {str(e).splitlines()[0]}") from e
-    if config.get("examples_per_class"):
+    if config.examples_per_class:
         raise ValueError("examples_per_class is not supported for tfds: datasets; "
                          "use --max_examples or a train_split slice such as 'train[:2000]'")
     if config.max_examples:
@@ -402,7 +402,7 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
         return tf.cast(resize(image, size), tf.uint8), y
 
     augment = augmentation(config)
-    cache_limit = config.get("cache_bytes", 2 << 30)
+    cache_limit = config.image_cache_bytes
     # TensorFlow combines an op's seed with the global seed, and uses a default one
     # when none is set: without this the shuffle order depended on whether anything
     # had set the global seed before (a tuner trial's data and a fresh process's

@@ -144,14 +144,14 @@ def writes(strategy):
 
 def is_chief():
     """Whether this process writes the run folder: the chief, else worker 0, else alone."""
-    config = tf_config()
-    task = config.get("task", {})
+    cluster = tf_config()  # TF_CONFIG, not a tl_keras config
+    task = cluster.get("task", {})
     if not task:
         return True
     if task.get("type") == "chief":
         return True
     return (task.get("type") == "worker" and int(task.get("index", 0)) == 0
-            and not config.get("cluster", {}).get("chief"))
+            and not cluster.get("cluster", {}).get("chief"))
 
 
 def workers():

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tl_keras import data, features, folded, report, run_folder
+from tl_keras import data, features, folded, plan as plan_lib, report, run_folder
 
 BINS = 15           # calibration bins, equal width in confidence (Guo et al. 2017)
 MISTAKES = 16       # images in mistakes.png
@@ -55,9 +55,7 @@ def evaluation_data(config, dataset=None, class_names=None, channels=None):
     A built-in or `tfds:` dataset: its validation (or test) split. Images
     are converted to the model's `channels` (RGB -> grey as export.py does).
     """
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config)
+    config = plan_lib.with_defaults(config)  # an older run's config.json lacks newer keys
     config.augment = False
     if dataset and os.path.isdir(dataset):
         examples = data.from_folder(dataset, val_fraction=0, seed=config.seed,

@@ -106,10 +106,10 @@ def export(model, class_names, export_dir, verbose=True):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would lock out a server running as another user
     try:
-        with _quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
+        with quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
             archive.write_out(tmp, verbose=False)
         write_labels(os.path.join(tmp, "assets.extra"), class_names)
-        version_dir = _publish(tmp, export_dir)
+        version_dir = publish(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless writing failed
     if verbose:
@@ -201,7 +201,9 @@ def to_model_channels(images, channels):
 
 
 @contextlib.contextmanager
-def _quiet_tensorflow_logs():
+def quiet_tensorflow_logs():
+    """TensorFlow's INFO logs (absl's) off inside the block: SavedModel writes log a line
+    per renamed signature input and per shard."""
     from absl import logging as absl_logging  # TensorFlow's SavedModel code logs through it
 
     verbosity = absl_logging.get_verbosity()
@@ -218,7 +220,9 @@ def next_version(export_dir):
     return max(versions, default=0) + 1
 
 
-def _publish(tmp, export_dir, attempts=10):
+def publish(tmp, export_dir, attempts=10):
+    """Renames the finished folder `tmp` to the next free version under `export_dir`;
+    returns the version folder."""
     # rename() is atomic; it fails rather than replace a version another
     # export published in the meantime, and then the next number is tried.
     for _ in range(attempts):

@@ -122,6 +122,27 @@ class FeatureCache:
         return _ViewBatches(self.train, self.train_labels, batch_size, seed, drop_remainder)
 
 
+@dataclasses.dataclass
+class PhaseInputs:
+    """What one training phase's `fit` reads: the full model on the data's
+    pipelines, or the model's head on cached features (`on_cache`)."""
+
+    model: object   # what `fit` trains
+    train: object   # what `fit` reads
+    val: object     # its validation data
+    cached: bool    # the head on cached features
+
+    @classmethod
+    def through_backbone(cls, model, data):
+        return cls(model, data.train, data.val, cached=False)
+
+    @classmethod
+    def on_cache(cls, model, cache, batch_size, seed, drop_remainder=False):
+        """The head of `model` (`head_model`) on a `FeatureCache`: one view per epoch."""
+        return cls(head_model(model), cache.train_batches(batch_size, seed, drop_remainder),
+                   (cache.val, cache.val_labels), cached=True)
+
+
 class FeatureStore(dict):
     """Feature caches kept across runs on the same data (tuner trials).
 

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from tl_keras import data, evaluate, export, run_folder
+from tl_keras import data, evaluate, export, plan as plan_lib, run_folder
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 AGREEMENT = 0.9          # least top-1 agreement with the Keras model on the calibration images
@@ -68,7 +68,7 @@ def convert(model, quantize, calibration=None):
         converter.inference_input_type = tf.float32
         converter.inference_output_type = tf.float32
     try:  # the converter prints each saved signature's captures on stdout
-        with export._quiet_tensorflow_logs(), contextlib.redirect_stdout(io.StringIO()):
+        with export.quiet_tensorflow_logs(), contextlib.redirect_stdout(io.StringIO()):
             return converter.convert()
     except Exception as e:  # ConverterError and friends: name the op when it says one
         message = str(e)
@@ -132,9 +132,7 @@ def agreement(a, b):
 def calibration_images(config, count=CALIBRATION):
     """The first `count` training images in the source's seeded order, un-augmented
     (data.Datasets.plain_train): the run's own data, the same every time."""
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config)
+    config = plan_lib.with_defaults(config)  # an older run's config.json lacks newer keys
     datasets = data.load(config, config.image_size)
     images = []
     for x, _ in datasets.plain_train():
@@ -221,7 +219,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
             f.write(tflite)
         export.write_labels(tmp, class_names)
         run_folder.write_json(os.path.join(tmp, "export.json"), result)
-        version_dir = export._publish(tmp, export_dir)
+        version_dir = export.publish(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if verbose:

@@ -9,7 +9,7 @@ import keras
 
 def for_config(config):
     """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`."""
-    smoothing = float(config.get("label_smoothing", 0.0))
+    smoothing = float(config.label_smoothing)
     if not 0 <= smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
     if smoothing == 0:

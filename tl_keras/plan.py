@@ -80,18 +80,18 @@ def resolve(config):
     """
     if isinstance(config, Plan):
         return config
-    config = editable(config)
+    config = with_defaults(config)
     backbone = backbones.get_backbone(config.backbone)
     config.cut = _cut(config)
     config.image_size = config.image_size or backbone.image_size
     _check_numbers(config)
-    if config.get("distribution", "none") not in DISTRIBUTIONS:
+    if config.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {config.distribution!r}; "
                          f"valid: {', '.join(DISTRIBUTIONS)}")
-    if config.get("mixed_precision") not in MIXED_PRECISION:
+    if config.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"unknown mixed_precision {config.mixed_precision!r}; valid: "
                          f"{', '.join(repr(m) for m in MIXED_PRECISION)}")
-    config.workdir = _workdir(config.get("workdir", ""))
+    config.workdir = _workdir(config.workdir)
     phases = tuple(trainable.plan_phases(config))
     weights = "none" if config.init == "scratch" else config.weights
     backbones.check_weights(weights)  # a missing file: refused before the data is read
@@ -104,25 +104,25 @@ def resolve(config):
         image_size=int(config.image_size),
         phases=phases,
         loss=losses.for_config(config),
-        distribution=config.get("distribution", "none"))
+        distribution=config.distribution)
 
 
 def _check_numbers(config):
     for key, (low, meaning) in _AT_LEAST.items():
-        if key in config and int(config[key]) < low:
+        if int(config[key]) < low:
             raise ValueError(f"{key} must be {meaning}, got {config[key]}")
     if config.image_size > MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {config.image_size}")
     for key in ("learning_rate", "finetune_learning_rate"):
-        if key in config and not config[key] > 0:
+        if not config[key] > 0:
             raise ValueError(f"{key} must be above 0, got {config[key]}")
     for key in ("val_fraction", "dropout", "augment_zoom", "augment_rotation"):
-        if key in config and not 0 <= config[key] < 1:
+        if not 0 <= config[key] < 1:
             raise ValueError(f"{key} must be in [0, 1), got {config[key]}")
-    if "weight_decay" in config and not config.weight_decay >= 0:
+    if not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
     for key, valid in _ONE_OF.items():
-        if key in config and str(config[key]) not in valid:
+        if str(config[key]) not in valid:
             raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")
 
 
@@ -148,10 +148,24 @@ def _workdir(workdir):
 
 
 def editable(config):
-    """A mutable copy of a config (a `Plan`'s frozen one included)."""
+    """A mutable, unlocked copy of a config (a `Plan`'s frozen one included)."""
     if isinstance(config, ml_collections.FrozenConfigDict):
-        return config.as_configdict()
-    return config.copy_and_resolve_references()
+        config = config.as_configdict()
+    else:
+        config = config.copy_and_resolve_references()
+    config.unlock()  # ml_collections' flags lock it; a copy may take new keys (advice)
+    return config
+
+
+def with_defaults(config):
+    """configs/base.py's defaults with `config` (a ConfigDict or a dict, e.g. an older
+    run's config.json) over them: every key is there, and its default has one home."""
+    from tl_keras.configs import base
+
+    merged = base.get_config()
+    merged.update(editable(config) if isinstance(config, ml_collections.ConfigDict)
+                  else ml_collections.ConfigDict(config))
+    return merged
 
 
 def to_dict(config):

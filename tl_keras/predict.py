@@ -146,6 +146,6 @@ def write_csv(rows, top_k, stream):
 
 def report_skipped(skipped, total, stream=sys.stderr, shown=5):
     if skipped:
-        print(data._listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
+        print(data.listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
                             "(--strict fails instead)", [f"{p}: {r}" for p, r in skipped],
                             shown), file=stream)

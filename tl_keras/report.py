@@ -20,7 +20,6 @@ Example:
 """
 
 import base64
-import csv
 import html
 import json
 import os
@@ -53,43 +52,30 @@ def save_figure(fig, path):
 
 # --- curves.png ------------------------------------------------------------------------
 
-def read_history(workdir):
-    """history.csv as {column: [float or nan per epoch]} ("NA": not validated that epoch)."""
-    path = os.path.join(workdir, "history.csv")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    columns = {}
-    for row in rows:
-        for key, value in row.items():
-            try:
-                columns.setdefault(key, []).append(float(value))
-            except (TypeError, ValueError):
-                columns.setdefault(key, []).append(float("nan"))
-    return columns
+def history_columns(workdir):
+    """history.csv as {column: [float or nan per epoch]}, from `run_folder.read_history`
+    (nan: not validated that epoch)."""
+    rows = run_folder.read_history(workdir, with_epoch=True)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: [float(row.get(key, "nan")) for row in rows] for key in keys}
 
 
-def phase_boundary(config):
-    """The epoch after which the backbone unfreezes (large regimes from pretrained
-    weights with a head phase), else None."""
-    if config.get("regime", "").startswith("large") and config.get("init") == "pretrained":
-        head = min(int(config.get("head_epochs", 0)), int(config.get("epochs", 0)))
-        if 0 < head < int(config.get("epochs", 0)):
-            return head
-    return None
+def phase_boundary(phases):
+    """The epoch after which the backbone unfreezes: the first epoch of a phase that
+    trains everything after a head phase (large regimes from pretrained weights), else None."""
+    return next((p.first_epoch for p in phases if p.train == "all" and p.first_epoch > 0), None)
 
 
-def plot_curves(workdir, config):
-    """`workdir/curves.png`: loss and accuracy per epoch; returns its path, or None
-    without history."""
-    history = read_history(workdir)
+def plot_curves(workdir, config, phases=()):
+    """`workdir/curves.png`: loss and accuracy per epoch, the boundary between the plan's
+    `phases` marked; returns its path, or None without history."""
+    history = history_columns(workdir)
     if not history.get("epoch"):
         return None
     plt = pyplot()
     epochs = np.asarray(history["epoch"]) + 1
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    boundary = phase_boundary(config)
+    boundary = phase_boundary(phases)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "o-")):
             if key in history:
@@ -105,7 +91,7 @@ def plot_curves(workdir, config):
         ax.set_title(metric)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{config.get('regime')}, {config.get('backbone')}", fontsize=9)
+    fig.suptitle(f"{config['regime']}, {config['backbone']}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, os.path.join(workdir, "curves.png"))
 
@@ -144,7 +130,8 @@ def stages(model, config):
 
 
 def plot_regime(workdir, model, config, phases=()):
-    """`workdir/regime.png`: the network as its stages, coloured by what the regime did."""
+    """`workdir/regime.png`: the network as its stages, coloured by what the regime did
+    (`phases`: the plan's, `trainable.Phase`)."""
     plt = pyplot()
     drawn = [("preprocess", "fixed", None)] + stages(model, config)
     fig, ax = plt.subplots(figsize=(10, 2.4), dpi=110)
@@ -163,8 +150,9 @@ def plot_regime(workdir, model, config, phases=()):
     ax.axis("off")
     trained = {"head": "the head trains", "finetune": "then everything (BatchNorm frozen)",
                "scratch": "everything trains from random weights"}
-    ax.set_title(f"{config.get('regime')}: cut at {config.get('cut')!r}, init "
-                 f"{config.get('init')}; {', '.join(trained.get(p, p) for p in phases)}",
+    ax.set_title(f"{config['regime']}: cut at {config['cut']!r}, init "
+                 f"{config['init']}; "
+                 f"{', '.join(trained.get(p.name, p.name) for p in phases)}",
                  fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black") for c in
                COLOURS.values()]
@@ -176,13 +164,15 @@ def plot_regime(workdir, model, config, phases=()):
 
 # --- report.html -----------------------------------------------------------------------
 
-def _image(path, alt):
+def image_tag(path, alt):
+    """An <img> with the PNG at `path` embedded (no file beside the page needed)."""
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _table(rows, header=None):
+def table(rows, header=None):
+    """An HTML table of `rows`, each value shown short (`_show`)."""
     head = ("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
             if header else "")
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_show(v))}</td>" for v in row) + "</tr>"
@@ -214,32 +204,39 @@ METRIC_KEYS = ("val_accuracy", "val_loss", "best_val_accuracy", "epochs_run", "t
                "class_weight", "wall_seconds")
 
 
+def summary_html(workdir, metrics):
+    """The run at a glance, as HTML: val_accuracy, the metrics, the advice, the curves
+    and the regime picture (report.html's top; a notebook shows `Run` with it)."""
+    name = os.path.basename(os.path.normpath(workdir))
+    parts = [f"<h1>{html.escape(name)}</h1>",
+             f'<p class="big">val_accuracy {metrics["val_accuracy"]:.4f}</p>',
+             f"<p>{html.escape(str(metrics['regime']))} · "
+             f"{html.escape(str(metrics['backbone']))} · weights "
+             f"{html.escape(str(metrics['weights']))} · "
+             f"{metrics['num_classes']} classes</p>",
+             "<h2>Metrics</h2>",
+             table([(k, metrics[k]) for k in METRIC_KEYS if k in metrics])]
+    if "advice" in metrics:
+        advice = metrics["advice"]
+        parts += ["<h2>Regime advisor</h2>", f"<p>{html.escape(advice['reasons'])}.</p>",
+                  table([(cut, *(row.get(k) for k in ("pretrained", "random", "gain")))
+                         for cut, row in advice["scores"].items()],
+                        ["cut", "LogME", "random init", "gain"])]
+    pictures = [("curves.png", "Training curves"), ("regime.png", "What the regime trained")]
+    for file, title in pictures:
+        path = os.path.join(workdir, file)
+        if os.path.exists(path):
+            parts += [f"<h2>{title}</h2>", image_tag(path, title)]
+    return "\n".join(parts)
+
+
 def write_report(workdir):
     """`workdir/report.html` from what the run folder holds; returns its path."""
     config = run_folder.read_json(os.path.join(workdir, "config.json"))
     metrics = run_folder.read_json(os.path.join(workdir, "metrics.json"))
     name = os.path.basename(os.path.normpath(workdir))
-    parts = [f"<h1>{html.escape(name)}</h1>",
-             f'<p class="big">val_accuracy {metrics["val_accuracy"]:.4f}</p>',
-             f"<p>{html.escape(str(metrics.get('regime')))} · "
-             f"{html.escape(str(metrics.get('backbone')))} · weights "
-             f"{html.escape(str(metrics.get('weights')))} · "
-             f"{metrics.get('num_classes')} classes</p>",
-             "<h2>Metrics</h2>",
-             _table([(k, metrics[k]) for k in METRIC_KEYS if k in metrics])]
-    if "advice" in metrics:
-        advice = metrics["advice"]
-        parts += ["<h2>Regime advisor</h2>", f"<p>{html.escape(advice['reasons'])}.</p>",
-                  _table([(cut, *(row.get(k) for k in ("pretrained", "random", "gain")))
-                          for cut, row in advice["scores"].items()],
-                         ["cut", "LogME", "random init", "gain"])]
-    pictures = [("curves.png", "Training curves"), ("regime.png", "What the regime trained")]
-    for file, title in pictures:
-        path = os.path.join(workdir, file)
-        if os.path.exists(path):
-            parts += [f"<h2>{title}</h2>", _image(path, title)]
-    parts += _evaluation(workdir)
-    parts += ["<h2>Config</h2>", _table(sorted(config.items()), ["key", "value"])]
+    parts = [summary_html(workdir, metrics), *_evaluation(workdir),
+             "<h2>Config</h2>", table(sorted(config.items()), ["key", "value"])]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(name)}</title><style>{_STYLE}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
@@ -261,25 +258,26 @@ def _evaluation(workdir):
     if "tta" in ev:
         rows += [(f"accuracy with {ev['tta']['kind']} TTA", ev["tta"]["accuracy"]),
                  (f"ECE with {ev['tta']['kind']} TTA", ev["tta"]["ece"])]
-    out = ["<h2>Evaluation</h2>", _table(rows),
+    out = ["<h2>Evaluation</h2>", table(rows),
            "<h3>Per class</h3>",
-           _table([(c, r["precision"], r["recall"], r["f1"], r["support"])
+           table([(c, r["precision"], r["recall"], r["f1"], r["support"])
                    for c, r in ev["per_class"].items()],
                   ["class", "precision", "recall", "F1", "images"]),
            "<h3>Most confused</h3>",
-           _table([(p["true"], p["predicted"], p["count"]) for p in ev["most_confused"]],
+           table([(p["true"], p["predicted"], p["count"]) for p in ev["most_confused"]],
                   ["true", "predicted as", "images"])]
     for file, title in (("confusion.png", "Confusion matrix"),
                         ("reliability.png", "Reliability diagram"),
                         ("mistakes.png", "The most confident mistakes")):
         image = os.path.join(folder, file)
         if os.path.exists(image):
-            out += [f"<h3>{title}</h3>", _image(image, title)]
+            out += [f"<h3>{title}</h3>", image_tag(image, title)]
     return out
 
 
 def draw_run(workdir, model, config, phases=()):
-    """curves.png, regime.png and report.html of a finished run."""
-    plot_curves(workdir, config)
+    """curves.png, regime.png and report.html of a finished run (`config`: its
+    config.json; `phases`: its plan's)."""
+    plot_curves(workdir, config, phases)
     plot_regime(workdir, model, config, phases)
     return write_report(workdir)

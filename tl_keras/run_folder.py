@@ -8,7 +8,7 @@
     metrics.json    what the run measured; written last, so it marks a finished run
     backup/         BackupAndRestore state while a run is unfinished
     features/       cached backbone features, only while a run is unfinished and
-                    only when they do not fit in `cache_bytes` of memory
+                    only when they do not fit in `feature_cache_bytes` of memory
 
 A folder with metrics.json is never written again; one with another run's
 config.json is refused with the keys that differ; an unfinished run with the
@@ -22,6 +22,7 @@ Example:
     write_json(os.path.join(workdir, "metrics.json"), metrics)
 """
 
+import csv
 import json
 import os
 
@@ -133,23 +134,29 @@ def read_json(path):
         return json.load(f)
 
 
-def read_history(workdir, first_epoch, last_epoch):
-    """Rows of `workdir/history.csv` for epochs in [first_epoch, last_epoch) (CSVLogger
-    counts from 0); the last row of an epoch written twice wins."""
+def read_history(workdir, first_epoch=0, last_epoch=None, with_epoch=False):
+    """Rows {column: float} of `workdir/history.csv` (CSVLogger's, counting epochs from
+    0) for epochs in [first_epoch, last_epoch) (None: to the end), in epoch order,
+    "epoch" left out unless `with_epoch`; the last row of an epoch written twice wins (a resumed run), a
+    header written again is skipped, and "NA" or empty values (epochs not validated)
+    are left out of their row. The one reader of history.csv."""
     path = os.path.join(workdir, "history.csv")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        lines = [line.strip().split(",") for line in f if line.strip()]
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
     rows = {}
     header = None
     for line in lines:
+        if not line:
+            continue
         if line[0] == "epoch":
             header = line
             continue
         row = dict(zip(header, line))
         epoch = int(row["epoch"])
-        if first_epoch <= epoch < last_epoch:
+        if first_epoch <= epoch and (last_epoch is None or epoch < last_epoch):
             rows[epoch] = {k: float(v) for k, v in row.items()
-                           if k != "epoch" and v not in ("", "NA")}  # NA: not validated
+                           if (with_epoch or k != "epoch")
+                           and v not in ("", "NA")}  # NA: not validated
     return [rows[e] for e in sorted(rows)]

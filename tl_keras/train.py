@@ -27,6 +27,7 @@ import time
 import keras
 import numpy as np
 
+import tl_keras
 from tl_keras import backbones, features, keras_internals, model as model_lib, plan as plan_lib
 from tl_keras import run_folder, trainable
 
@@ -125,6 +126,23 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
             os.path.join(workdir, "model.keras"),
             (lambda path: shutil.copyfile(best_path, path)) if final.best_is_final
             else model.save)
+    metrics = _metrics(plan, data, model, history, final, val_loss, val_accuracy,
+                       dist.describe(config), time.time() - start)
+    if "advice" in config:  # --regime=auto: what the advisor measured and decided
+        metrics["advice"] = plan_lib.to_dict(config.advice)
+    if dist.chief:
+        run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
+        for scratch in ("backup", "features"):
+            shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
+        if save_models and config.report:
+            _draw(workdir, model, plan, metrics)
+    return metrics
+
+
+def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribution,
+             seconds):
+    """What metrics.json records of a finished run (finetune adds the advice)."""
+    config = plan.config
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     metrics = {
@@ -151,17 +169,9 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
                           final.class_weight.items()} if final.class_weight else None),
         "cached_features": final.cache_info,
         "backend": keras.backend.backend(),
-        "distribution": dist.describe(config),
-        "wall_seconds": round(time.time() - start, 2),
+        "distribution": distribution,
+        "wall_seconds": round(seconds, 2),
     }
-    if "advice" in config:  # --regime=auto: what the advisor measured and decided
-        metrics["advice"] = plan_lib.to_dict(config.advice)
-    if dist.chief:
-        run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
-        for scratch in ("backup", "features"):
-            shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
-        if save_models and config.get("report", True):
-            _draw(workdir, model, plan, metrics)
     return metrics
 
 
@@ -171,7 +181,7 @@ def _draw(workdir, model, plan, metrics):
     from tl_keras import report
 
     try:
-        report.draw_run(workdir, model, plan.to_dict(), metrics["phases"])
+        report.draw_run(workdir, model, plan.to_dict(), plan.phases)
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not draw the run's pictures and report: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
@@ -237,7 +247,7 @@ class _Distribution:
 
 
 class _Final:
-    """What `run_phases` leaves for the final evaluation and metrics.json."""
+    """What the phases leave for the final evaluation and metrics.json."""
 
     def __init__(self):
         self.model = self.val = self.cache_info = self.class_weight = None
@@ -245,144 +255,230 @@ class _Final:
         self.paths = {}
 
 
+@dataclasses.dataclass
+class _PhaseRun:
+    """What the phases of one run share: the model, the data, the run folder, the
+    strategy, and what earlier phases left (the cached features, the history)."""
+
+    model: object
+    plan: object
+    data: object
+    workdir: str
+    dist: object
+    feature_store: object = None
+    save_models: bool = True
+    first_view: object = None
+    initial_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    final: _Final = dataclasses.field(default_factory=_Final)
+    cache: object = None  # features.FeatureCache, computed by the first phase that needs it
+
+    def __post_init__(self):
+        config = self.plan.config
+        self.batch_size = self.dist.batch_size(config)
+        # auto: a progress bar for a person (a terminal, a notebook), a line per epoch in a log
+        self.verbose = int(config.verbose) if config.verbose != "auto" else (
+            1 if tl_keras.interactive() else 2)
+        self.final.class_weight = class_weights(config, self.data, self.dist)
+        self.phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.initial_epoch))
+                       for p in self.plan.phases if p.last_epoch > self.initial_epoch]
+
+
 def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
                save_models=True, dist=None, first_view=None):
     """Runs the phases of `plan` on `model`; returns (history rows of all epochs, `_Final`).
 
-    A phase that trains only the head of a frozen backbone trains it on
-    cached backbone features when `config.cache_features` (see features.py),
-    taken from `feature_store` when it holds them. A phase that finished in an
-    earlier, interrupted attempt is not redone: its weights are loaded from
-    `backup/<phase>.done.weights.h5`. Epochs before `initial_epoch` are not
-    run: `model` comes with them done. `dist` (finetune's `_Distribution`)
-    says how to fit and who writes; by default one device. `first_view`: see `finetune`.
+    Each phase is `run_phase`'s named steps. A phase that trains only the head
+    of a frozen backbone trains it on cached backbone features when
+    `config.cache_features` (see features.py), taken from `feature_store` when
+    it holds them. A phase that finished in an earlier, interrupted attempt is
+    not redone: its weights are loaded from `backup/<phase>.done.weights.h5`.
+    Epochs before `initial_epoch` are not run: `model` comes with them done.
+    `dist` (finetune's `_Distribution`) says how to fit and who writes; by
+    default one device. `first_view`: see `finetune`.
     """
-    dist = dist or _Distribution(None)
-    config = plan.config
-    batch_size = dist.batch_size(config)
-    history = []
-    verbose = int(config.verbose) if config.verbose != "auto" else (
-        1 if sys.stdout.isatty() else 2)  # a progress bar on a terminal, a line per epoch in a log
-    final = _Final()
-    cache = None
-    class_weight = class_weights(config, data, dist)
-    final.class_weight = class_weight
-    phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, initial_epoch))
-              for p in plan.phases if p.last_epoch > initial_epoch]
-    for phase in phases:
-        with dist.scope():
-            trainable.apply_phase(model, phase)
-        done = os.path.join(workdir, "backup", f"{phase.name}.done.weights.h5")
-        finished = os.path.exists(done)
-        # Multi-worker runs train through the frozen backbone: every worker would
-        # compute every feature, and the loop takes only tf.data pipelines.
-        cached = bool(config.cache_features) and phase.train == "head" and not dist.loop
-        final.paths[phase.name] = "cached_features" if cached else "fit"
-        # Features are computed once, and not for a finished phase unless the
-        # final evaluation needs them.
-        if cached and cache is None and (not finished or phase is phases[-1]):
-            with dist.scope():  # the frozen part runs on every replica
-                cache, reused = _cached_features(model, config, data, workdir, verbose,
-                                                 phase.last_epoch - phase.first_epoch,
-                                                 feature_store, batch_size, first_view,
-                                                 distributed=dist.strategy is not None)
-            final.cache_info = {"views": cache.views, "seconds": round(cache.seconds, 2),
-                                "stored": cache.stored, "reused": reused}
-        if (phase is phases[0] and not finished and initial_epoch == 0
-                and config.init == "pretrained"):
-            # Statistics of the starting backbone's features. A finished first
-            # phase has them in its saved weights, loaded below; a resumed
-            # unfinished one gets its saved ones back from BackupAndRestore.
-            # A backbone trained from random weights keeps the identity: its
-            # starting features are tiny (variance ~1e-25 for MobileNetV2), and
-            # statistics frozen at that scale would blow its trained features
-            # up by ~1e12 (losses in the millions).
-            features.adapt_feature_norm(
-                model, cache.train[0] if cache is not None else features.sample(model, data))
-        if cached and cache is not None:
-            with dist.scope():  # a model takes the strategy it is created under
-                fit_model = dist.prepare(features.head_model(model))
-            train_data = cache.train_batches(batch_size, seed=config.seed,
-                                             drop_remainder=getattr(data, "drop_remainder", False))
-            val_data = (cache.val, cache.val_labels)
-        else:
-            fit_model, train_data, val_data = model, data.train, data.val
-        final.model, final.val = fit_model, val_data
-        with dist.scope():  # the optimizers' variables are the strategy's
-            for m in {id(model): model, id(fit_model): fit_model}.values():
-                # The full model is compiled even when only its head trains, so
-                # model.keras loads ready to evaluate.
-                m.compile(
-                    optimizer=keras.optimizers.AdamW(
-                        learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
-                    loss=plan.loss,
-                    metrics=["accuracy"],
-                    jit_compile=config.jit_compile,
-                    # A head step on cached features is a few microseconds of
-                    # arithmetic: many per call into the backend, not one. (Not
-                    # under tf.distribute: MirroredStrategy's multi-step loop
-                    # fails on the cached batches, a PyDataset.)
-                    steps_per_execution=(int(config.get("head_steps_per_execution", 1))
-                                         if m is fit_model and cached and dist.strategy is None
-                                         else 1))
-            if fit_model is not model:
-                # Built now, so best.keras and model.keras load without warnings.
-                model.optimizer.build(model.trainable_variables)
-        if finished:
-            model.load_weights(done)
-            print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
-            history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
-            continue
-        print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
-              f"training {'the head' if phase.train == 'head' else 'everything'}"
-              f"{' on cached features' if cached else ''}, "
-              f"learning rate {phase.learning_rate:g}; "
-              f"trainable / frozen params: {trainable.count_params(model)}")
-        callbacks = [keras.callbacks.TerminateOnNaN()]
-        if not cached:
-            # Resumes a killed phase at its last finished epoch. A head phase on
-            # cached features is not backed up each epoch (0.07 s a save, its
-            # epochs ~0.2 s): killed, it runs again from its first epoch, in
-            # seconds, on features that must be computed again anyway.
-            callbacks.insert(0, dist.backup(os.path.join(workdir, "backup", phase.name)))
-        if dist.chief:  # a multi-worker run's other workers write nothing
-            callbacks.append(
-                keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
-        if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
-            callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
-        best_model = None
-        if save_models and dist.chief:
-            # A cached head's epochs take a fraction of a second and saving the
-            # full model ~0.75 s: its best weights are kept in memory, saved once.
-            best_model = _BestModel(model, workdir, defer=cached, changing=fit_model)
-            callbacks.append(best_model)
-        fit = dist.fit(fit_model, train_data, val_data,
+    run = _PhaseRun(model, plan, data, workdir, dist or _Distribution(None), feature_store,
+                    save_models, first_view, initial_epoch)
+    for phase in run.phases:
+        run_phase(run, phase)
+    return run.history, run.final
+
+
+def run_phase(run, phase):
+    """One phase: apply the regime -> its inputs -> compile -> callbacks -> fit -> mark done
+    (or, finished in an earlier attempt, restore its weights)."""
+    with run.dist.scope():
+        trainable.apply_phase(run.model, phase)
+    done = os.path.join(run.workdir, "backup", f"{phase.name}.done.weights.h5")
+    finished = os.path.exists(done)
+    inputs = phase_inputs(run, phase, finished)
+    if (phase is run.phases[0] and not finished and run.initial_epoch == 0
+            and run.plan.config.init == "pretrained"):
+        # Statistics of the starting backbone's features. A finished first
+        # phase has them in its saved weights, loaded below; a resumed
+        # unfinished one gets its saved ones back from BackupAndRestore.
+        # A backbone trained from random weights keeps the identity: its
+        # starting features are tiny (variance ~1e-25 for MobileNetV2), and
+        # statistics frozen at that scale would blow its trained features
+        # up by ~1e12 (losses in the millions).
+        features.adapt_feature_norm(run.model, run.cache.train[0] if inputs.cached
+                                    else features.sample(run.model, run.data))
+    compile_phase(run, phase, inputs)
+    if finished:
+        run.model.load_weights(done)
+        print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
+    else:
+        announce(run, phase, inputs)
+        best_model = fit_phase(run, phase, inputs, phase_callbacks(run, phase, inputs))
+        mark_done(run, phase, inputs, done)
+        run.final.best_is_final = best_model is not None and best_model.holds_final
+    run.history += run_folder.read_history(run.workdir, phase.first_epoch, phase.last_epoch)
+
+
+def caches_features(run, phase):
+    """Whether `phase` trains its head on cached features. Multi-worker runs train
+    through the frozen backbone: every worker would compute every feature, and
+    their loop takes only tf.data pipelines."""
+    return (bool(run.plan.config.cache_features) and phase.train == "head"
+            and not run.dist.loop)
+
+
+def phase_inputs(run, phase, finished):
+    """The phase's `features.PhaseInputs`: its head on cached features, computed once
+    (and not for a finished phase unless the final evaluation needs them), or the
+    full model on the data's pipelines."""
+    cached = caches_features(run, phase)
+    run.final.paths[phase.name] = "cached_features" if cached else "fit"
+    if cached and run.cache is None and (not finished or phase is run.phases[-1]):
+        with run.dist.scope():  # the frozen part runs on every replica
+            run.cache, reused = feature_cache(run, phase)
+        run.final.cache_info = {"views": run.cache.views, "seconds": round(run.cache.seconds, 2),
+                                "stored": run.cache.stored, "reused": reused}
+    if cached and run.cache is not None:
+        with run.dist.scope():  # a model takes the strategy it is created under
+            inputs = features.PhaseInputs.on_cache(
+                run.model, run.cache, run.batch_size, seed=run.plan.config.seed,
+                drop_remainder=getattr(run.data, "drop_remainder", False))
+        run.dist.prepare(inputs.model)
+    else:
+        inputs = features.PhaseInputs.through_backbone(run.model, run.data)
+    run.final.model, run.final.val = inputs.model, inputs.val
+    return inputs
+
+
+def feature_cache(run, phase):
+    """(`features.FeatureCache` of the frozen part on the data, whether the run's
+    feature store had it)."""
+    config, data, store = run.plan.config, run.data, run.feature_store
+    views = features.views_to_cache(config.cached_views, phase.last_epoch - phase.first_epoch,
+                                    getattr(data, "augmented", False))
+    key = store.key(run.model, views) if store is not None else None
+    if key is not None and key in store:
+        print(f"Backbone features: reusing the {views} view(s) computed by an earlier run")
+        return store[key], True
+    print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
+          f"and {data.val_examples} validation images"
+          f"{' (the first from the advisor)' if run.first_view is not None else ''}")
+    cache = features.compute(
+        run.model, data, views=views, batch_size=run.batch_size,
+        max_bytes=config.feature_cache_bytes,
+        spill_dir=(store.spill_dir(key) if key is not None
+                   else os.path.join(run.workdir, "features")),
+        verbose=run.verbose, first_view=run.first_view,
+        inference_batch=config.inference_batch_size,
+        # tf.distribute runs keep Keras' predict, which spreads batches over replicas.
+        folded=None if config.folded_inference and run.dist.strategy is None else False)
+    if key is not None:
+        store[key] = cache
+    return cache, False
+
+
+def compile_phase(run, phase, inputs):
+    """Compiles what the phase trains, and the full model even when only its head
+    trains, so model.keras loads ready to evaluate."""
+    config, model = run.plan.config, run.model
+    with run.dist.scope():  # the optimizers' variables are the strategy's
+        for m in {id(model): model, id(inputs.model): inputs.model}.values():
+            m.compile(
+                optimizer=keras.optimizers.AdamW(
+                    learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
+                loss=run.plan.loss,
+                metrics=["accuracy"],
+                jit_compile=config.jit_compile,
+                # A head step on cached features is a few microseconds of
+                # arithmetic: many per call into the backend, not one. (Not
+                # under tf.distribute: MirroredStrategy's multi-step loop
+                # fails on the cached batches, a PyDataset.)
+                steps_per_execution=(int(config.head_steps_per_execution)
+                                     if m is inputs.model and inputs.cached
+                                     and run.dist.strategy is None else 1))
+        if inputs.model is not model:
+            # Built now, so best.keras and model.keras load without warnings.
+            model.optimizer.build(model.trainable_variables)
+
+
+def announce(run, phase, inputs):
+    print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
+          f"training {'the head' if phase.train == 'head' else 'everything'}"
+          f"{' on cached features' if inputs.cached else ''}, "
+          f"learning rate {phase.learning_rate:g}; "
+          f"trainable / frozen params: {trainable.count_params(run.model)}")
+
+
+def phase_callbacks(run, phase, inputs):
+    """NaN stop, backup (not on cached features), history.csv, TensorBoard, best.keras."""
+    dist, workdir = run.dist, run.workdir
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if not inputs.cached:
+        # Resumes a killed phase at its last finished epoch. A head phase on
+        # cached features is not backed up each epoch (0.07 s a save, its
+        # epochs ~0.2 s): killed, it runs again from its first epoch, in
+        # seconds, on features that must be computed again anyway.
+        callbacks.insert(0, dist.backup(os.path.join(workdir, "backup", phase.name)))
+    if dist.chief:  # a multi-worker run's other workers write nothing
+        callbacks.append(
+            keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
+    if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
+    if run.save_models and dist.chief:
+        # A cached head's epochs take a fraction of a second and saving the
+        # full model ~0.75 s: its best weights are kept in memory, saved once.
+        callbacks.append(_BestModel(run.model, workdir, defer=inputs.cached,
+                                    changing=inputs.model))
+    return callbacks
+
+
+def fit_phase(run, phase, inputs, callbacks):
+    """`fit` from the phase's first epoch to its last; returns its `_BestModel` or None."""
+    class_weight = run.final.class_weight
+    fit = run.dist.fit(inputs.model, inputs.train, inputs.val,
                        initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
-                       verbose=verbose, callbacks=callbacks,
-                       validation_freq=int(config.get("validation_freq", 1)),
+                       verbose=run.verbose, callbacks=callbacks,
+                       validation_freq=int(run.plan.config.validation_freq),
                        **({"class_weight": class_weight} if class_weight else {}),
-                       **({"validation_batch_size": FEATURE_BATCH} if cached else {}))
-        if fit_model.stop_training and any(
-                v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
-            raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
-                                     "try a lower learning rate")
-        if dist.chief and not (cached and phase is phases[-1]):
-            # Marks the phase finished: a resumed run does not train it again. Not
-            # a last phase on cached features (0.4 s to write the full model): the
-            # run ends a second later, and one killed within it trains that head again.
-            # (A cached phase has no backup folder of its own to hold the file.)
-            os.makedirs(os.path.dirname(done), exist_ok=True)
-            run_folder.write_atomically(done, model.save_weights)
-        final.best_is_final = best_model is not None and best_model.holds_final
-        history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
-    return history, final
+                       **({"validation_batch_size": FEATURE_BATCH} if inputs.cached else {}))
+    if inputs.model.stop_training and any(
+            v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
+        raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
+                                 "try a lower learning rate")
+    return next((c for c in callbacks if isinstance(c, _BestModel)), None)
+
+
+def mark_done(run, phase, inputs, done):
+    """Writes the phase's weights as finished: a resumed run does not train it again.
+    Not after a last phase on cached features (0.4 s to write the full model):
+    the run ends a second later, and one killed within it trains that head again.
+    (A cached phase has no backup folder of its own to hold the file.)"""
+    if run.dist.chief and not (inputs.cached and phase is run.phases[-1]):
+        os.makedirs(os.path.dirname(done), exist_ok=True)
+        run_folder.write_atomically(done, run.model.save_weights)
 
 
 def class_weights(config, data, dist=None):
     """{class index: weight} for `config.class_weight="balanced"` (scikit-learn's
     `compute_class_weight`: n / (classes x images of the class)), else None.
     Classes without training images keep weight 1."""
-    if config.get("class_weight", "none") != "balanced":
+    if config.class_weight != "balanced":
         return None
     if dist is not None and dist.loop:
         raise ValueError("class_weight=balanced is not supported with multi_worker "
@@ -400,31 +496,6 @@ def class_weights(config, data, dist=None):
     out = {int(c): 1.0 for c in range(len(data.class_names))}
     out.update({int(c): float(w) for c, w in zip(present, weights)})
     return out
-
-
-def _cached_features(model, config, data, workdir, verbose, epochs, store, batch_size,
-                     first_view=None, distributed=False):
-    """(`FeatureCache`, whether `store` had it) for `model`'s frozen part on `data`."""
-    augmented = getattr(data, "augmented", False)
-    views = features.views_to_cache(config.cached_views, epochs, augmented)
-    key = store.key(model, views) if store is not None else None
-    if key is not None and key in store:
-        print(f"Backbone features: reusing the {views} view(s) computed by an earlier run")
-        return store[key], True
-    print(f"Caching backbone features: {views} view(s) of {data.train_examples} training "
-          f"and {data.val_examples} validation images"
-          f"{' (the first from the advisor)' if first_view is not None else ''}")
-    cache = features.compute(
-        model, data, views=views, batch_size=batch_size,
-        max_bytes=config.get("cache_bytes", 2 << 30),
-        spill_dir=store.spill_dir(key) if key is not None else os.path.join(workdir, "features"),
-        verbose=verbose, first_view=first_view,
-        inference_batch=config.get("inference_batch_size", features.INFERENCE_BATCH),
-        # tf.distribute runs keep Keras' predict, which spreads batches over replicas.
-        folded=None if config.get("folded_inference", True) and not distributed else False)
-    if key is not None:
-        store[key] = cache
-    return cache, False
 
 
 def _has_tensorflow():

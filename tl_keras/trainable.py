@@ -94,7 +94,7 @@ def plan_phases(config):
         raise ValueError(f"unknown init {config.init!r}; valid inits: {', '.join(INITS)}")
     if config.epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {config.epochs}")
-    unfreeze = config.get("unfreeze", 0)
+    unfreeze = config.unfreeze
     if unfreeze < 0:
         raise ValueError(f"unfreeze must be 0 (all) or a number of stages, got {unfreeze}")
     if unfreeze and (regime.train == "head" or config.init == "scratch"):

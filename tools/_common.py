@@ -1,4 +1,5 @@
-"""What the tools share: one-line errors, and the config flags of finetune.py and tune.py.
+"""What the tools share: one-line errors, and the config flags of finetune.py, advise.py
+and tune.py. Everything else a tool does is a call into tl_keras (tl_keras/api.py).
 
 `define_config_flags()` defines `--config` (a config file, default
 configs/<regime>.py), `--config.KEY=VALUE` overrides, and a plain flag for
@@ -9,7 +10,6 @@ import atexit
 import gc
 import os
 import sys
-import time
 
 import ml_collections
 from absl import app, flags
@@ -45,8 +45,6 @@ CONFIG_FLAGS = {
     "jit_compile": (bool, "Compile with XLA."),
     "distribution": (str, "auto | none | mirrored | multi_worker (TF_CONFIG) | tpu"),
 }
-AUTO = "auto"  # --regime=auto: the regime advisor decides (tl_keras/advise.py)
-ADVISED = ("cut", "init", "pool_grid")  # what the advisor decides besides the regime
 _DEFAULT_CONFIG = False  # --config was not given: configs/<regime>.py
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
@@ -102,7 +100,7 @@ def define_config_flags(workdir_help=None):
 
 def parse_config_flags(argv):
     """absl parsing with the regime's config file as the default --config; bad flags exit 2."""
-    from tl_keras import trainable
+    from tl_keras import advise, trainable
 
     global _DEFAULT_CONFIG
     argv = list(argv)
@@ -110,12 +108,13 @@ def parse_config_flags(argv):
     _DEFAULT_CONFIG = path is None
     if path is None:
         regime = _flag_value(argv, "regime") or "small_similar"
-        if regime not in (*trainable.REGIMES, AUTO):
+        if regime not in (*trainable.REGIMES, advise.AUTO):
             fail(f"unknown regime {regime!r}; valid regimes: "
-                 f"{', '.join(trainable.REGIMES)}, {AUTO}")
+                 f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
         # --regime=auto: any regime's file to parse the flags with; the advised
-        # regime's own file is read once the advisor has decided (`advised`).
-        path = os.path.join(CONFIGS, (regime if regime != AUTO else "small_similar") + ".py")
+        # regime's own file is read once the advisor has decided (advise.advised_plan).
+        path = os.path.join(CONFIGS, (regime if regime != advise.AUTO else "small_similar")
+                            + ".py")
         argv.insert(1, f"--config={path}")
     path = path.split(":", 1)[0]  # FILE[:ARG]
     if not os.path.isfile(path):
@@ -152,32 +151,17 @@ def _flag_value(argv, name):
     return value
 
 
-def flags_config(folder):
+def flags_config(folder, prefix=None):
     """FLAGS.config with the plain flags applied; with no workdir set, a new
-    `folder/<regime>_<backbone>_<time>`. Resolve it once with `plan.resolve`."""
+    `folder/<prefix or regime>_<backbone>_<time>`. Resolve it once with `plan.resolve`."""
+    from tl_keras import api
+
     config = FLAGS.config
     for name in CONFIG_FLAGS:
         value = getattr(FLAGS, name)
         if value is not None:
             config[name] = value
-    if not config.workdir:
-        config.workdir = os.path.join(
-            folder, f"{config.regime}_{config.backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
-    return config
-
-
-def make_strategy(plan):
-    """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
-    from tl_keras import distribute
-
-    config = plan.config
-    strategy = distribute.get_strategy(plan.distribution)
-    if strategy is not None:
-        print(f"Distribution: {distribute.name_of(strategy)}, "
-              f"{distribute.replicas(strategy)} replicas, global batch "
-              f"{distribute.global_batch(config, strategy)} "
-              f"({config.batch_size} per replica)")
-    return strategy
+    return api.with_workdir(config, folder, prefix)
 
 
 def given_keys():
@@ -188,66 +172,7 @@ def given_keys():
     return plain | {key.split(".")[0] for key in config_flags.get_override_values(FLAGS["config"])}
 
 
-def probe_config(config):
-    """--regime=auto: `config` with a placeholder regime, to resolve and load data with
-    before the advisor decides; keys the advisor decides may not be given."""
-    given = sorted(given_keys() & set(ADVISED))
-    if given:
-        fail(f"--regime=auto decides {', '.join(ADVISED)}; drop {', '.join(given)} "
-             "or name a regime")
-    config = config.copy_and_resolve_references()
-    config.regime = "small_similar"
-    return config
-
-
-def advised(plan, datasets, strategy):
-    """--regime=auto: runs the advisor on `datasets` with `plan`'s backbone, prints its
-    table, and returns (the plan of the advised regime, the advisor's features to
-    reuse as the first cached view or None, the advice).
-
-    The advised regime's config file (unless --config named one) takes the
-    command line's other settings; `config.advice` records the decision.
-    """
-    import importlib
-
-    import ml_collections
-
-    from tl_keras import advise, plan as plan_lib
-
-    config = plan_lib.editable(plan.config)
-    knobs = config.advisor
-    print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
-          f"{knobs.sample} training images, pretrained and at random init")
-    advice, sample = advise.advise(plan, datasets, sample=knobs.sample,
-                                   thresholds=advise.Thresholds.from_config(knobs),
-                                   verbose=1 if sys.stdout.isatty() else 0)
-    print(advise.format_table(advice))
-    if _DEFAULT_CONFIG:  # the advised regime's own defaults, then the command line's
-        final = importlib.import_module(f"tl_keras.configs.{advice.regime}").get_config()
-        for key in given_keys():
-            final[key] = config[key]
-        final.workdir = config.workdir
-    else:
-        final = config
-    final.update(advice.config_overrides())
-    final.advice = ml_collections.ConfigDict(advice.decision())
-    plan = plan_lib.resolve(final)
-    key = f"pretrained/{advice.cut}"
-    reusable = (sample.whole_view and key in sample.features and strategy is None
-                and not plan.config.mixed_precision.startswith("mixed"))
-    return plan, ((sample.features[key], sample.labels) if reusable else None), advice
-
-
-def load_data(plan, strategy):
-    """`data.load` at the strategy's global batch, announced; the backbone's cut
-    and weights are checked first, as reading a real dataset takes minutes."""
-    from tl_keras import backbones, data, distribute
-
-    config = plan.config
-    backbones.check_buildable(config.backbone, plan.weights, plan.image_size, plan.cut)
-    datasets = data.load(config, image_size=plan.image_size,
-                         batch_size=distribute.global_batch(config, strategy),
-                         drop_remainder=distribute.replicas(strategy) > 1)
-    print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
-          f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
-    return datasets
+def given_keys_or_none():
+    """`given_keys()` when --config was not given (the regime's own file was read),
+    else None: what `api.finetune_config` and `advise.advised_plan` take."""
+    return given_keys() if _DEFAULT_CONFIG else None

@@ -10,12 +10,9 @@ Scores the backbone's features at every named cut (LogME, H-score beside it),
 pretrained and at random init, on a seeded sample of the training images;
 prints the table, the advised regime and cut and why; writes advice.json and
 advice.png to --workdir. `tools/finetune.py --regime=auto` runs the same
-advisor and then the advised regime. Errors: one line, exit 2.
+advisor and then the advised regime. Errors: one line, exit 2. From Python:
+`tl_keras.advise_regime(dataset, **config)` (tl_keras/api.py).
 """
-
-import os
-import sys
-import time
 
 from absl import flags
 
@@ -34,33 +31,16 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import advise, backbones, plan as plan_lib
+    from tl_keras import api
 
     try:
-        config = _common.flags_config("runs")
-        if not FLAGS.workdir and not FLAGS["config"].value.workdir:
-            config.workdir = os.path.join(
-                "runs", f"advice_{config.backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
-        config.regime = "small_similar"  # any: the advisor only needs the backbone and data
-        plan = plan_lib.resolve(config)
-        config = plan.config
-        if os.path.isdir(config.workdir) and os.listdir(config.workdir):  # nothing overwritten
-            fail(f"workdir {config.workdir!r} is not empty; choose another --workdir")
-        datasets = _common.load_data(plan, None)
-        advice, _ = advise.advise(
-            plan, datasets, sample=config.advisor.sample,
-            cuts=tuple(FLAGS.cuts or backbones.CUT_POINTS),
-            thresholds=advise.Thresholds.from_config(config.advisor),
-            verbose=1 if sys.stdout.isatty() else 0)
-        print(advise.format_table(advice))
-        paths = advise.write(advice, config.workdir)
-    except ValueError as e:
+        result = api.advise_config(_common.flags_config("runs", prefix="advice"), FLAGS.cuts)
+    except (ValueError, OSError) as e:
         fail(first_line(e))
-    except OSError as e:
-        fail(first_line(e))
-    print("Wrote " + " and ".join(paths))
+    advice = result.advice
+    print("Wrote " + " and ".join(result.paths))
     flags_ = " ".join(f"--{k}={v}" for k, v in advice.config_overrides().items())
-    print(f"Train it: python tools/finetune.py {flags_} --dataset={config.dataset}"
+    print(f"Train it: python tools/finetune.py {flags_} --dataset={FLAGS.config.dataset}"
           " (or --regime=auto, which measures again)")
 
 

@@ -10,8 +10,6 @@ RUN/report.html again, with the evaluation; nothing else of the run changes
 (tl_keras/evaluate.py). Errors: one line, exit 2.
 """
 
-import sys
-
 from absl import flags
 
 import _common
@@ -36,12 +34,11 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         fail("--workdir is required: the run folder tools/finetune.py printed")
-    from tl_keras import evaluate
+    from tl_keras import api, evaluate
 
     try:
-        result = evaluate.evaluate_run(FLAGS.workdir, dataset=FLAGS.dataset, tta=FLAGS.tta,
-                                       top_k=FLAGS.top_k, which=FLAGS.model,
-                                       verbose=1 if sys.stdout.isatty() else 0)
+        result = api.evaluate_run(FLAGS.workdir, dataset=FLAGS.dataset, tta=FLAGS.tta,
+                                  top_k=FLAGS.top_k, which=FLAGS.model).result
     except (ValueError, OSError) as e:
         fail(first_line(e))
     print(evaluate.format_summary(result))

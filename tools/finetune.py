@@ -12,6 +12,7 @@ Usage:
 
 `--regime=R` reads configs/R.py unless `--config` is given; plain flags and
 `--config.KEY=VALUE` override it. Errors in flags or data: one line, exit 2.
+From Python: `tl_keras.finetune(dataset, regime=..., **config)` runs the same (tl_keras/api.py).
 """
 
 from absl import flags
@@ -34,57 +35,27 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import distribute, export, plan as plan_lib, run_folder, train
+    from tl_keras import api, distribute
 
-    strategy = None
     try:
-        config = _common.flags_config("runs")
-        auto = config.regime == _common.AUTO
-        plan = plan_lib.resolve(_common.probe_config(config) if auto else config)
-        config = plan.config
-        strategy = _common.make_strategy(plan)  # before any other TensorFlow work
-        if distribute.writes(strategy):  # a finished run, another run's folder: refused now
-            if auto:  # its config is known once the advisor has decided
-                run_folder.refuse_finished(config.workdir)
-            else:
-                run_folder.check(config.workdir, plan.to_dict())
-        if FLAGS.export_dir:  # checked before training, not after
-            export.check_export_dir(FLAGS.export_dir)
-        print(f"Run folder: {config.workdir}")
-        datasets = _common.load_data(plan, strategy)
-        first_view = None
-        if auto:
-            plan, first_view, _ = _common.advised(plan, datasets, strategy)
-            config = plan.config
-        metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
+        run = api.finetune_config(_common.flags_config("runs"), _common.given_keys_or_none(),
+                                  FLAGS.export_dir, FLAGS.export_format, FLAGS.export_quantize)
+    except api.PeerFailure as e:  # a dead peer: rejoin the cluster afresh (replaces this process)
+        try:
+            distribute.restart(e.__cause__)
+        except RuntimeError as gave_up:
+            fail(first_line(gave_up))
     except ValueError as e:
         fail(first_line(e))
     except OSError as e:  # a full disk: files are written whole or not at all (run_folder.py)
         fail(f"{first_line(e)} (nothing is half-written; the same command resumes the run)")
-    except Exception as e:  # noqa: BLE001
-        if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
-            try:  # a dead peer: rejoin the cluster afresh (replaces this process)
-                distribute.restart(e)
-            except RuntimeError as gave_up:
-                fail(first_line(gave_up))
-        raise
-    if not distribute.writes(strategy):
-        print(f"Done; the chief wrote the run folder {config.workdir}")
+    if not run.chief:
+        print(f"Done; the chief wrote the run folder {run.workdir}")
         return
-    print(f"Run folder: {config.workdir}")
+    metrics = run.metrics
+    print(f"Run folder: {run.workdir}")
     print(f"val_accuracy: {metrics['val_accuracy']:.4f}  val_loss: {metrics['val_loss']:.4f}  "
           f"({metrics['epochs_run']} epochs, {metrics['wall_seconds']:.0f} s)")
-    if FLAGS.export_dir:
-        from tl_keras import litert
-
-        try:
-            if FLAGS.export_format == "litert":
-                litert.export_run(config.workdir, FLAGS.export_dir, FLAGS.export_quantize)
-            else:
-                export.export_run(config.workdir, FLAGS.export_dir)
-        except ValueError as e:
-            fail(f"{first_line(e)} (the run is complete in {config.workdir}; "
-                 "export it later with tools/export.py)")
 
 
 if __name__ == "__main__":

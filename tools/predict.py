@@ -43,22 +43,21 @@ def main(argv):
         fail(f"top_k must be at least 1, got {FLAGS.top_k}")
     if FLAGS.out and os.path.exists(FLAGS.out):
         fail(f"{FLAGS.out!r} exists; choose another --out (nothing is overwritten)")
-    from tl_keras import predict, run_folder
+    from tl_keras import api, predict, run_folder
 
     try:
-        predictor = (predict.from_run(FLAGS.workdir, FLAGS.model) if FLAGS.workdir
-                     else predict.from_saved_model(FLAGS.saved_model))
-        rows, skipped = predict.predict_files(predictor, inputs, FLAGS.top_k, FLAGS.strict)
+        found = api.classify(FLAGS.workdir or FLAGS.saved_model, inputs, FLAGS.top_k,
+                             FLAGS.strict, FLAGS.model, saved_model=bool(FLAGS.saved_model))
         if FLAGS.out:
             text = io.StringIO()
-            predict.write_csv(rows, FLAGS.top_k, text)
+            found.to_csv(text)
             run_folder.write_text(FLAGS.out, text.getvalue())
         else:
-            predict.write_csv(rows, FLAGS.top_k, sys.stdout)
+            found.to_csv(sys.stdout)
     except (ValueError, OSError) as e:
         fail(first_line(e))
-    predict.report_skipped(skipped, len(rows) + len(skipped))
-    print(f"Classified {len(rows)} images with {predictor.source}"
+    predict.report_skipped(found.skipped, len(found.rows) + len(found.skipped))
+    print(f"Classified {len(found.rows)} images with {found.source}"
           f"{f'; wrote {FLAGS.out}' if FLAGS.out else ''}", file=sys.stderr)
 
 

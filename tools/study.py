@@ -1,4 +1,4 @@
-"""Does the rule hold? Every strategy in every quadrant of the regime table (tl_keras/study.py).
+"""Does the rule hold? Every strategy in every quadrant of the regime table (tl_keras/experiments/study.py).
 
 Usage:
     python tools/study.py            # the full study: benchmarks/study/ (about 30 minutes)
@@ -35,7 +35,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import study
+    from tl_keras.experiments import study
 
     suffix = "_quick" if FLAGS.quick else ""
     try:

@@ -43,19 +43,20 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import plan as plan_lib, tune
+    from tl_keras import advise, api, plan as plan_lib, tune
 
     try:
         role = tune.role()  # checks the KERASTUNER_* variables
         config = _common.flags_config("sweeps")
-        auto = config.regime == _common.AUTO  # the sweep's regime is known after the data
-        plan = plan_lib.resolve(_common.probe_config(config) if auto else config)
+        auto = config.regime == advise.AUTO  # the sweep's regime is known after the data
+        plan = plan_lib.resolve(
+            advise.probe_config(config, _common.given_keys()) if auto else config)
         config = plan.config
         if plan.distribution == "multi_worker":
             raise ValueError("--distribution=multi_worker trains one run across hosts; a sweep "
                              "spreads its trials over hosts with KERASTUNER_* variables "
                              "(docs/tuning.md)")
-        strategy = _common.make_strategy(plan)  # trials run under it; before other TF work
+        strategy = api.make_strategy(plan)  # trials run under it; before other TF work
         if not auto:
             tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
         if role == "chief":
@@ -64,9 +65,10 @@ def main(argv):
             tune.wait_for_oracle(FLAGS.oracle_wait)
         print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
               f"{', ' + tune.tuner_id() if role != 'single' else ''})")
-        datasets = _common.load_data(plan, strategy)
+        datasets = api.load_data(plan, strategy)
         if auto:
-            plan, _, _ = _common.advised(plan, datasets, strategy)
+            plan, _, _ = advise.advised_plan(plan, datasets, strategy,
+                                             _common.given_keys_or_none())
             tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
         tuner = tune.make_tuner(FLAGS.tuner, plan, datasets, FLAGS.max_trials, config.workdir,
                                 strategy)

@@ -240,7 +240,7 @@ def pytorch_peer(settings, config):
 
     from tl_keras import arrays
 
-    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     x, y, _, _, _ = arrays.load_builtin("fashion_mnist")  # the peer's (and the main job's)
     idx, _ = arrays.split_indices(y, 0.0, config.seed, config.max_examples)
     rows = []

@@ -1,0 +1,374 @@
+"""One call from Python or a notebook: fine-tune, advise, evaluate, classify.
+
+    tl_keras.finetune(dataset, regime=..., **config)   -> Run        (tools/finetune.py)
+    tl_keras.advise_regime(dataset, **config)          -> AdviceRun  (tools/advise.py)
+    tl_keras.evaluate_run(workdir, ...)                -> Evaluation (tools/evaluate.py)
+    tl_keras.classify(workdir_or_export, images, ...)  -> Predictions (tools/predict.py)
+
+Each runs exactly what its tool runs -- the tools are thin callers of these --
+and returns a result that shows itself in a notebook (`_repr_html_`: the
+metrics, the curves and the regime picture inline). Keyword arguments are
+config keys (configs/base.py); a nested one takes a dict
+(`advisor={"sample": 500}`). A bad setting is a `ValueError` of one line.
+
+Example:
+    import tl_keras
+    run = tl_keras.finetune("fashion_mnist", regime="small_similar", max_examples=2000)
+    run.metrics["val_accuracy"], run.workdir, run.model
+"""
+
+import dataclasses
+import html
+import importlib
+import os
+import time
+
+import ml_collections
+
+import tl_keras
+from tl_keras import advise, plan as plan_lib, run_folder, trainable
+
+
+# --- Configs -----------------------------------------------------------------------------
+
+def make_config(regime="small_similar", config=None, folder="runs", prefix=None, **overrides):
+    """The config a run of `regime` reads: `config` (a ConfigDict of your own) or
+    configs/<regime>.py, with `overrides` (config keys) over it and, with no
+    workdir set, a new `folder/<prefix or regime>_<backbone>_<time>`.
+
+    Returns (config, given): `given` is the keys set over a regime's config file,
+    or None when `config` was your own (`advise.advised_plan` reads them).
+    """
+    if regime not in (*trainable.REGIMES, advise.AUTO):
+        raise ValueError(f"unknown regime {regime!r}; valid regimes: "
+                         f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
+    if config is None:
+        # regime=auto: any regime's file until the advisor has decided
+        name = regime if regime != advise.AUTO else "small_similar"
+        config = importlib.import_module(f"tl_keras.configs.{name}").get_config()
+        given = set(overrides)
+    else:
+        given = None
+    config = plan_lib.editable(config)
+    config.regime = regime
+    apply_overrides(config, overrides)
+    return with_workdir(config, folder, prefix), given
+
+
+def apply_overrides(config, overrides):
+    """Sets each of `overrides` in `config`; an unknown key is a `ValueError`."""
+    known = plan_lib.with_defaults(config)
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} (every key is in configs/base.py)")
+        if isinstance(known[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r} takes a dict of its keys "
+                                 f"({', '.join(known[key])}), got {value!r}")
+            unknown = sorted(set(value) - set(known[key]))
+            if unknown:
+                raise ValueError(f"unknown config key '{key}.{unknown[0]}'; valid: "
+                                 f"{', '.join(known[key])}")
+            config[key] = known[key]
+            config[key].update(value)
+        else:
+            try:
+                config[key] = value
+            except TypeError as e:  # ml_collections refuses another type
+                raise ValueError(f"bad value for {key}: {e}") from None
+    return config
+
+
+def with_workdir(config, folder, prefix=None):
+    """`config` with a new `folder/<prefix or regime>_<backbone>_<time>` when its workdir
+    is unset."""
+    if not config.get("workdir"):
+        config.workdir = os.path.join(
+            folder, f"{prefix or config.regime}_{config.backbone}_"
+                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+    return config
+
+
+def make_strategy(plan):
+    """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
+    from tl_keras import distribute
+
+    strategy = distribute.get_strategy(plan.distribution)
+    if strategy is not None:
+        print(f"Distribution: {distribute.name_of(strategy)}, "
+              f"{distribute.replicas(strategy)} replicas, global batch "
+              f"{distribute.global_batch(plan.config, strategy)} "
+              f"({plan.config.batch_size} per replica)")
+    return strategy
+
+
+def load_data(plan, strategy=None):
+    """`data.load` at the strategy's global batch, announced; the backbone's cut
+    and weights are checked first, as reading a real dataset takes minutes."""
+    from tl_keras import backbones, data, distribute
+
+    config = plan.config
+    backbones.check_buildable(config.backbone, plan.weights, plan.image_size, plan.cut)
+    datasets = data.load(config, image_size=plan.image_size,
+                         batch_size=distribute.global_batch(config, strategy),
+                         drop_remainder=distribute.replicas(strategy) > 1)
+    print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
+          f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
+    return datasets
+
+
+# --- Fine-tune ---------------------------------------------------------------------------
+
+class PeerFailure(RuntimeError):
+    """A multi-worker run's peer died: the process must rejoin the cluster afresh
+    (`distribute.restart`, which tools/finetune.py calls)."""
+
+
+def finetune(dataset=None, regime="small_similar", *, config=None, export_dir=None,
+             export_format="saved_model", export_quantize="int8", **overrides):
+    """Fine-tunes in `regime` on `dataset` and writes the run folder, as tools/finetune.py.
+
+    Args:
+      dataset: a folder of class subfolders, `tfds:NAME`, `fashion_mnist` or
+        `digits` (None: the config's).
+      regime: small_similar | small_different | large_similar | large_different |
+        auto (the regime advisor measures, then its regime runs).
+      config: a ConfigDict of your own instead of configs/<regime>.py.
+      export_dir: also export the final model there as its next version
+        (`export_format` "saved_model" for TF Serving, or "litert" quantized
+        by `export_quantize`).
+      **overrides: config keys, e.g. `epochs=5, max_examples=2000`.
+
+    Returns:
+      `Run`.
+
+    Example:
+        run = tl_keras.finetune("path/to/images", regime="auto")
+    """
+    if dataset is not None:
+        overrides["dataset"] = dataset
+    config, given = make_config(regime, config, **overrides)
+    return finetune_config(config, given, export_dir, export_format, export_quantize)
+
+
+def finetune_config(config, given=None, export_dir=None, export_format="saved_model",
+                    export_quantize="int8"):
+    """`finetune` of a config made already (`make_config`; tools/finetune.py's flags)."""
+    from tl_keras import distribute, export, train
+
+    auto = config.regime == advise.AUTO
+    plan = plan_lib.resolve(advise.probe_config(config, given or ()) if auto else config)
+    strategy = make_strategy(plan)  # before any other TensorFlow work
+    workdir = plan.config.workdir
+    if distribute.writes(strategy):  # a finished run, another run's folder: refused now
+        if auto:  # its config is known once the advisor has decided
+            run_folder.refuse_finished(workdir)
+        else:
+            run_folder.check(workdir, plan.to_dict())
+    if export_dir:  # checked before training, not after
+        export.check_export_dir(export_dir)
+    print(f"Run folder: {workdir}")
+    try:
+        datasets = load_data(plan, strategy)
+        first_view = advice = None
+        if auto:
+            plan, first_view, advice = advise.advised_plan(
+                plan, datasets, strategy, given, verbose=int(tl_keras.interactive()))
+        metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
+    except Exception as e:
+        if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
+            raise PeerFailure(str(e)) from e
+        raise
+    run = Run(workdir=workdir, metrics=metrics, advice=advice, plan=plan,
+              chief=distribute.writes(strategy))
+    if export_dir and run.chief:
+        run.export = _export(workdir, export_dir, export_format, export_quantize)
+    return run
+
+
+def _export(workdir, export_dir, export_format, quantize):
+    from tl_keras import export, litert
+
+    try:
+        if export_format == "litert":
+            return litert.export_run(workdir, export_dir, quantize)
+        return export.export_run(workdir, export_dir)
+    except ValueError as e:
+        raise ValueError(f"{str(e).strip().splitlines()[0]} (the run is complete in "
+                         f"{workdir}; export it later with tools/export.py)") from None
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run: its folder, metrics.json, the advice (regime=auto) and plan."""
+
+    workdir: str
+    metrics: dict
+    advice: object = None  # advise.Advice, with regime=auto
+    plan: object = None    # plan.Plan the run followed
+    chief: bool = True     # False: another worker of a multi-worker run (the chief wrote)
+    export: object = None  # what the export wrote, with export_dir
+    _model: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def model(self):
+        """The final model (model.keras), loaded on first use."""
+        if self._model is None:
+            import keras
+
+            import tl_keras.losses  # noqa: F401  (registers the smoothed loss model.keras may use)
+
+            self._model = keras.saving.load_model(os.path.join(self.workdir, "model.keras"))
+        return self._model
+
+    @property
+    def val_accuracy(self):
+        return self.metrics["val_accuracy"]
+
+    def __repr__(self):
+        return (f"Run(workdir={self.workdir!r}, regime={self.metrics['regime']!r}, "
+                f"val_accuracy={self.val_accuracy:.4f})")
+
+    def _repr_html_(self):
+        from tl_keras import report
+
+        return report.summary_html(self.workdir, self.metrics)
+
+
+# --- Advise, evaluate, classify ----------------------------------------------------------
+
+@dataclasses.dataclass
+class AdviceRun:
+    """What the advisor measured and decided, and where it wrote advice.json / advice.png."""
+
+    advice: object  # advise.Advice
+    paths: tuple
+    workdir: str
+
+    def __repr__(self):
+        return (f"AdviceRun(regime={self.advice.regime!r}, cut={self.advice.cut!r}, "
+                f"init={self.advice.init!r})")
+
+    def _repr_html_(self):
+        from tl_keras import report
+
+        return (f"<p>{html.escape(self.advice.reasons)}.</p>"
+                f"<pre>{html.escape(advise.format_table(self.advice))}</pre>"
+                + report.image_tag(self.paths[1], "LogME per cut"))
+
+
+def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
+    """Which regime fits `dataset`? The advisor's measurement alone, as tools/advise.py:
+    writes advice.json and advice.png to the workdir (default runs/advice_<backbone>_<time>).
+
+    Example:
+        tl_keras.advise_regime("digits").advice.regime
+    """
+    if dataset is not None:
+        overrides["dataset"] = dataset
+    config, _ = make_config("small_similar", config, prefix="advice", **overrides)
+    return advise_config(config, cuts)
+
+
+def advise_config(config, cuts=None):
+    """`advise_regime` of a config made already (tools/advise.py's flags)."""
+    from tl_keras import backbones
+
+    config = plan_lib.editable(config)
+    config.regime = "small_similar"  # any: the advisor only needs the backbone and data
+    plan = plan_lib.resolve(config)
+    config = plan.config
+    if os.path.isdir(config.workdir) and os.listdir(config.workdir):  # nothing overwritten
+        raise ValueError(f"workdir {config.workdir!r} is not empty; choose another --workdir")
+    datasets = load_data(plan)
+    advice, _ = advise.advise(
+        plan, datasets, sample=config.advisor.sample,
+        cuts=tuple(cuts or backbones.CUT_POINTS),
+        thresholds=advise.Thresholds.from_config(config.advisor),
+        verbose=int(tl_keras.interactive()))
+    print(advise.format_table(advice))
+    return AdviceRun(advice, tuple(advise.write(advice, config.workdir)), config.workdir)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """tools/evaluate.py's result: eval.json's numbers, the pictures in RUN/eval/."""
+
+    workdir: str
+    result: dict
+
+    def __repr__(self):
+        return f"Evaluation(workdir={self.workdir!r}, accuracy={self.result['accuracy']:.4f})"
+
+    def _repr_html_(self):
+        from tl_keras import evaluate, report
+
+        folder = os.path.join(self.workdir, "eval")
+        return (f"<pre>{html.escape(evaluate.format_summary(self.result))}</pre>"
+                + "".join(report.image_tag(os.path.join(folder, f), f)
+                          for f in ("confusion.png", "reliability.png")
+                          if os.path.exists(os.path.join(folder, f))))
+
+
+def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model"):
+    """Per-class scores, confusion, calibration and the worst mistakes of a finished run,
+    as tools/evaluate.py: writes RUN/eval/ and report.html again.
+
+    Example:
+        tl_keras.evaluate_run(run.workdir, tta="flip").result["accuracy"]
+    """
+    from tl_keras import evaluate
+
+    result = evaluate.evaluate_run(workdir, dataset=dataset, tta=tta, top_k=top_k,
+                                   which=which, verbose=int(tl_keras.interactive()))
+    return Evaluation(workdir, result)
+
+
+@dataclasses.dataclass
+class Predictions:
+    """tools/predict.py's rows: [path, class_1, probability_1, ..., class_k, probability_k]
+    per decodable image, most probable first; `skipped`: [(path, reason)]."""
+
+    rows: list
+    skipped: list
+    source: str
+    top_k: int
+
+    def to_csv(self, stream):
+        from tl_keras import predict
+
+        predict.write_csv(self.rows, self.top_k, stream)
+
+    def __repr__(self):
+        return f"Predictions({len(self.rows)} images, {len(self.skipped)} skipped, {self.source})"
+
+    def _repr_html_(self):
+        from tl_keras import report
+
+        return report.table([(row[0], ", ".join(f"{c} {p:.3f}" for c, p in
+                                                zip(row[1::2], row[2::2])))
+                             for row in self.rows], ["image", "top classes"])
+
+
+def classify(model, images, top_k=5, strict=False, which="model", saved_model=None):
+    """Classifies image files and folders with a finished run (`model`: its workdir;
+    `which` model.keras or best.keras) or an export of tools/export.py (a SavedModel
+    folder: its highest version, or a version folder), as tools/predict.py.
+    `saved_model`: which `model` is (None: a run folder when it holds metrics.json).
+
+    Example:
+        tl_keras.classify(run.workdir, ["photo.jpg", "more/"], top_k=3).rows
+    """
+    from tl_keras import predict
+
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    model = os.fspath(model)
+    if saved_model is None:
+        saved_model = not os.path.exists(os.path.join(model, "metrics.json"))
+    predictor = predict.from_saved_model(model) if saved_model else predict.from_run(model, which)
+    rows, skipped = predict.predict_files(predictor, [os.fspath(i) for i in images],
+                                          top_k, strict)
+    return Predictions(rows, skipped, predictor.source, top_k)
