@@ -261,3 +261,39 @@ def test_the_first_read_order_does_not_depend_on_the_global_seed(tmp_path, share
         datasets = data.load(config, 32)
         orders.append(np.concatenate([np.asarray(y) for _, y in datasets.train]))
     assert all((order == orders[0]).all() for order in orders[1:])
+
+
+def test_augmentation_draws_keras_zoom_and_rotation_from_a_seed():
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 9, 9, 3)).astype("float32")
+    ones, zeros = tf.ones([2]), tf.zeros([2])
+    np.testing.assert_array_equal(data.zoom_and_rotate(x, ones, zeros).numpy(), x)
+    # Keras' own layers at a fixed draw: a quarter turn, and 20% zoomed out.
+    turned = data.zoom_and_rotate(x, ones, tf.fill([2], np.pi / 2)).numpy()
+    keras_turned = keras.layers.RandomRotation((0.25, 0.25), fill_mode="reflect")(x)
+    np.testing.assert_allclose(turned, keras.ops.convert_to_numpy(keras_turned), atol=1e-3)
+    zoomed = data.zoom_and_rotate(x, tf.fill([2], 1.2), zeros).numpy()
+    keras_zoomed = keras.layers.RandomZoom((0.2, 0.2), fill_mode="reflect")(x)
+    np.testing.assert_allclose(zoomed, keras.ops.convert_to_numpy(keras_zoomed), atol=1e-3)
+    # A seed alone decides: eagerly and inside tf.data.map, the same images.
+    augment = data.Augmentation("horizontal", 0.1, 0.05)
+    seed = tf.constant([3, 4], tf.int64)
+    eager = augment(x, seed).numpy()
+    mapped = next(iter(tf.data.Dataset.from_tensors(x).map(lambda b: augment(b, seed))))
+    np.testing.assert_array_equal(eager, mapped.numpy())
+    assert not np.array_equal(eager, augment(x, tf.constant([3, 5], tf.int64)).numpy())
+
+
+def test_augmented_epochs_are_the_same_in_every_build_and_new_each_epoch(tmp_path):
+    def two_epochs(seed):
+        config = tiny_config(tmp_path, dataset="digits", max_examples=64, augment=True,
+                             seed=seed, batch_size=8)
+        train = data.load(config, image_size=32).train
+        return [np.concatenate([x.numpy() for x, _ in train]) for _ in range(2)]
+
+    first, again, other = two_epochs(0), two_epochs(0), two_epochs(1)
+    for epoch, repeated in zip(first, again):
+        np.testing.assert_array_equal(epoch, repeated)  # parallel map, same images
+    assert not np.array_equal(first[0], first[1])  # each epoch augmented anew
+    assert not np.array_equal(first[0], other[0])  # another seed, other images

@@ -380,3 +380,28 @@ def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, uncached_ru
     assert uncached_run.config.label_smoothing == 0.2
     loaded = keras.models.load_model(uncached_run.path("model.keras"))
     assert loaded.loss.label_smoothing == 0.2
+
+
+@pytest.mark.parametrize("regime", ["small_similar",
+                                    pytest.param("large_similar", marks=pytest.mark.slow)])
+def test_the_same_config_and_seed_give_the_same_run_with_augmentation(tmp_path, shared_images,
+                                                                      regime):
+    # small_similar: augmented views of cached features; large_similar's second phase:
+    # augmented batches through the backbone.
+    def run(name, seed=0):
+        config = tiny_config(tmp_path / name, regime, dataset=str(shared_images), augment=True,
+                             augment_zoom=0.2, augment_rotation=0.1, cached_views=2, seed=seed,
+                             epochs=3 if regime == "small_similar" else 2, head_epochs=1,
+                             report=False)
+        metrics = train.finetune(config, tiny_data(config), save_models=False)
+        return metrics, run_folder.read_history(config.workdir)
+
+    (first, history), (again, repeated) = run("a"), run("b")
+    assert first["train_path"] == ({"head": "cached_features"} if regime == "small_similar"
+                                   else {"head": "cached_features", "finetune": "fit"})
+    assert first["cached_features"]["views"] == (2 if regime == "small_similar" else 1)
+    assert (first["val_accuracy"], first["val_loss"]) == (again["val_accuracy"], again["val_loss"])
+    assert history == repeated  # every epoch's numbers, to the last digit
+    if regime == "small_similar":  # (the cheaper run)
+        other, _ = run("c", seed=1)
+        assert other["val_loss"] != first["val_loss"]
