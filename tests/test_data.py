@@ -77,6 +77,10 @@ def test_folder_errors_before_training(tmp_path, image_folder):
         data.from_folder(str(one))
     with pytest.raises(ValueError, match="is not a folder, not tfds:NAME"):
         data.load_examples(tiny_config(tmp_path, dataset=str(tmp_path / "missing")))
+    (image_folder / "empty_class").rmdir()
+    (image_folder / "a\nb").mkdir()  # labels.txt would get a line too many
+    with pytest.raises(ValueError, match=r"class folder name 'a\\nb' in .* holds a line break"):
+        data.from_folder(str(image_folder))
 
 
 def test_unreadable_folders_are_one_line_errors(image_folder):

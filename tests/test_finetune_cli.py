@@ -41,11 +41,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool,
 def test_cli_bad_config_files_are_one_line(tmp_path, run_tool):
     (tmp_path / "no_get_config.py").write_text("def nothing():\n    pass\n")
     (tmp_path / "returns_none.py").write_text("def get_config():\n    return None\n")
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('no')\n")
+    (tmp_path / "imports.py").write_text("import no_such_module\n")
+    (tmp_path / "binary.py").write_bytes(bytes(range(256)))
     for name, message in (
             ("missing.py", "config file '{path}' does not exist (--config=FILE[:ARG], e.g. "),
             ("no_get_config.py", "config file '{path}' has no get_config() (see configs/base.py)"),
             ("returns_none.py", "get_config() of '{path}' returned NoneType, not an "
-                                "ml_collections.ConfigDict")):
+                                "ml_collections.ConfigDict"),
+            ("syntax.py", "cannot load config file '{path}': SyntaxError: "),
+            ("raises.py", "cannot load config file '{path}': RuntimeError: no"),
+            ("imports.py", "cannot load config file '{path}': ModuleNotFoundError: "),
+            ("binary.py", "cannot load config file '{path}': ")):
         path = str(tmp_path / name)
         for args in ([f"--config={path}"], ["--config", path]):  # both ways absl takes a value
             result = run_tool("finetune.py", *args, cwd=tmp_path)
@@ -204,3 +212,90 @@ def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_colle
     assert e.value.code in (0, None)
     assert frozen[0] > 10_000  # Keras and TensorFlow are imported here
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_in_one_line_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "tools", "finetune.py"),
+               f"--config={ROOT}/configs/smoke.py:large_similar", "--dataset=digits",
+               "--epochs=8", "--max_examples=128", "--config.verbose=2",
+               f"--workdir={workdir}"]
+
+    def stopped_in_fit(signum):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, cwd=tmp_path)
+        seen = ""
+        while "Epoch 3/" not in seen:  # in the middle of fit, through the backbone
+            line = process.stdout.readline()
+            assert line, "the run ended before its third epoch"
+            seen += line
+        process.send_signal(signum)
+        began = time.time()
+        _, err = process.communicate(timeout=60)
+        return process.returncode, err, time.time() - began
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        code, err, seconds = stopped_in_fit(signum)
+        assert code == 128 + signum and seconds < 30
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"finetune.py: stopped by {signal.Signals(signum).name}; nothing is half-written, "
+            "and the same command resumes the run")
+        assert not os.path.exists(workdir / "metrics.json")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Resuming the unfinished run" in done.stdout
+    history = open(workdir / "history.csv").read().splitlines()
+    assert history[-1].startswith("7,")  # every epoch, to the last
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("benchmark.py", ["--speed=7"], "benchmark.py: error: --speed must be one of 0, 1, 2, got 7"),
+    ("benchmark.py", ["stray"], "benchmark.py: error: unexpected arguments: stray"),
+    ("benchmark.py", ["--out=OUT"], "benchmark.py: error: --out='OUT' is a folder; name the "
+                                    "results file"),
+    ("benchmark.py", ["--epochs=-1"], "benchmark.py: error: --epochs must be 0 or more, got -1"),
+    ("export.py", ["--workdir=OUT", "--export_dir=OUT/e", "--format=litert",
+                   "--calibration_images=-5"],
+     "export.py: error: --calibration_images must be at least 1, got -5"),
+    ("export.py", ["--workdir=OUT", "--export_dir=OUT/e", "--eval_images=-1"],
+     "export.py: error: --eval_images must be 0 (all) or more, got -1"),
+])
+def test_tool_settings_are_checked_before_the_work(tmp_path, run_tool, tool, args, message):
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    result = run_tool(tool, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line() == message.replace("OUT", str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_workdir_errors_that_are_not_a_full_disk_promise_nothing(tmp_path, run_tool):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for workdir, message in ((tmp_path / ("x" * 300), "File name too long"),
+                             (tmp_path / "loop" / "run", "Too many levels of symbolic links")):
+        result = run_tool("finetune.py", f"--config={ROOT}/configs/smoke.py",
+                          "--dataset=digits", f"--workdir={workdir}", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.last_line(), result.last_line()
+        assert "resumes" not in result.last_line() and "Traceback" not in result.stderr
+
+
+def test_a_full_disk_during_export_is_one_line(tmp_path, run_tool, monkeypatch):
+    import tensorflow as tf
+
+    from tl_keras import export
+
+    def fill_the_disk(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "/e/1/variables: No space left")
+
+    monkeypatch.setattr(export, "export_run", fill_the_disk)
+    result = run_tool("export.py", f"--workdir={tmp_path}", f"--export_dir={tmp_path}/e",
+                      cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.last_line() == ("export.py: error: ResourceExhaustedError: /e/1/variables: "
+                                  "No space left (no version was published)")

@@ -73,6 +73,16 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
     ({"head_steps_per_execution": 0}, "head_steps_per_execution must be at least 1, got 0"),
     ({"inference_batch_size": -1}, r"inference_batch_size must be 0 \(the training batch "
                                    r"size\) or more, got -1"),
+    # What a hostile probe found accepted (a run of nan losses, or a phase skipped):
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number, got inf"),
+    ({"advisor": {"scratch_margin": float("nan")}},
+     "advisor.scratch_margin must be a finite number, got nan"),
+    ({"head_epochs": -1}, r"head_epochs must be 0 \(no head phase\) or more, got -1"),
+    ({"scratch_batchnorm_momentum": 5.0},
+     r"scratch_batchnorm_momentum must be in \[0, 1\), got 5.0"),
+    ({"advisor": {"sample": -5}}, "advisor.sample must be at least 2, got -5"),
+    ({"advisor": {"similar_margin": -1.0}}, "advisor.similar_margin must be 0 or more, got -1.0"),
+    ({"feature_cache_bytes": -1}, r"feature_cache_bytes must be 0 \(features on disk\) or more"),
     ({"weights": "/no/such.weights.h5"},
      r"--weights='/no/such.weights.h5' is not 'imagenet', 'none' or an existing \.weights\.h5"),
 ])
@@ -118,3 +128,14 @@ def test_every_default_has_one_home_in_base(tmp_path):
                 with open(os.path.join(root, name)) as f:
                     text = f.read()
                 assert not re.search(r"\bconfig\.get\([^()]*,", text), name
+
+
+def test_a_locked_config_file_still_takes_the_advice(tmp_path):
+    # ml_collections' --config=FILE locks the config; --regime=auto then adds `advice`
+    # (a traceback before: "Key 'advice' does not exist and cannot be added").
+    config = tiny_config(tmp_path)
+    config.lock()
+    for source in (config, plan_lib.resolve(config).config):
+        copy = plan_lib.editable(source)
+        copy.advice = {"regime": "small_similar"}
+        assert copy.advice.regime == "small_similar"

@@ -405,3 +405,44 @@ def test_the_same_config_and_seed_give_the_same_run_with_augmentation(tmp_path, 
     if regime == "small_similar":  # (the cheaper run)
         other, _ = run("c", seed=1)
         assert other["val_loss"] != first["val_loss"]
+
+
+def test_one_run_per_workdir_and_a_killed_runs_leftovers_go(tmp_path):
+    import subprocess
+    import sys
+
+    def prepare_elsewhere():  # another process (run_folder alone: no Keras to import)
+        code = ("import json, sys; from tl_keras import run_folder\n"
+                "try: run_folder.prepare(sys.argv[1], json.loads(sys.argv[2]))\n"
+                "except run_folder.RunFolderError as e: print(e)")
+        return subprocess.run([sys.executable, "-c", code, workdir, json.dumps(settings)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    config = tiny_config(tmp_path)
+    settings = plan_lib.resolve(config).to_dict()
+    workdir = run_folder.prepare(config.workdir, settings)
+    # A second process into the same workdir is refused while this one holds it.
+    assert prepare_elsewhere() == (
+        f"workdir {workdir!r} is in use by another run (process {os.getpid()}); "
+        "wait for it to end, or choose another --workdir")
+    # Killed mid-write (a stale temporary file), resumed: the leftover is removed.
+    stale = os.path.join(workdir, f".best.{os.getpid() + 1}.partial.keras")
+    open(stale, "w").close()
+    run_folder.release(workdir)  # as if the process had ended
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+    run_folder.prepare(workdir, settings)
+    assert not os.path.exists(stale)
+    assert prepare_elsewhere().startswith(f"workdir {workdir!r} is in use by another run")
+    run_folder.release(workdir)
+    assert prepare_elsewhere() == f"Resuming the unfinished run in {workdir}"  # free now
+    assert run_folder.prepare(workdir, settings) == workdir  # and so can this one again
+    run_folder.release(workdir)
+
+
+def test_a_config_json_that_is_not_a_runs_settings_is_one_line(tmp_path):
+    config = tiny_config(tmp_path)
+    os.makedirs(config.workdir)
+    run_folder.write_json(os.path.join(config.workdir, "config.json"), [1, 2])
+    with pytest.raises(run_folder.RunFolderError, match="holds a config.json that is not a "
+                                                        r"run's settings \(a JSON object\)"):
+        run_folder.check(config.workdir, plan_lib.resolve(config).to_dict())

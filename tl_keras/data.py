@@ -132,6 +132,10 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     class_names = sorted(
         d for d in _listdir(root, "dataset folder")
         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    unlisted = [d for d in class_names if not d.isprintable()]
+    if unlisted:  # labels.txt holds one class per line: a name must be one printable line
+        raise ValueError(f"class folder name {unlisted[0]!r} in {root!r} holds a line break "
+                         "or another unprintable character; rename the folder")
     if len(class_names) < 2:
         raise ValueError(
             f"dataset folder {root!r} needs one subfolder per class and at least "

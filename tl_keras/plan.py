@@ -17,6 +17,7 @@ Example:
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 
@@ -39,6 +40,11 @@ _AT_LEAST = {
     "validation_freq": (1, "at least 1"),
     "inference_batch_size": (0, "0 (the training batch size) or more"),
     "head_steps_per_execution": (1, "at least 1"),
+    "head_epochs": (0, "0 (no head phase) or more"),
+    "image_cache_bytes": (0, "0 (no image cache) or more"),
+    "feature_cache_bytes": (0, "0 (features on disk) or more"),
+    "advisor.sample": (2, "at least 2"),
+    "advisor.large_examples": (1, "at least 1"),
 }
 
 
@@ -108,9 +114,19 @@ def resolve(config):
 
 
 def _check_numbers(config):
+    for key, value in _numbers(config):  # inf and nan train nothing: refused, not run
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
     for key, (low, meaning) in _AT_LEAST.items():
-        if int(config[key]) < low:
-            raise ValueError(f"{key} must be {meaning}, got {config[key]}")
+        value = _at(config, key)
+        if int(value) < low:
+            raise ValueError(f"{key} must be {meaning}, got {value}")
+    if not 0 <= config.scratch_batchnorm_momentum < 1:
+        raise ValueError("scratch_batchnorm_momentum must be in [0, 1), got "
+                         f"{config.scratch_batchnorm_momentum}")
+    if not config.advisor.similar_margin >= 0:
+        raise ValueError("advisor.similar_margin must be 0 or more, got "
+                         f"{config.advisor.similar_margin}")
     if config.image_size > MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {config.image_size}")
     for key in ("learning_rate", "finetune_learning_rate"):
@@ -124,6 +140,21 @@ def _check_numbers(config):
     for key, valid in _ONE_OF.items():
         if str(config[key]) not in valid:
             raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")
+
+
+def _at(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _numbers(config, prefix=""):
+    """(dotted key, value) of every int or float setting, nested ones included."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
 
 
 def _workdir(workdir):

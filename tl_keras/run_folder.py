@@ -25,6 +25,7 @@ Example:
 import csv
 import json
 import os
+import re
 
 
 class RunFolderError(ValueError):
@@ -34,13 +35,68 @@ class RunFolderError(ValueError):
 def prepare(workdir, settings, name="config.json", kind="run"):
     """Creates `workdir` and writes `settings` to `workdir/name`; resumes an unfinished run.
 
-    Raises `RunFolderError` as `check` does: nothing is overwritten. Returns `workdir`.
+    A run holds `workdir/.lock` until it finishes (`release`) or its process ends,
+    killed included: a second process started into the same workdir is refused
+    (a sweep's folder is shared by its tuner processes and takes no lock).
+    Half-written files a killed run left (`write_atomically`'s temporary names)
+    are removed. Raises `RunFolderError` as `check` does: nothing is overwritten.
+    Returns `workdir`.
     """
-    if check(workdir, settings, name, kind):
-        print(f"Resuming the unfinished {kind} in {workdir}")
+    resuming = check(workdir, settings, name, kind)
     os.makedirs(workdir, exist_ok=True)
+    if kind == "run":
+        lock(workdir)
+        check(workdir, settings, name, kind)  # again, now that no one else can write
+        remove_partial_files(workdir)
+    if resuming:
+        print(f"Resuming the unfinished {kind} in {workdir}")
     write_json(os.path.join(workdir, name), settings)
     return workdir
+
+
+_LOCKS = {}  # workdir -> the open .lock file this process holds
+
+
+def lock(workdir):
+    """Holds `workdir/.lock` (flock) for this process; `RunFolderError` when another holds it."""
+    import fcntl
+
+    key = os.path.realpath(workdir)
+    if key in _LOCKS:  # this process holds it already (a run resumed in the same process)
+        return
+    f = open(os.path.join(workdir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFolderError(f"workdir {workdir!r} is in use by another run (process "
+                             f"{holder}); wait for it to end, or choose another --workdir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def release(workdir):
+    """Lets go of `workdir/.lock` and removes it (a finished run: metrics.json is written,
+    so a process that opened the lock meanwhile refuses the folder all the same)."""
+    f = _LOCKS.pop(os.path.realpath(workdir), None)
+    if f is not None:
+        os.remove(f.name)
+        f.close()
+
+
+def remove_partial_files(workdir):
+    """Removes the temporary files of `write_atomically` that a killed process left in
+    `workdir` and its `backup/` (this process holds the lock: no one writes them)."""
+    for folder in (workdir, os.path.join(workdir, "backup")):
+        if os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                if _PARTIAL.match(entry):
+                    os.remove(os.path.join(folder, entry))
 
 
 def check(workdir, settings, name="config.json", kind="run"):
@@ -55,8 +111,15 @@ def check(workdir, settings, name="config.json", kind="run"):
     saved = os.path.join(workdir, name)
     refuse_finished(workdir)
     if os.path.exists(saved):
-        with open(saved) as f:
-            previous = json.load(f)
+        try:
+            with open(saved) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as e:  # a folder, unreadable, not JSON
+            previous = e
+        if not isinstance(previous, dict):
+            raise RunFolderError(
+                f"workdir {workdir!r} holds a {name} that is not a {kind}'s settings "
+                "(a JSON object); choose another --workdir")
         changed = differing_keys(previous, settings)
         if changed:
             holds = ("an unfinished run with another config" if kind == "run"
@@ -65,7 +128,7 @@ def check(workdir, settings, name="config.json", kind="run"):
                 f"workdir {workdir!r} holds {holds} (differs in: {', '.join(changed)}); "
                 "re-run it with the same settings to resume, or choose another --workdir")
         return True
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {".lock"}:
         raise RunFolderError(
             f"workdir {workdir!r} is not empty and holds no tl_keras {kind}; "
             "choose another --workdir")
@@ -90,6 +153,9 @@ def refuse_finished(workdir):
         raise RunFolderError(
             f"workdir {workdir!r} already holds a finished run; choose another --workdir")
     return workdir
+
+
+_PARTIAL = re.compile(r"^\..+\.\d+\.partial(\.[\w.]+)?$")  # write_atomically's temporary names
 
 
 def write_atomically(path, write):

@@ -136,6 +136,7 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
             shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
         if save_models and config.report:
             _draw(workdir, model, plan, metrics)
+        run_folder.release(workdir)
     return metrics
 
 

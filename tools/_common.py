@@ -9,6 +9,7 @@ each common key (`--regime`, `--backbone`, `--dataset`, ...).
 import atexit
 import gc
 import os
+import signal
 import sys
 
 import ml_collections
@@ -56,20 +57,44 @@ def fail(message):
     sys.exit(2)
 
 
-def run(main, flags_parser=None):
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`) turned into what Ctrl-C raises."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
+
+
+def run(main, flags_parser=None, resumable=False):
     """absl's `app.run(main)`, with Python's garbage collector kept off what is
     alive when `main` starts (the flags parsed, TensorFlow and Keras imported:
     every full collection would scan them again) and at exit (`gc.freeze`):
     Python's last collection took 1.0-1.5 s of each tool's run with TensorFlow
     imported, and takes 0.1 s frozen (docs/performance.md). Unfrozen again when
     `main` returns, for a caller that goes on (a test running the tool in its
-    own process)."""
+    own process).
+
+    SIGINT (Ctrl-C) and SIGTERM stop the tool with one line and exit status
+    128 + the signal's number, no traceback; `resumable`: the line says that the
+    same command resumes (every file is written whole, run_folder.py)."""
 
     def frozen(argv):
         gc.freeze()
+        previous = signal.signal(signal.SIGTERM, _stop)
         try:
             return main(argv)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            resume = "; nothing is half-written, and the same command resumes the run"
+            print(f"{os.path.basename(sys.argv[0])}: stopped by {signal.Signals(signum).name}"
+                  f"{resume if resumable else ''}", file=sys.stderr)
+            sys.exit(128 + signum)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             gc.unfreeze()
 
     atexit.unregister(gc.freeze)  # once, however often a process runs a tool
@@ -134,6 +159,8 @@ def parse_config_flags(argv):
         fail(f"bad --config value: {first_line(e)}")
     except OSError as e:  # ml_collections could not load the file
         fail(f"cannot load config file {path!r}: {first_line(e)}")
+    except Exception as e:  # noqa: BLE001  the file itself: a syntax error, an import, a raise
+        fail(f"cannot load config file {path!r}: {type(e).__name__}: {first_line(e)}")
     if not isinstance(config, ml_collections.ConfigDict):
         fail(f"get_config() of {path!r} returned {type(config).__name__}, "
              "not an ml_collections.ConfigDict")

@@ -31,9 +31,24 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        _common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     settings = benchmark.Settings(**{f.name: getattr(FLAGS, f.name)
                                      for f in dataclasses.fields(benchmark.Settings)})
+    # Checked before the work (tens of minutes), not after it.
+    for name, valid in (("speed", (0, 1, 2)), ("advisor", (0, 1))):
+        if getattr(settings, name) not in valid:
+            _common.fail(f"--{name} must be one of {', '.join(map(str, valid))}, "
+                         f"got {getattr(settings, name)}")
+    for f in dataclasses.fields(benchmark.Settings):
+        value = getattr(settings, f.name)
+        if f.type is int and value < 0:
+            _common.fail(f"--{f.name} must be 0 or more, got {value}")
+    if os.path.isdir(FLAGS.out):
+        _common.fail(f"--out={FLAGS.out!r} is a folder; name the results file")
+    folder = os.path.dirname(os.path.abspath(FLAGS.out))
+    if os.path.exists(folder) and not os.access(folder, os.W_OK):
+        _common.fail(f"cannot write {FLAGS.out!r}: its folder is not writable")
     results = benchmark.run(settings, command=" ".join(["python"] + sys.argv))
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

@@ -43,6 +43,12 @@ def main(argv):
     for name in ("workdir", "export_dir"):
         if not getattr(FLAGS, name):
             fail(f"--{name} is required")
+    for name, low in (("calibration_images", 1), ("eval_images", 0)):
+        if getattr(FLAGS, name) < low:
+            fail(f"--{name} must be {'at least 1' if low else '0 (all) or more'}, "
+                 f"got {getattr(FLAGS, name)}")
+    import tensorflow as tf
+
     from tl_keras import export, litert
 
     try:
@@ -54,6 +60,8 @@ def main(argv):
             export.export_run(FLAGS.workdir, FLAGS.export_dir)
     except (ValueError, OSError) as e:
         fail(first_line(e))
+    except tf.errors.OpError as e:  # e.g. a full disk while TensorFlow writes the SavedModel
+        fail(f"{type(e).__name__}: {first_line(e.message)} (no version was published)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Usage:
 From Python: `tl_keras.finetune(dataset, regime=..., **config)` runs the same (tl_keras/api.py).
 """
 
+import errno
+
 from absl import flags
 
 import _common
@@ -47,8 +49,10 @@ def main(argv):
             fail(first_line(gave_up))
     except ValueError as e:
         fail(first_line(e))
-    except OSError as e:  # a full disk: files are written whole or not at all (run_folder.py)
-        fail(f"{first_line(e)} (nothing is half-written; the same command resumes the run)")
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # files are written whole or not at all
+            fail(f"{first_line(e)} (nothing is half-written; the same command resumes the run)")
+        fail(first_line(e))
     if not run.chief:
         print(f"Done; the chief wrote the run folder {run.workdir}")
         return
@@ -59,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _common.run(main, flags_parser=_common.parse_config_flags)
+    _common.run(main, flags_parser=_common.parse_config_flags, resumable=True)

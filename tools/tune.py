@@ -78,10 +78,17 @@ def main(argv):
                 print(f"{earlier} trial(s) finished in an earlier attempt; they are not rerun.")
     except ValueError as e:
         fail(_common.first_line(e))
+    except OSError as e:
+        fail(_common.first_line(e))
+    import tensorflow as tf
+
     try:
         tuner.search()
     except RuntimeError as e:  # Keras Tuner: too many trials failed in a row
         stopped = _common.first_line(e)
+    except (OSError, tf.errors.ResourceExhaustedError) as e:  # e.g. a full disk
+        fail(f"{_common.first_line(e)} (finished trials are kept; the same command resumes "
+             "the sweep)")
     else:
         stopped = None
     if role == "worker":
@@ -101,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _common.run(main, flags_parser=_common.parse_config_flags)
+    _common.run(main, flags_parser=_common.parse_config_flags, resumable=True)
