@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Manifests of checked image folders (data.CheckedFiles) go here, not into ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("TL_KERAS_CACHE", tempfile.mkdtemp(prefix="tl_keras_cache_"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 

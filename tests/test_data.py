@@ -301,3 +301,29 @@ def test_augmented_epochs_are_the_same_in_every_build_and_new_each_epoch(tmp_pat
         np.testing.assert_array_equal(epoch, repeated)  # parallel map, same images
     assert not np.array_equal(first[0], first[1])  # each epoch augmented anew
     assert not np.array_equal(first[0], other[0])  # another seed, other images
+
+
+def test_a_folder_is_checked_once_and_a_changed_file_again(image_folder, monkeypatch, capfd):
+    decoded = []
+    check = data._check_file
+    monkeypatch.setattr(data, "_check_file", lambda path: decoded.append(path) or check(path))
+    first = data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
+    assert len(decoded) == 20  # every file, once
+    decoded.clear()
+    again = data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
+    assert decoded == []  # unchanged: nothing decoded to check it
+    assert (again.train_examples, again.val_examples) == (first.train_examples,
+                                                          first.val_examples)
+    # A file that changes is decoded again, and a file that turned bad is skipped as before.
+    good = image_folder / "fox" / "0.png"
+    good.write_bytes(good.read_bytes()[:40])
+    capfd.readouterr()
+    changed = data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
+    assert decoded == [str(good)]
+    assert changed.skipped == [str(good)]
+    assert f"{good}: " in capfd.readouterr().err
+    decoded.clear()
+    data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
+    assert decoded == []  # the bad verdict is kept too
+    assert not any(name.startswith(".") or name.endswith(".json")
+                   for _, _, files in os.walk(image_folder) for name in files)  # nothing written there

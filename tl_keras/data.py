@@ -16,6 +16,8 @@ Example:
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -157,7 +159,7 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
                        f"{'/'.join(IMAGE_EXTENSIONS)} files (nested folders are not read either)",
                        [p + ("/" if os.path.isdir(p) else "") for p in ignored]), file=sys.stderr)
 
-    bad = check_images(paths)
+    bad = check_images(paths, CheckedFiles(root))
     if bad and strict:
         path, reason = bad[0]
         raise ValueError(f"cannot decode image {path!r}: {reason} ({len(bad)} bad files in all)")
@@ -208,29 +210,97 @@ def _decode(path):
     return image
 
 
-def check_images(paths):
-    """[(path, reason)] for each file TensorFlow cannot decode, in order."""
-    def check(path):
-        try:
-            image = _decode(tf.constant(path))
-            if image.shape[0] == 0 or image.shape[1] == 0:
-                return "empty image"
-        except (tf.errors.OpError, ValueError) as e:
-            return _short_reason(e.message if hasattr(e, "message") else str(e))
-        return None
+def _check_file(path):
+    """Why TensorFlow cannot decode the file at `path`, or None when it can."""
+    try:
+        image = _decode(tf.constant(path))
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            return "empty image"
+    except (tf.errors.OpError, ValueError) as e:
+        return _short_reason(e.message if hasattr(e, "message") else str(e))
+    return None
 
-    progress = keras.utils.Progbar(len(paths), unit_name="file") if len(paths) > 2000 else None
-    bad = []
+
+def check_images(paths, manifest=None):
+    """[(path, reason)] for each file TensorFlow cannot decode, in order.
+
+    With a `CheckedFiles` manifest, a file it holds unchanged (same size and
+    modification time) is not decoded again; the others are, and are recorded.
+    """
+    known = manifest.known(paths) if manifest is not None else {}
+    todo = [p for p in paths if p not in known]
+    progress = keras.utils.Progbar(len(todo), unit_name="file") if len(todo) > 2000 else None
+    found = {}
     with _native_stderr_dropped(), \
             concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for i, (path, reason) in enumerate(zip(paths, pool.map(check, paths))):
-            if reason:
-                bad.append((path, reason))
+        for i, (path, reason) in enumerate(zip(todo, pool.map(_check_file, todo))):
+            found[path] = reason
             if progress and (i + 1) % 500 == 0:
                 progress.update(i + 1)
     if progress:
-        progress.update(len(paths), finalize=True)
-    return bad
+        progress.update(len(todo), finalize=True)
+    if manifest is not None and todo:
+        manifest.save(found)
+    return [(p, known[p] if p in known else found[p]) for p in paths
+            if (known[p] if p in known else found[p])]
+
+
+class CheckedFiles:
+    """What decoding each file of an image folder found, kept between starts:
+    relative path -> [size, mtime_ns, reason or None], in one JSON file per folder
+    under `$TL_KERAS_CACHE` (default ~/.cache/tl_keras) `/checked/`, written whole.
+
+    A second start on an unchanged folder decodes nothing to check it; a file
+    whose size or modification time changed is decoded again. The dataset
+    folder itself is never written to.
+    """
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+        cache = os.environ.get("TL_KERAS_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "tl_keras")
+        digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
+        self.path = os.path.join(cache, "checked", f"{digest}.json")
+        self.entries, self.stats = {}, {}
+        try:
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved.get("root") == self.root:
+                self.entries = saved["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # none yet, or unreadable: every file is checked
+
+    def _key(self, path):
+        return os.path.relpath(os.path.realpath(path), self.root)
+
+    def known(self, paths):
+        """{path: reason or None} of `paths` the manifest holds unchanged."""
+        out = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # checked (and reported) by decoding
+            self.stats[path] = [st.st_size, st.st_mtime_ns]
+            entry = self.entries.get(self._key(path))
+            if entry is not None and entry[:2] == self.stats[path]:
+                out[path] = entry[2]
+        return out
+
+    def save(self, found):
+        """Records `found` {path: reason or None}; a cache that cannot be written is skipped."""
+        from tl_keras import run_folder
+
+        for path, reason in found.items():
+            if path in self.stats:
+                self.entries[self._key(path)] = [*self.stats[path], reason]
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            run_folder.write_json(self.path, {"root": self.root, "files": self.entries},
+                                  indent=None)
+        except OSError as e:
+            print(f"warning: cannot keep the checked-files manifest {self.path!r} "
+                  f"({e.strerror}); the next start checks every file again", file=sys.stderr)
 
 
 def _short_reason(message):

@@ -23,7 +23,7 @@ import tempfile
 
 import ml_collections
 
-from tl_keras import backbones, losses, trainable
+from tl_keras import backbones, losses, recipe, trainable
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "float32", "mixed_float16", "mixed_bfloat16")
@@ -137,6 +137,10 @@ def _check_numbers(config):
             raise ValueError(f"{key} must be in [0, 1), got {config[key]}")
     if not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
+    recipe.check(config)
+    if config.early_stopping and config.validation_freq != 1:
+        raise ValueError("early_stopping counts validated epochs: it needs validation_freq=1, "
+                         f"got {config.validation_freq}")
     for key, valid in _ONE_OF.items():
         if str(config[key]) not in valid:
             raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")

@@ -176,11 +176,11 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
-def write_json(path, value):
-    """`value` as indented JSON at `path`, written whole or not at all."""
+def write_json(path, value, indent=2):
+    """`value` as JSON at `path` (indented unless `indent=None`), written whole or not at all."""
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
+            json.dump(value, f, indent=indent)
             f.write("\n")
 
     write_atomically(path, write)

@@ -29,7 +29,7 @@ import numpy as np
 
 import tl_keras
 from tl_keras import backbones, features, keras_internals, model as model_lib, plan as plan_lib
-from tl_keras import run_folder, trainable
+from tl_keras import recipe as recipe_lib, run_folder, trainable
 
 
 # Validation on cached features runs in batches this large: a feature vector is
@@ -401,8 +401,7 @@ def compile_phase(run, phase, inputs):
     with run.dist.scope():  # the optimizers' variables are the strategy's
         for m in {id(model): model, id(inputs.model): inputs.model}.values():
             m.compile(
-                optimizer=keras.optimizers.AdamW(
-                    learning_rate=phase.learning_rate, weight_decay=config.weight_decay),
+                optimizer=recipe_lib.optimizer(phase, steps_per_epoch(run), model),
                 loss=run.plan.loss,
                 metrics=["accuracy"],
                 jit_compile=config.jit_compile,
@@ -418,16 +417,40 @@ def compile_phase(run, phase, inputs):
             model.optimizer.build(model.trainable_variables)
 
 
+def steps_per_epoch(run):
+    """Training steps in one epoch of the run's data (a recipe's schedule spans them)."""
+    return steps_per_epoch_of(run.data, run.batch_size)
+
+
+def steps_per_epoch_of(data, batch_size):
+    batches = data.train_examples / batch_size
+    return int(batches) if getattr(data, "drop_remainder", False) else math.ceil(batches)
+
+
 def announce(run, phase, inputs):
     print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
           f"training {'the head' if phase.train == 'head' else 'everything'}"
           f"{' on cached features' if inputs.cached else ''}, "
-          f"learning rate {phase.learning_rate:g}; "
+          f"learning rate {phase.learning_rate:g}{describe(phase.recipe)}; "
           f"trainable / frozen params: {trainable.count_params(run.model)}")
 
 
+def describe(recipe):
+    """What a phase's recipe adds to its announcement: "" for a constant AdamW rate."""
+    parts = [f"{recipe.schedule} schedule" if recipe.schedule != "constant" else "",
+             f"{recipe.warmup:.0%} warm-up" if recipe.warmup else "",
+             "SGD" if recipe.optimizer == "sgd" else "",
+             f"layer decay {recipe.layer_decay:g}" if recipe.layer_decay != 1 else "",
+             f"clipnorm {recipe.clipnorm:g}" if recipe.clipnorm else "",
+             f"EMA {recipe.ema:g}" if recipe.ema else "",
+             f"early stopping after {recipe.early_stopping}" if recipe.early_stopping else ""]
+    parts = [p for p in parts if p]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def phase_callbacks(run, phase, inputs):
-    """NaN stop, backup (not on cached features), history.csv, TensorBoard, best.keras."""
+    """NaN stop, backup (not on cached features), history.csv, TensorBoard, the recipe's
+    (weight averaging, early stopping), best.keras."""
     dist, workdir = run.dist, run.workdir
     callbacks = [keras.callbacks.TerminateOnNaN()]
     if not inputs.cached:
@@ -441,6 +464,10 @@ def phase_callbacks(run, phase, inputs):
             keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
     if dist.chief and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs")))
+    # After the backup (it saves the weights being trained), before best.keras (it saves
+    # the averaged weights, which are swapped in at the end of each epoch).
+    callbacks += recipe_lib.callbacks(phase, workdir,
+                                      best_record=os.path.join(workdir, "backup", "best.json"))
     if run.save_models and dist.chief:
         # A cached head's epochs take a fraction of a second and saving the
         # full model ~0.75 s: its best weights are kept in memory, saved once.

@@ -37,7 +37,7 @@ import math
 
 import keras
 
-from tl_keras import backbones
+from tl_keras import backbones, recipe as recipe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ class Phase:
     batchnorm_momentum: float = 0.0  # > 0: set on every BatchNorm layer (init=scratch)
     unfreeze: int = 0        # train == "all": only the top `unfreeze` stages train; 0: all
     stage_ends: tuple = ()   # the layers that end the backbone's stages (named cut points)
+    recipe: recipe_lib.Recipe = recipe_lib.Recipe()  # optimizer, schedule, ... (recipe.py)
 
 
 def plan_phases(config):
@@ -106,22 +107,27 @@ def plan_phases(config):
             raise ValueError(
                 f"init='scratch' trains every weight; regime {config.regime!r} "
                 "freezes the backbone (use large_different)")
-        return [Phase("head", "head", 0, config.epochs, config.learning_rate, True)]
+        return [Phase("head", "head", 0, config.epochs, config.learning_rate, True,
+                      recipe=recipe_lib.for_phase(config, "head"))]
     if config.init == "scratch":
         # Keras Applications' BatchNorm momentum (0.999 in MobileNet, EfficientNet)
         # suits ImageNet-length training; from random weights on a few thousand
         # images the moving statistics would still be near their initial values
         # at the end, and validation accuracy stays at chance (measured).
         return [Phase("scratch", "all", 0, config.epochs, config.learning_rate, False,
-                      batchnorm_momentum=config.scratch_batchnorm_momentum)]
+                      batchnorm_momentum=config.scratch_batchnorm_momentum,
+                      stage_ends=backbones.stage_ends(config.backbone),
+                      recipe=recipe_lib.for_phase(config, "all"))]
     head_epochs = min(config.head_epochs, config.epochs)
     phases = []
     if head_epochs > 0:
-        phases.append(Phase("head", "head", 0, head_epochs, config.learning_rate, True))
+        phases.append(Phase("head", "head", 0, head_epochs, config.learning_rate, True,
+                            recipe=recipe_lib.for_phase(config, "head")))
     if config.epochs > head_epochs:
         phases.append(Phase("finetune", "all", head_epochs, config.epochs,
                             config.finetune_learning_rate, True, unfreeze=unfreeze,
-                            stage_ends=backbones.stage_ends(config.backbone)))
+                            stage_ends=backbones.stage_ends(config.backbone),
+                            recipe=recipe_lib.for_phase(config, "all")))
     return phases
 
 

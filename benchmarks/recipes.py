@@ -1,0 +1,92 @@
+"""The large regimes' recipe measured: variants of one job, each seed in a fresh process.
+
+Run:  python benchmarks/recipes.py [--variants=new,old,...] [--seeds=0,1] [--out=FILE]
+
+The job (issue "The large regimes, trained the way the field trains them"):
+EfficientNet-Lite0 with its ImageNet weights, 5,000 Fashion-MNIST training
+images, 64 px, augmentation off, 4 epochs (1 head-only), validated on all
+10,000 test images. Each run appends one JSON line (variant, seed, overrides,
+val_accuracy, best_val_accuracy, wall seconds) to `--out`
+(benchmarks/results_recipes.jsonl); a variant and seed already there is not
+run again. Nothing else should run beside it when its seconds are quoted.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+JOB = dict(dataset="fashion_mnist", max_examples=5000, image_size=64, augment=False,
+           epochs=4, head_epochs=1)
+
+# The recipe's pieces, each switched off one at a time from "new".
+NEW = dict(finetune_learning_rate=3e-4, schedule="cosine", warmup=0.1, clipnorm=1.0,
+           layer_decay=0.75)
+VARIANTS = {
+    "frozen": dict(regime="small_similar", epochs=10),
+    "old": dict(regime="large_similar", finetune_learning_rate=1e-5),
+    "old_3e-4": dict(regime="large_similar", finetune_learning_rate=3e-4),
+    "new": dict(regime="large_similar", **NEW),
+    "new_no_layer_decay": dict(regime="large_similar", **dict(NEW, layer_decay=1.0)),
+    "new_constant": dict(regime="large_similar", **dict(NEW, schedule="constant", warmup=0.0)),
+    "new_no_clip": dict(regime="large_similar", **dict(NEW, clipnorm=0.0)),
+    "new_1e-3": dict(regime="large_similar", **dict(NEW, finetune_learning_rate=1e-3)),
+    "new_ema": dict(regime="large_similar", **dict(NEW, ema=0.99)),
+    "new_sgd": dict(regime="large_similar", **dict(NEW, optimizer="sgd",
+                                                   finetune_learning_rate=0.01)),
+    "scratch_old": dict(regime="large_different", init="scratch"),
+    "scratch_new": dict(regime="large_different", init="scratch", schedule="cosine",
+                        warmup=0.1, clipnorm=1.0),
+}
+
+CHILD = r"""
+import json, sys
+import tl_keras
+overrides = json.loads(sys.argv[1])
+regime = overrides.pop("regime")
+run = tl_keras.finetune(regime=regime, verbose="2", report=False, **overrides)
+m = run.metrics
+print("RESULT " + json.dumps({"val_accuracy": m["val_accuracy"],
+                              "best_val_accuracy": m["best_val_accuracy"],
+                              "wall_seconds": m["wall_seconds"]}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="new,old")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
+                                                      "results_recipes.jsonl"))
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["variant"], r["seed"]) for r in map(json.loads, f)}
+    for seed in map(int, args.seeds.split(",")):
+        for name in names:
+            if (name, seed) in done:
+                continue
+            overrides = dict(JOB, **VARIANTS[name], seed=seed,
+                             workdir=os.path.join(tempfile.mkdtemp(), "run"))
+            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides)],
+                                 capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(f"{name} seed {seed} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = dict(variant=name, seed=seed, overrides=VARIANTS[name],
+                          **json.loads(line[0][len("RESULT "):]))
+            print(json.dumps(result), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The recipe: schedules, layer-wise rates, clipping, weight averaging, early stopping."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY_BACKBONE, TINY_SIZE, tiny_arrays, tiny_config
+from tl_keras import backbones, model as model_lib, plan as plan_lib, recipe, trainable
+
+
+def _phase(train="all", first=0, last=1, rate=0.1, **recipe_kwargs):
+    return trainable.Phase("finetune", train, first, last, rate, True,
+                           stage_ends=backbones.stage_ends(TINY_BACKBONE),
+                           recipe=recipe.Recipe(**recipe_kwargs))
+
+
+def _classifier(seed=0):
+    cut = backbones.build_backbone(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
+    return model_lib.build_classifier(cut.model, TINY_BACKBONE, 3, dropout=0.0, seed=seed)
+
+
+def _rates(schedule, steps):
+    return np.array([float(schedule(t)) for t in range(steps + 1)])
+
+
+def test_cosine_warms_up_linearly_to_the_peak_then_decays_to_zero():
+    rates = _rates(recipe.schedule(recipe.Recipe(schedule="cosine", warmup=0.1), 0.3, 100), 100)
+    np.testing.assert_allclose(rates[:11], np.linspace(0, 0.3, 11), rtol=1e-5, atol=1e-7)
+    assert np.all(np.diff(rates[10:]) <= 1e-9)  # never rises after the warm-up
+    np.testing.assert_allclose(rates[55], 0.15, rtol=1e-4)  # halfway down the cosine
+    assert rates[100] == pytest.approx(0, abs=1e-7)
+
+
+def test_steps_divide_the_rate_by_ten_at_30_60_90_percent_after_the_warm_up():
+    rates = _rates(recipe.schedule(recipe.Recipe(schedule="steps", warmup=0.05), 1.0, 100), 100)
+    np.testing.assert_allclose(rates[:6], np.linspace(0, 1, 6), rtol=1e-6)
+    np.testing.assert_allclose(rates[[10, 29, 30, 59, 60, 89, 90, 100]],
+                               [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
+
+
+def test_a_constant_rate_without_warm_up_is_a_plain_number():
+    assert recipe.schedule(recipe.Recipe(), 0.01, 100) == 0.01
+    opt = recipe.optimizer(_phase(rate=0.01), steps_per_epoch=10)
+    assert type(opt) is keras.optimizers.AdamW and opt.weight_decay == 0.0
+
+
+def test_layer_decay_scales_each_stage_s_update_by_its_factor():
+    x, y = tiny_arrays(8)
+    updates = {}
+    for decay in (1.0, 0.5):
+        model = _classifier()
+        phase = _phase(optimizer="sgd", layer_decay=decay)
+        trainable.apply_phase(model, phase)
+        opt = recipe.optimizer(phase, steps_per_epoch=1, model=model)
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+        model.train_on_batch(x, y)
+        updates[decay] = {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
+        scales = recipe.rate_scales(model, phase, decay)
+    assert type(opt) is recipe.LayerwiseSGD
+    # The head trains at the full rate; the top stage at 0.5, the lowest at 0.5^4.
+    assert "predictions/kernel" not in scales
+    assert sorted(set(scales.values())) == [0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5]
+    first = next(p for p in updates[1.0] if p in scales)  # the stem, lowest stage
+    assert scales[first] == 0.5 ** 4
+    for path, plain in updates[1.0].items():
+        if np.abs(plain).max() > 1e-6:  # SGD's first step: -rate x gradient, times the factor
+            np.testing.assert_allclose(updates[0.5][path], plain * scales.get(path, 1.0),
+                                       rtol=2e-3, atol=1e-7, err_msg=path)
+
+
+def test_clipnorm_bounds_the_global_gradient_norm():
+    x, y = tiny_arrays(8)
+    steps = {}
+    for clip in (0.0, 1e-3):
+        model = _classifier()
+        phase = _phase(optimizer="sgd", clipnorm=clip, rate=1.0)
+        trainable.apply_phase(model, phase)
+        model.compile(optimizer=recipe.optimizer(phase, 1, model),
+                      loss="sparse_categorical_crossentropy")
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.train_on_batch(x, y)
+        steps[clip] = np.sqrt(sum(np.sum((v.numpy() - b) ** 2)
+                                  for v, b in zip(model.trainable_variables, before)))
+    assert steps[0.0] > 1e-2
+    assert steps[1e-3] == pytest.approx(1e-3, rel=1e-3)  # rate 1 x a gradient of norm 1e-3
+
+
+def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path):
+    x, y = tiny_arrays(16)
+    model = _classifier()
+    phase = _phase(rate=0.05, ema=0.5, last=2)
+    trainable.apply_phase(model, phase)
+    model.compile(optimizer=recipe.optimizer(phase, steps_per_epoch=4, model=model),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # The bias: the head's kernel barely moves on a random backbone's tiny features.
+    kernel = model.get_layer("predictions").bias
+    seen, checked = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(kernel.numpy().copy())
+
+        def on_epoch_end(self, epoch, logs=None):  # after the swap: what best.keras saves
+            checked.append(kernel.numpy().copy())
+
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, validation_data=(x, y),
+              callbacks=recipe.callbacks(phase, str(tmp_path)) + [Record()])
+    average = seen[0]
+    averages = [average]
+    for weights in seen[1:]:
+        average = 0.5 * average + 0.5 * weights
+        averages.append(average)
+    assert not np.allclose(averages[-1], seen[-1], atol=1e-5)  # the average is not the last step
+    np.testing.assert_allclose(checked[0], averages[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernel.numpy(), averages[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_goes_on_counting_after_a_kill_and_restores_the_best(tmp_path):
+    model = _classifier()
+    best_model, record = tmp_path / "best.keras", tmp_path / "backup" / "best.json"
+    phase = _phase(early_stopping=2, last=10)
+    state = tmp_path / "backup" / "finetune.early_stopping.json"
+
+    def callback():
+        stop, = recipe.callbacks(phase, str(tmp_path), best_record=str(record))
+        stop.set_model(model)
+        stop.on_train_begin()
+        return stop
+
+    stop = callback()
+    stop.on_epoch_end(0, {"val_accuracy": 0.5})  # the best: best.keras written at this epoch
+    best = model.get_weights()
+    model.save(best_model)
+    record.write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5}))
+    model.set_weights([w + 1 for w in best])
+    stop.on_epoch_end(1, {"val_accuracy": 0.4})
+    assert json.loads(state.read_text()) == {"wait": 1, "best": 0.5, "best_epoch": 0}
+    # Killed here; the resumed run's callback knows one epoch has passed without gain.
+    model.stop_training = False
+    stop = callback()
+    stop.on_epoch_end(2, {"val_accuracy": 0.45})
+    assert model.stop_training
+    stop.on_train_end()
+    for restored, saved in zip(model.get_weights(), best):
+        np.testing.assert_array_equal(restored, saved)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer", "adam", "unknown optimizer 'adam'; valid: adamw, sgd"),
+    ("schedule", "linear", "unknown schedule 'linear'; valid: constant, cosine, steps"),
+    ("warmup", 1.0, "warmup must be a fraction in [0, 1), got 1.0"),
+    ("layer_decay", 0.0, "layer_decay must be in (0, 1] (1: one rate), got 0.0"),
+    ("ema", 1.0, "ema must be in [0, 1) (0: off), got 1.0"),
+    ("clipnorm", -1.0, "clipnorm must be 0 (off) or more, got -1.0"),
+    ("early_stopping", -1, "early_stopping must be 0 (off) or a number of epochs, got -1"),
+])
+def test_a_bad_recipe_setting_is_one_line(tmp_path, key, value, message):
+    with pytest.raises(ValueError) as e:
+        plan_lib.resolve(tiny_config(tmp_path, "large_similar", **{key: value}))
+    assert str(e.value) == message
+
+
+def test_early_stopping_needs_every_epoch_validated(tmp_path):
+    with pytest.raises(ValueError, match="early_stopping counts validated epochs"):
+        plan_lib.resolve(tiny_config(tmp_path, "large_similar", early_stopping=2,
+                                     validation_freq=2))
+
+
+def test_the_recipe_applies_to_phases_that_train_the_backbone(tmp_path):
+    plan = plan_lib.resolve(tiny_config(tmp_path, "large_similar", schedule="cosine",
+                                        warmup=0.2, layer_decay=0.7, optimizer="sgd"))
+    head, finetune = plan.phases
+    assert head.recipe == recipe.Recipe(weight_decay=1e-4)  # a new head: constant AdamW
+    assert (finetune.recipe.schedule, finetune.recipe.warmup, finetune.recipe.layer_decay,
+            finetune.recipe.optimizer) == ("cosine", 0.2, 0.7, "sgd")
+
+
+def test_a_large_run_with_the_recipe_keeps_batchnorm_frozen_and_ends_at_rate_zero(
+        tmp_path, shared_images, capsys):
+    from tl_keras import data as data_lib, train
+
+    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=3,
+                         head_epochs=1, batch_size=8, schedule="cosine", warmup=0.25,
+                         layer_decay=0.5, clipnorm=1.0, ema=0.5, early_stopping=5, report=False)
+    plan = plan_lib.resolve(config)
+    data = data_lib.load(plan.config, image_size=plan.image_size)
+    model, _ = train.build(plan, 3, 3)
+    bn = [layer for layer in model.get_layer("backbone").layers
+          if isinstance(layer, keras.layers.BatchNormalization)]
+    moving = [layer.moving_mean.numpy().copy() for layer in bn]
+    history, _ = train.run_phases(model, plan, data, config.workdir)
+    assert len(history) == 3
+    assert ("learning rate 1e-05 (cosine schedule, 25% warm-up, layer decay 0.5, clipnorm 1, "
+            "EMA 0.5, early stopping after 5)") in capsys.readouterr().out
+    optimizer = model.optimizer
+    assert type(optimizer) is recipe.LayerwiseAdamW
+    assert int(optimizer.iterations) == 2 * train.steps_per_epoch_of(data, 8)
+    assert float(optimizer.learning_rate) == pytest.approx(0, abs=1e-9)  # the cosine's end
+    for layer, before in zip(bn, moving):
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+    saved = keras.saving.load_model(os.path.join(config.workdir, "best.keras"), compile=False)
+    assert len(saved.get_weights()) == len(model.get_weights())
