@@ -56,12 +56,14 @@ def get_config():
 
     # --- How phases that train the backbone train (large regimes; tl_keras/recipe.py, docs/quality.md) ---
     config.optimizer = "adamw"           # adamw | sgd (momentum 0.9)
-    config.schedule = "constant"         # constant | cosine (to 0) | steps (BiT: / 10 at 30%, 60%, 90%)
+    config.schedule = "constant"         # constant | cosine (to 0) | steps (BiT: / 10 at 30%, 60%, 90%) | size_rule (BiT's HyperRule: steps, warm-up, mixup from the data's size)
     config.warmup = 0.0                  # fraction of the phase's steps warming the rate up linearly from 0
     config.clipnorm = 0.0                # clip gradients to this global norm; 0: off
     config.layer_decay = 1.0             # backbone stage k below the top trains at rate x layer_decay^k; 1: one rate
     config.ema = 0.0                     # validate, save and keep an average of the weights with this momentum; 0: off
     config.early_stopping = 0            # stop after this many epochs without a better val_accuracy, best weights back; 0: off
+    config.batch_augment = "none"        # none | mixup | cutmix: training batches mixed with themselves, labels too
+    config.mix_alpha = 0.2               # mixup / CutMix: lambda drawn from Beta(mix_alpha, mix_alpha)
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA
     config.distribution = "auto"         # auto | none | mirrored | multi_worker | tpu (tl_keras/distribute.py)

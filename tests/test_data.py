@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
+from conftest import tiny_arrays, tiny_config
 from tl_keras import arrays, data
 
 
@@ -327,3 +327,57 @@ def test_a_folder_is_checked_once_and_a_changed_file_again(image_folder, monkeyp
     assert decoded == []  # the bad verdict is kept too
     assert not any(name.startswith(".") or name.endswith(".json")
                    for _, _, files in os.walk(image_folder) for name in files)  # nothing written there
+
+
+def _mixed(kind, seed=(0, 1), in_dataset=False):
+    """A batch of 8 images, each one value per class (class k: 40 k), mixed."""
+    import tensorflow as tf
+
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3], "int32")
+    images = np.broadcast_to((40.0 * labels)[:, None, None, None], (8, 16, 16, 3)).copy()
+    mix = data.Mix(kind, alpha=1.0, num_classes=4)
+    seed = tf.constant(seed, tf.int64)
+    if not in_dataset:
+        x, y = mix(images, labels, seed)
+        return images, x.numpy(), y.numpy()
+    ds = tf.data.Dataset.from_tensors((images, labels)).map(lambda a, b: mix(a, b, seed))
+    x, y = next(iter(ds))
+    return images, x.numpy(), y.numpy()
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_labels_hold_each_image_s_share_of_every_class(kind):
+    _, x, y = _mixed(kind)
+    np.testing.assert_allclose(y.sum(axis=1), 1, rtol=1e-6)
+    # Each image is made of the classes' values in the shares its label says.
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), y @ (40.0 * np.arange(4)), rtol=1e-4,
+                               atol=1e-3)
+    assert np.any((y > 0.01) & (y < 0.99))  # mixed, not one image copied
+    if kind == "cutmix":  # pasted, not blended: every pixel is one class's value
+        assert set(np.unique(x)) <= {0.0, 40.0, 80.0, 120.0}
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_a_mix_is_the_same_eagerly_and_in_tf_data_and_differs_by_seed(kind):
+    _, eager, labels = _mixed(kind)
+    _, mapped, mapped_labels = _mixed(kind, in_dataset=True)
+    np.testing.assert_allclose(mapped, eager, rtol=1e-6)
+    np.testing.assert_allclose(mapped_labels, labels, rtol=1e-6)
+    assert not np.allclose(_mixed(kind, seed=(0, 2))[2], labels)
+
+
+def test_mixed_batches_are_the_same_each_build_and_new_each_epoch():
+    import tensorflow as tf
+
+    x, y = tiny_arrays(16)
+    mix = data.Mix("mixup", 0.4, 3)
+
+    def epochs(seed):
+        ds = data.mix_batches(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), mix, seed)
+        return [np.concatenate([b.numpy() for _, b in ds]) for _ in range(2)]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.allclose(first[0], first[1])
+    assert not np.allclose(first[0], other[0])

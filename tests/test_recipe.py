@@ -204,3 +204,44 @@ def test_a_large_run_with_the_recipe_keeps_batchnorm_frozen_and_ends_at_rate_zer
         np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
     saved = keras.saving.load_model(os.path.join(config.workdir, "best.keras"), compile=False)
     assert len(saved.get_weights()) == len(model.get_weights())
+
+
+def test_the_loss_and_accuracy_read_integer_and_mixed_labels_alike():
+    from tl_keras import losses
+
+    pred = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], "float32")
+    loss = losses.SmoothedSparseCrossentropy(0.0)
+    sparse = keras.losses.sparse_categorical_crossentropy(np.array([0, 2]), pred)
+    np.testing.assert_allclose(loss(np.array([0, 2]), pred), np.mean(sparse), rtol=1e-6)
+    soft = np.array([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]], "float32")
+    expected = -np.mean(np.sum(soft * np.log(pred), axis=1))
+    np.testing.assert_allclose(loss(soft, pred), expected, rtol=1e-5)
+    np.testing.assert_array_equal(losses.accuracy(np.array([[0], [1]]), pred), [1, 0])
+    np.testing.assert_array_equal(losses.accuracy(soft, pred), [1, 1])  # largest share
+
+
+def test_the_size_rule_is_bit_s_hyperrule_by_the_number_of_images():
+    rule = recipe.Recipe(schedule="size_rule", warmup=0.1)
+    assert recipe.sized(rule, 5_000) == recipe.Recipe(schedule="steps", warmup=0.2)
+    assert recipe.sized(rule, 50_000) == recipe.Recipe(
+        schedule="steps", warmup=0.05, batch_augment="mixup", mix_alpha=0.1)
+    assert recipe.sized(recipe.Recipe(schedule="cosine"), 50_000).batch_augment == "none"
+
+
+def test_a_run_with_cutmix_trains_on_mixed_labels_and_validates_on_integer_ones(
+        tmp_path, shared_images):
+    from tl_keras import data as data_lib, train
+
+    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=2,
+                         head_epochs=1, batch_size=8, batch_augment="cutmix", report=False)
+    plan = plan_lib.resolve(config)
+    data = data_lib.load(plan.config, image_size=plan.image_size)
+    metrics = train.finetune(plan, data)
+    assert metrics["recipes"]["finetune"]["batch_augment"] == "cutmix"
+    assert metrics["recipes"]["head"]["batch_augment"] == "none"
+    model = keras.saving.load_model(os.path.join(config.workdir, "model.keras"), compile=False)
+    # The final metrics are the saved model's, measured on integer labels.
+    all_x = np.concatenate([b.numpy() for b, _ in data.val])
+    all_y = np.concatenate([b.numpy() for _, b in data.val])
+    assert metrics["val_accuracy"] == pytest.approx(
+        np.mean(np.argmax(model.predict(all_x, verbose=0), axis=1) == all_y), abs=1e-6)

@@ -17,6 +17,7 @@ Modules, in the order data flows:
     features    cached backbone features for training a head on a frozen backbone
     folded      forward passes as one constant-folded TensorFlow graph (CPU)
     trainable   the regimes as data; the one function that applies them
+    recipe      how a phase trains: optimizer, schedule, layer-wise rates, EMA, early stopping
     losses      the training loss (label smoothing)
     train       phases with model.fit (distribute: tf.distribute); writes the run folder
     run_folder  what a run folder holds; starting, resuming and refusing one
@@ -25,6 +26,7 @@ Modules, in the order data flows:
     evaluate, predict  a finished run measured, and used on new images
     export, litert     a finished model as a SavedModel for TF Serving, or for LiteRT
     advise      the regime advisor (regime="auto")
+    lr_find     the learning-rate range test (tools/lr_find.py)
     api         the calls above, one each; tools/*.py are thin callers of them
     keras_internals  every private Keras / Keras Tuner API used, version-checked
     tf_internals     the same for TensorFlow's (folded's constant conversion)
@@ -42,11 +44,12 @@ import os
 
 __version__ = "0.1.0"
 
-__all__ = ["finetune", "advise_regime", "evaluate_run", "classify", "make_config",
-           "Run", "AdviceRun", "Evaluation", "Predictions", "missing_backend",
+__all__ = ["finetune", "advise_regime", "evaluate_run", "classify", "find_learning_rate",
+           "make_config", "Run", "AdviceRun", "Evaluation", "Predictions", "RangeTestRun",
+           "missing_backend",
            "interactive", "__version__"]
-_API = {"finetune", "advise_regime", "evaluate_run", "classify", "make_config", "Run",
-        "AdviceRun", "Evaluation", "Predictions"}
+_API = {"finetune", "advise_regime", "evaluate_run", "classify", "find_learning_rate",
+        "make_config", "Run", "AdviceRun", "Evaluation", "Predictions", "RangeTestRun"}
 
 
 def __getattr__(name):  # PEP 562: tl_keras.finetune imports api.py (and Keras) on first use

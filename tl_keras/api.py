@@ -4,6 +4,7 @@
     tl_keras.advise_regime(dataset, **config)          -> AdviceRun  (tools/advise.py)
     tl_keras.evaluate_run(workdir, ...)                -> Evaluation (tools/evaluate.py)
     tl_keras.classify(workdir_or_export, images, ...)  -> Predictions (tools/predict.py)
+    tl_keras.find_learning_rate(dataset, regime=...)   -> RangeTestRun (tools/lr_find.py)
 
 Each runs exactly what its tool runs -- the tools are thin callers of these --
 and returns a result that shows itself in a notebook (`_repr_html_`: the
@@ -288,6 +289,78 @@ def advise_config(config, cuts=None):
         verbose=int(tl_keras.interactive()))
     print(advise.format_table(advice))
     return AdviceRun(advice, tuple(advise.write(advice, config.workdir)), config.workdir)
+
+
+@dataclasses.dataclass
+class RangeTestRun:
+    """`find_learning_rate`'s result: the `lr_find.RangeTest`, where its files went."""
+
+    test: object
+    key: str        # the config key that sets the tested phase's rate
+    paths: tuple    # lr_find.json, lr_find.png
+    workdir: str
+
+    def __repr__(self):
+        return (f"RangeTestRun(phase={self.test.phase!r}, suggestion={self.test.suggestion:.2g}, "
+                f"key={self.key!r}, workdir={self.workdir!r})")
+
+    def _repr_html_(self):
+        from tl_keras import report
+
+        return (f"<p>Suggested {self.key}: {self.test.suggestion:.2g}</p>"
+                + report.image_tag(self.paths[1], "loss against learning rate"))
+
+
+def find_learning_rate(dataset=None, regime="large_similar", *, phase=None, steps=100,
+                       min_rate=1e-7, max_rate=1.0, config=None, **overrides):
+    """The learning-rate range test of one phase of `regime` (default: its last), as
+    tools/lr_find.py: writes lr_find.json and lr_find.png to the workdir (default
+    runs/lr_find_<backbone>_<time>) and suggests a rate. Nothing is trained for keeps.
+
+    Example:
+        tl_keras.find_learning_rate("digits", regime="large_similar").test.suggestion
+    """
+    if dataset is not None:
+        overrides["dataset"] = dataset
+    config, _ = make_config(regime, config, prefix="lr_find", **overrides)
+    return find_learning_rate_config(config, phase, steps, min_rate, max_rate)
+
+
+def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_rate=1.0):
+    """`find_learning_rate` of a config made already (tools/lr_find.py's flags)."""
+    from tl_keras import features, lr_find, train
+
+    if config.regime == advise.AUTO:
+        raise ValueError("the range test needs a regime; --regime=auto decides one while "
+                         "training (run tools/advise.py first)")
+    plan = plan_lib.resolve(config)
+    names = [p.name for p in plan.phases]
+    if phase is None:
+        phase = names[-1]
+    if phase not in names:
+        raise ValueError(f"regime {config.regime!r} has no phase {phase!r}; its phases: "
+                         f"{', '.join(names)}")
+    workdir = plan.config.workdir
+    if os.path.isdir(workdir) and os.listdir(workdir):  # nothing overwritten
+        raise ValueError(f"workdir {workdir!r} is not empty; choose another --workdir")
+    datasets = load_data(plan)
+    with train.dtype_policy(plan):
+        model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
+        if plan.config.init == "pretrained":  # as a run's first phase starts
+            features.adapt_feature_norm(model, features.sample(model, datasets))
+        chosen = plan.phases[names.index(phase)]
+        print(f"Range test of phase {phase!r}: up to {steps} batches at rates "
+              f"{min_rate:g} to {max_rate:g}")
+        test = lr_find.range_test(model, chosen, datasets.train, plan.loss, steps=steps,
+                                  min_rate=min_rate, max_rate=max_rate)
+    os.makedirs(workdir, exist_ok=True)
+    paths = (os.path.join(workdir, "lr_find.json"), os.path.join(workdir, "lr_find.png"))
+    run_folder.write_json(paths[0], {**test.to_dict(), "key": lr_find.rate_key(chosen)})
+    lr_find.draw(test, paths[1])
+    key = lr_find.rate_key(chosen)
+    print(f"Suggested {key}: {test.suggestion:.2g} (a tenth of the rate at the lowest loss; "
+          f"the loss fell fastest at {test.steepest:.2g})")
+    return RangeTestRun(test, key, paths, workdir)
 
 
 @dataclasses.dataclass

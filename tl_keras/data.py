@@ -604,3 +604,55 @@ def augment_batches(ds, augment, seed):
     return ds.map(lambda batch, draw: (augment(batch[0], tf.stack([tf.constant(seed, tf.int64),
                                                                    draw])), batch[1]),
                   num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with itself
+    shuffled, the labels mixed in the same proportion: one lambda per batch from
+    Beta(alpha, alpha), drawn from a seed alone (stateless ops, as `Augmentation`).
+    CutMix pastes a box covering 1 - lambda of the image from the shuffled batch,
+    and mixes the labels by the box's area as cut (clipped at the edges)."""
+
+    kind: str       # mixup | cutmix
+    alpha: float    # Beta(alpha, alpha)
+    num_classes: int
+
+    def __call__(self, images, labels, seed):
+        """(images float32, labels [B, num_classes] float32) mixed; `seed`: int64 [2]."""
+        images = tf.cast(images, tf.float32)
+        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.num_classes)
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+        size = tf.shape(images)[0]
+        order = tf.argsort(tf.random.stateless_uniform([size], seeds[0]))
+        a = tf.random.stateless_gamma([], seeds[1], alpha=self.alpha)
+        b = tf.random.stateless_gamma([], seeds[2], alpha=self.alpha)
+        lam = a / (a + b)
+        if self.kind == "mixup":
+            images = lam * images + (1 - lam) * tf.gather(images, order)
+        else:
+            inside, lam = _box(tf.shape(images)[1], tf.shape(images)[2], 1 - lam, seeds[3])
+            images = tf.where(inside[None, :, :, None], tf.gather(images, order), images)
+        return images, lam * labels + (1 - lam) * tf.gather(labels, order)
+
+
+def _box(height, width, area, seed):
+    """A [height, width] mask of a box covering `area` of the image at a random centre
+    (clipped at the edges), and 1 - the area it covers after clipping."""
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    cy, cx = tf.unstack(tf.random.stateless_uniform([2], seed) * tf.stack([h, w]))
+    half_h, half_w = h * tf.sqrt(area) / 2, w * tf.sqrt(area) / 2
+    rows = tf.range(h)[:, None] + 0.5
+    cols = tf.range(w)[None, :] + 0.5
+    inside = ((rows >= cy - half_h) & (rows < cy + half_h)
+              & (cols >= cx - half_w) & (cols < cx + half_w))
+    return inside, 1 - tf.reduce_mean(tf.cast(inside, tf.float32))
+
+
+def mix_batches(ds, mix, seed):
+    """`ds` of (images, labels) batches mixed by `mix` (a `Mix`), each batch by its own
+    seed drawn as `augment_batches` draws them (another stream: `seed` + 1)."""
+    draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip(ds, draws)
+    return ds.map(lambda batch, draw: mix(batch[0], batch[1], tf.stack(
+        [tf.constant(seed, tf.int64), draw])), num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -1,4 +1,5 @@
-"""The training loss: sparse categorical cross-entropy, optionally against smoothed labels.
+"""The training loss: sparse categorical cross-entropy, optionally against smoothed labels
+or mixed ones (mixup, CutMix), and the accuracy that reads them.
 
 Example:
     model.compile(loss=for_config(config), ...)
@@ -7,19 +8,43 @@ Example:
 import keras
 
 
-def for_config(config):
-    """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`."""
+def for_config(config, soft=False):
+    """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`;
+    `soft`: one that also takes mixed labels (mixup, CutMix: [N, classes])."""
     smoothing = float(config.label_smoothing)
     if not 0 <= smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
-    if smoothing == 0:
+    if smoothing == 0 and not soft:
         return "sparse_categorical_crossentropy"  # stock Keras: model.keras loads anywhere
     return SmoothedSparseCrossentropy(smoothing)
 
 
+def _as_probabilities(y_true, y_pred):
+    """Integer labels ([N] or [N, 1]) one-hot; labels that are already a distribution
+    over the classes ([N, classes], mixed) as they are."""
+    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == y_pred.shape[-1] != 1:
+        return keras.ops.cast(y_true, y_pred.dtype)
+    labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+    return keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+def accuracy(y_true, y_pred):
+    """Accuracy against integer labels, or against the largest share of mixed ones."""
+    target = keras.ops.argmax(_as_probabilities(y_true, y_pred), axis=-1)
+    return keras.ops.cast(keras.ops.equal(target, keras.ops.argmax(y_pred, axis=-1)), "float32")
+
+
+def metrics(soft=False):
+    """What `compile` takes as metrics: "accuracy", or with mixed labels one that reads
+    both them (training) and integer labels (validation), under the same name."""
+    return [keras.metrics.MeanMetricWrapper(accuracy, name="accuracy")] if soft else ["accuracy"]
+
+
 @keras.saving.register_keras_serializable(package="tl_keras")
 class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy of integer labels, one-hot encoded and smoothed.
+    """Cross-entropy of integer labels, one-hot encoded and smoothed (or of mixed labels,
+    [N, classes], as they are).
 
     Keras' `SparseCategoricalCrossentropy` has no `label_smoothing`. A model
     compiled with this loss loads after `import tl_keras.losses`, or with
@@ -31,10 +56,8 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
         return keras.losses.categorical_crossentropy(
-            one_hot, y_pred, label_smoothing=self.label_smoothing)
+            _as_probabilities(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing)
 
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}

@@ -7,10 +7,11 @@ objects when `train.py` compiles and fits the phase.
 
     head phases               AdamW at a constant rate (a new head on frozen features)
     phases that train the     config.optimizer (adamw | sgd with momentum 0.9),
-    backbone (large regimes)  config.schedule (constant | cosine | steps) after a
-                              linear warm-up over config.warmup of the phase's steps,
-                              config.clipnorm, config.layer_decay, config.ema,
-                              config.early_stopping
+    backbone (large regimes)  config.schedule (constant | cosine | steps | size_rule)
+                              after a linear warm-up over config.warmup of the phase's
+                              steps, config.clipnorm, config.layer_decay, config.ema,
+                              config.early_stopping, config.batch_augment (mixup |
+                              cutmix: the labels mixed too, data.Mix)
 
 The schedules, as the field uses them: cosine with warm-up (big_vision,
 timm), and BiT's steps (Kolesnikov et al. 2020: the rate / 10 at 30%, 60%
@@ -32,7 +33,13 @@ import os
 import keras
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "steps")
+SCHEDULES = ("constant", "cosine", "steps", "size_rule")
+BATCH_AUGMENTS = ("none", "mixup", "cutmix")
+# BiT's HyperRule (big_transfer bit_hyperrule.py) by training images: below 20,000, 500
+# steps with 100 of warm-up and no mixup; above, 500 of warm-up in 10,000-20,000 steps,
+# mixup alpha 0.1. Here the phase's length is the epochs given: the shares are kept.
+SIZE_RULE_SMALL = 20_000
+SIZE_RULE_MIXUP = 0.1
 STEP_BOUNDARIES = (0.3, 0.6, 0.9)  # BiT: fractions of the phase after which the rate drops / 10
 SGD_MOMENTUM = 0.9
 
@@ -47,6 +54,12 @@ class Recipe:
     weight_decay: float = 0.0    # decoupled, as AdamW's
     ema: float = 0.0             # momentum of an average of the weights; 0: off
     early_stopping: int = 0      # epochs without a better val_accuracy before stopping; 0: off
+    batch_augment: str = "none"  # none | mixup | cutmix (labels mixed too)
+    mix_alpha: float = 0.2       # Beta(alpha, alpha) of mixup and CutMix
+
+    @property
+    def mixes(self):
+        return self.batch_augment != "none"
 
 
 def for_phase(config, train):
@@ -57,12 +70,28 @@ def for_phase(config, train):
                   warmup=float(config.warmup), clipnorm=float(config.clipnorm),
                   layer_decay=float(config.layer_decay),
                   weight_decay=float(config.weight_decay), ema=float(config.ema),
-                  early_stopping=int(config.early_stopping))
+                  early_stopping=int(config.early_stopping),
+                  batch_augment=config.batch_augment, mix_alpha=float(config.mix_alpha))
+
+
+def sized(recipe, train_examples):
+    """`recipe` with `schedule="size_rule"` made concrete for `train_examples` images, as
+    BiT's HyperRule: BiT's steps, warm-up 20% of the phase below 20,000 images and 5%
+    from there, mixup (alpha 0.1) from 20,000 images. Rate and optimizer stay as set
+    (BiT's own: `optimizer=sgd`, rate 0.003 x batch / 512). Other recipes as they are."""
+    if recipe.schedule != "size_rule":
+        return recipe
+    small = train_examples < SIZE_RULE_SMALL
+    return dataclasses.replace(
+        recipe, schedule="steps", warmup=0.2 if small else 0.05,
+        batch_augment="none" if small else "mixup",
+        mix_alpha=recipe.mix_alpha if small else SIZE_RULE_MIXUP)
 
 
 def check(config):
     """Raises a one-line `ValueError` for a recipe setting that cannot run."""
-    for key, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+    for key, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                       ("batch_augment", BATCH_AUGMENTS)):
         if config[key] not in valid:
             raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")
     if not 0 <= config.warmup < 1:
@@ -73,6 +102,8 @@ def check(config):
         raise ValueError(f"layer_decay must be in (0, 1] (1: one rate), got {config.layer_decay}")
     if not 0 <= config.ema < 1:
         raise ValueError(f"ema must be in [0, 1) (0: off), got {config.ema}")
+    if not config.mix_alpha > 0:
+        raise ValueError(f"mix_alpha must be above 0, got {config.mix_alpha}")
     if config.early_stopping < 0:
         raise ValueError(f"early_stopping must be 0 (off) or a number of epochs, "
                          f"got {config.early_stopping}")

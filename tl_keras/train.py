@@ -28,7 +28,8 @@ import keras
 import numpy as np
 
 import tl_keras
-from tl_keras import backbones, features, keras_internals, model as model_lib, plan as plan_lib
+from tl_keras import backbones, features, keras_internals, losses, model as model_lib
+from tl_keras import plan as plan_lib
 from tl_keras import recipe as recipe_lib, run_folder, trainable
 
 
@@ -169,6 +170,7 @@ def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribu
         "class_weight": ({data.class_names[c]: round(w, 4) for c, w in
                           final.class_weight.items()} if final.class_weight else None),
         "cached_features": final.cache_info,
+        "recipes": final.recipes,  # phase -> how it trained (recipe.py)
         "backend": keras.backend.backend(),
         "distribution": distribution,
         "wall_seconds": round(seconds, 2),
@@ -252,6 +254,7 @@ class _Final:
 
     def __init__(self):
         self.model = self.val = self.cache_info = self.class_weight = None
+        self.recipes = {}  # phase -> its recipe (recipe.Recipe as a dict)
         self.best_is_final = False  # best.keras holds the final weights: model.keras is a copy
         self.paths = {}
 
@@ -281,8 +284,12 @@ class _PhaseRun:
         self.verbose = int(config.verbose) if config.verbose != "auto" else (
             1 if tl_keras.interactive() else 2)
         self.final.class_weight = class_weights(config, self.data, self.dist)
-        self.phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.initial_epoch))
+        # The recipe's size rule (BiT's HyperRule) made concrete for this data.
+        self.phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.initial_epoch),
+                                           recipe=recipe_lib.sized(p.recipe,
+                                                                   self.data.train_examples))
                        for p in self.plan.phases if p.last_epoch > self.initial_epoch]
+        self.final.recipes = {p.name: dataclasses.asdict(p.recipe) for p in self.phases}
 
 
 def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
@@ -363,8 +370,27 @@ def phase_inputs(run, phase, finished):
         run.dist.prepare(inputs.model)
     else:
         inputs = features.PhaseInputs.through_backbone(run.model, run.data)
+        mix = mixing(run, phase)
+        if mix is not None:
+            from tl_keras import data as data_lib
+
+            inputs = dataclasses.replace(inputs, train=data_lib.mix_batches(
+                run.data.train, mix, run.plan.config.seed))
     run.final.model, run.final.val = inputs.model, inputs.val
     return inputs
+
+
+def mixing(run, phase):
+    """The phase's `data.Mix` (mixup or CutMix of its training batches), or None."""
+    recipe = phase.recipe
+    if not recipe.mixes:
+        return None
+    if isinstance(run.data.train, tuple):
+        raise ValueError(f"batch_augment={recipe.batch_augment!r} mixes tf.data batches; "
+                         "this data is numpy arrays")
+    from tl_keras import data as data_lib
+
+    return data_lib.Mix(recipe.batch_augment, recipe.mix_alpha, len(run.data.class_names))
 
 
 def feature_cache(run, phase):
@@ -402,8 +428,10 @@ def compile_phase(run, phase, inputs):
         for m in {id(model): model, id(inputs.model): inputs.model}.values():
             m.compile(
                 optimizer=recipe_lib.optimizer(phase, steps_per_epoch(run), model),
-                loss=run.plan.loss,
-                metrics=["accuracy"],
+                # Mixed labels (mixup, CutMix) in training, integer ones in validation.
+                loss=(losses.for_config(config, soft=True) if phase.recipe.mixes
+                      else run.plan.loss),
+                metrics=losses.metrics(soft=phase.recipe.mixes),
                 jit_compile=config.jit_compile,
                 # A head step on cached features is a few microseconds of
                 # arithmetic: many per call into the backend, not one. (Not
@@ -443,7 +471,8 @@ def describe(recipe):
              f"layer decay {recipe.layer_decay:g}" if recipe.layer_decay != 1 else "",
              f"clipnorm {recipe.clipnorm:g}" if recipe.clipnorm else "",
              f"EMA {recipe.ema:g}" if recipe.ema else "",
-             f"early stopping after {recipe.early_stopping}" if recipe.early_stopping else ""]
+             f"early stopping after {recipe.early_stopping}" if recipe.early_stopping else "",
+             f"{recipe.batch_augment} alpha {recipe.mix_alpha:g}" if recipe.mixes else ""]
     parts = [p for p in parts if p]
     return f" ({', '.join(parts)})" if parts else ""
 
