@@ -21,13 +21,16 @@ import tempfile
 JOB = dict(dataset="fashion_mnist", max_examples=5000, image_size=64, augment=False,
            epochs=4, head_epochs=1)
 
-# The recipe's pieces, each switched off one at a time from "new".
+# The recipe's pieces, each switched off one at a time from "new"; "old" is the recipe
+# before them (a constant AdamW rate), spelled out so that defaults do not move it.
 NEW = dict(finetune_learning_rate=3e-4, schedule="cosine", warmup=0.1, clipnorm=1.0,
            layer_decay=0.75)
+OLD = dict(finetune_learning_rate=1e-5, schedule="constant", warmup=0.0, clipnorm=0.0,
+           layer_decay=1.0)
 VARIANTS = {
     "frozen": dict(regime="small_similar", epochs=10),
-    "old": dict(regime="large_similar", finetune_learning_rate=1e-5),
-    "old_3e-4": dict(regime="large_similar", finetune_learning_rate=3e-4),
+    "old": dict(regime="large_similar", **OLD),
+    "old_3e-4": dict(regime="large_similar", **dict(OLD, finetune_learning_rate=3e-4)),
     "new": dict(regime="large_similar", **NEW),
     "new_no_layer_decay": dict(regime="large_similar", **dict(NEW, layer_decay=1.0)),
     "new_constant": dict(regime="large_similar", **dict(NEW, schedule="constant", warmup=0.0)),
@@ -39,9 +42,9 @@ VARIANTS = {
     "new_mixup": dict(regime="large_similar", **dict(NEW, batch_augment="mixup")),
     "new_cutmix": dict(regime="large_similar", **dict(NEW, batch_augment="cutmix")),
     "new_size_rule": dict(regime="large_similar", **dict(NEW, schedule="size_rule")),
-    "scratch_old": dict(regime="large_different", init="scratch"),
-    "scratch_new": dict(regime="large_different", init="scratch", schedule="cosine",
-                        warmup=0.1, clipnorm=1.0),
+    "scratch_old": dict(regime="large_different", init="scratch",
+                        **dict(OLD, finetune_learning_rate=3e-4)),
+    "scratch_new": dict(regime="large_different", init="scratch", **NEW),
 }
 
 CHILD = r"""

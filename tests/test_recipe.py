@@ -1,5 +1,6 @@
 """The recipe: schedules, layer-wise rates, clipping, weight averaging, early stopping."""
 
+import dataclasses
 import json
 import os
 
@@ -47,46 +48,48 @@ def test_a_constant_rate_without_warm_up_is_a_plain_number():
     assert type(opt) is keras.optimizers.AdamW and opt.weight_decay == 0.0
 
 
+def _gradients_and_step(phase, x, y):
+    """A model under `phase`, its gradients on (x, y), and its weights' change after one
+    step of the recipe's optimizer on the same batch."""
+    import tensorflow as tf
+
+    model = _classifier()
+    trainable.apply_phase(model, phase)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+        loss = tf.reduce_mean(loss)
+    grads = {v.path: g.numpy() for v, g in zip(model.trainable_variables,
+                                              tape.gradient(loss, model.trainable_variables))}
+    model.compile(optimizer=recipe.optimizer(phase, steps_per_epoch=1, model=model),
+                  loss="sparse_categorical_crossentropy")
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    model.train_on_batch(x, y)
+    steps = {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
+    return model, grads, steps
+
+
 def test_layer_decay_scales_each_stage_s_update_by_its_factor():
     x, y = tiny_arrays(8)
-    updates = {}
-    for decay in (1.0, 0.5):
-        model = _classifier()
-        phase = _phase(optimizer="sgd", layer_decay=decay)
-        trainable.apply_phase(model, phase)
-        opt = recipe.optimizer(phase, steps_per_epoch=1, model=model)
-        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-        before = {v.path: v.numpy().copy() for v in model.trainable_variables}
-        model.train_on_batch(x, y)
-        updates[decay] = {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
-        scales = recipe.rate_scales(model, phase, decay)
-    assert type(opt) is recipe.LayerwiseSGD
+    phase = _phase(optimizer="sgd", layer_decay=0.5, rate=0.1)
+    model, grads, steps = _gradients_and_step(phase, x, y)
+    scales = recipe.rate_scales(model, phase, 0.5)
+    assert type(model.optimizer) is recipe.LayerwiseSGD
     # The head trains at the full rate; the top stage at 0.5, the lowest at 0.5^4.
     assert "predictions/kernel" not in scales
     assert sorted(set(scales.values())) == [0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5]
-    first = next(p for p in updates[1.0] if p in scales)  # the stem, lowest stage
-    assert scales[first] == 0.5 ** 4
-    for path, plain in updates[1.0].items():
-        if np.abs(plain).max() > 1e-6:  # SGD's first step: -rate x gradient, times the factor
-            np.testing.assert_allclose(updates[0.5][path], plain * scales.get(path, 1.0),
-                                       rtol=2e-3, atol=1e-7, err_msg=path)
+    stem = next(layer for layer in model.get_layer("backbone").layers if layer.trainable_weights)
+    assert scales[stem.trainable_weights[0].path] == 0.5 ** 4
+    for path, grad in grads.items():  # SGD's first step: -rate x factor x gradient
+        np.testing.assert_allclose(steps[path], -0.1 * scales.get(path, 1.0) * grad,
+                                   rtol=1e-3, atol=1e-7, err_msg=path)
 
 
 def test_clipnorm_bounds_the_global_gradient_norm():
     x, y = tiny_arrays(8)
-    steps = {}
-    for clip in (0.0, 1e-3):
-        model = _classifier()
-        phase = _phase(optimizer="sgd", clipnorm=clip, rate=1.0)
-        trainable.apply_phase(model, phase)
-        model.compile(optimizer=recipe.optimizer(phase, 1, model),
-                      loss="sparse_categorical_crossentropy")
-        before = [v.numpy().copy() for v in model.trainable_variables]
-        model.train_on_batch(x, y)
-        steps[clip] = np.sqrt(sum(np.sum((v.numpy() - b) ** 2)
-                                  for v, b in zip(model.trainable_variables, before)))
-    assert steps[0.0] > 1e-2
-    assert steps[1e-3] == pytest.approx(1e-3, rel=1e-3)  # rate 1 x a gradient of norm 1e-3
+    _, grads, steps = _gradients_and_step(_phase(optimizer="sgd", clipnorm=1e-3, rate=1.0), x, y)
+    norm = lambda d: np.sqrt(sum(np.sum(v ** 2) for v in d.values()))  # noqa: E731
+    assert norm(grads) > 1e-2  # far above the clip
+    assert norm(steps) == pytest.approx(1e-3, rel=1e-3)  # rate 1 x the clipped gradient
 
 
 def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path):
@@ -151,7 +154,7 @@ def test_early_stopping_goes_on_counting_after_a_kill_and_restores_the_best(tmp_
 
 @pytest.mark.parametrize("key, value, message", [
     ("optimizer", "adam", "unknown optimizer 'adam'; valid: adamw, sgd"),
-    ("schedule", "linear", "unknown schedule 'linear'; valid: constant, cosine, steps"),
+    ("schedule", "linear", "unknown schedule 'linear'; valid: constant, cosine, steps, size_rule"),
     ("warmup", 1.0, "warmup must be a fraction in [0, 1), got 1.0"),
     ("layer_decay", 0.0, "layer_decay must be in (0, 1] (1: one rate), got 0.0"),
     ("ema", 1.0, "ema must be in [0, 1) (0: off), got 1.0"),
@@ -179,31 +182,39 @@ def test_the_recipe_applies_to_phases_that_train_the_backbone(tmp_path):
             finetune.recipe.optimizer) == ("cosine", 0.2, 0.7, "sgd")
 
 
-def test_a_large_run_with_the_recipe_keeps_batchnorm_frozen_and_ends_at_rate_zero(
-        tmp_path, shared_images, capsys):
+def test_a_large_run_with_the_whole_recipe(tmp_path, shared_images, capsys):
+    """Cosine with warm-up, layer decay, clipping, EMA, early stopping and CutMix in one
+    run: BatchNorm stays frozen, the rate ends at 0, validation reads integer labels."""
     from tl_keras import data as data_lib, train
 
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=3,
                          head_epochs=1, batch_size=8, schedule="cosine", warmup=0.25,
-                         layer_decay=0.5, clipnorm=1.0, ema=0.5, early_stopping=5, report=False)
+                         layer_decay=0.5, clipnorm=1.0, ema=0.5, early_stopping=5,
+                         batch_augment="cutmix", report=False)
     plan = plan_lib.resolve(config)
     data = data_lib.load(plan.config, image_size=plan.image_size)
     model, _ = train.build(plan, 3, 3)
     bn = [layer for layer in model.get_layer("backbone").layers
           if isinstance(layer, keras.layers.BatchNormalization)]
     moving = [layer.moving_mean.numpy().copy() for layer in bn]
-    history, _ = train.run_phases(model, plan, data, config.workdir)
-    assert len(history) == 3
-    assert ("learning rate 1e-05 (cosine schedule, 25% warm-up, layer decay 0.5, clipnorm 1, "
-            "EMA 0.5, early stopping after 5)") in capsys.readouterr().out
+    metrics = train.finetune(plan, data, model=model)
+    assert metrics["epochs_run"] == 3
+    assert ("learning rate 0.0003 (cosine schedule, 25% warm-up, layer decay 0.5, clipnorm 1, "
+            "EMA 0.5, early stopping after 5, cutmix alpha 0.2)") in capsys.readouterr().out
+    assert metrics["recipes"]["finetune"]["batch_augment"] == "cutmix"
+    assert metrics["recipes"]["head"] == dataclasses.asdict(recipe.Recipe(weight_decay=1e-4))
     optimizer = model.optimizer
     assert type(optimizer) is recipe.LayerwiseAdamW
     assert int(optimizer.iterations) == 2 * train.steps_per_epoch_of(data, 8)
     assert float(optimizer.learning_rate) == pytest.approx(0, abs=1e-9)  # the cosine's end
     for layer, before in zip(bn, moving):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
-    saved = keras.saving.load_model(os.path.join(config.workdir, "best.keras"), compile=False)
-    assert len(saved.get_weights()) == len(model.get_weights())
+    # The final metrics are the saved model's, measured on integer labels.
+    saved = keras.saving.load_model(os.path.join(config.workdir, "model.keras"), compile=False)
+    x = np.concatenate([b.numpy() for b, _ in data.val])
+    y = np.concatenate([b.numpy() for _, b in data.val])
+    assert metrics["val_accuracy"] == pytest.approx(
+        np.mean(np.argmax(saved.predict(x, verbose=0), axis=1) == y), abs=1e-6)
 
 
 def test_the_loss_and_accuracy_read_integer_and_mixed_labels_alike():
@@ -228,20 +239,8 @@ def test_the_size_rule_is_bit_s_hyperrule_by_the_number_of_images():
     assert recipe.sized(recipe.Recipe(schedule="cosine"), 50_000).batch_augment == "none"
 
 
-def test_a_run_with_cutmix_trains_on_mixed_labels_and_validates_on_integer_ones(
-        tmp_path, shared_images):
-    from tl_keras import data as data_lib, train
-
-    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), epochs=2,
-                         head_epochs=1, batch_size=8, batch_augment="cutmix", report=False)
-    plan = plan_lib.resolve(config)
-    data = data_lib.load(plan.config, image_size=plan.image_size)
-    metrics = train.finetune(plan, data)
-    assert metrics["recipes"]["finetune"]["batch_augment"] == "cutmix"
-    assert metrics["recipes"]["head"]["batch_augment"] == "none"
-    model = keras.saving.load_model(os.path.join(config.workdir, "model.keras"), compile=False)
-    # The final metrics are the saved model's, measured on integer labels.
-    all_x = np.concatenate([b.numpy() for b, _ in data.val])
-    all_y = np.concatenate([b.numpy() for _, b in data.val])
-    assert metrics["val_accuracy"] == pytest.approx(
-        np.mean(np.argmax(model.predict(all_x, verbose=0), axis=1) == all_y), abs=1e-6)
+def test_training_from_scratch_takes_the_recipe_at_one_rate(tmp_path):
+    plan = plan_lib.resolve(tiny_config(tmp_path, "large_different", init="scratch",
+                                        schedule="cosine", layer_decay=0.5))
+    scratch, = plan.phases
+    assert (scratch.recipe.schedule, scratch.recipe.layer_decay) == ("cosine", 1.0)

@@ -116,8 +116,9 @@ def plan_phases(config):
         # at the end, and validation accuracy stays at chance (measured).
         return [Phase("scratch", "all", 0, config.epochs, config.learning_rate, False,
                       batchnorm_momentum=config.scratch_batchnorm_momentum,
-                      stage_ends=backbones.stage_ends(config.backbone),
-                      recipe=recipe_lib.for_phase(config, "all"))]
+                      # One rate: nothing pretrained for lower rates to keep.
+                      recipe=dataclasses.replace(recipe_lib.for_phase(config, "all"),
+                                                 layer_decay=1.0))]
     head_epochs = min(config.head_epochs, config.epochs)
     phases = []
     if head_epochs > 0:
