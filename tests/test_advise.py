@@ -60,6 +60,23 @@ def _scores(**pretrained_random):
             for cut, (p, r) in pretrained_random.items()}
 
 
+def test_knn_accuracy_leaves_each_image_out_and_votes_its_neighbours():
+    # Points on a line, labels alternating: each point's nearest others have the other label.
+    line = np.arange(10.0)[:, None]
+    alternating = np.arange(10) % 2
+    assert advise.knn_accuracy(line, alternating, k=1) == 0.0  # itself never counted
+    apart = np.concatenate([np.arange(5.0), 100 + np.arange(5.0)])[:, None]
+    assert advise.knn_accuracy(apart, np.arange(10) >= 5, k=3) == 1.0
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    clusters = rng.normal(size=(4, 16))[labels] * 5 + rng.normal(size=(200, 16))
+    assert advise.knn_accuracy(clusters, labels) == 1.0
+    noise = rng.normal(size=(200, 16))
+    assert advise.knn_accuracy(noise, labels) < 0.45  # chance is 0.25
+    # Chunks of rows give what one block gives.
+    assert advise.knn_accuracy(noise, labels, chunk=7) == advise.knn_accuracy(noise, labels)
+
+
 def test_the_decision_rule():
     t = advise.Thresholds(large_examples=1000, similar_margin=0.02, scratch_margin=0.1)
     similar = _scores(early=(0.1, 0.0), late=(0.3, 0.0), top=(0.29, 0.0))
@@ -96,7 +113,8 @@ def test_advice_scores_every_cut_reproducibly_from_features_equal_to_a_runs(digi
     plan, datasets = digits_setup
     advice, sample = advise.advise(plan, datasets, verbose=0)
     assert list(advice.scores) == ["early", "middle", "late", "top"]
-    assert all({"pretrained", "random", "gain", "h_pretrained", "h_random"} <= set(row)
+    assert all({"pretrained", "random", "gain", "h_pretrained", "h_random", "knn_pretrained",
+                "knn_random"} <= set(row)
                for row in advice.scores.values())
     assert advice.sample == sum(advice.per_class.values()) == 200 and sample.whole_view
     assert advice.regime in plan_lib.trainable.REGIMES and advice.reasons

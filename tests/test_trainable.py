@@ -67,7 +67,7 @@ def test_large_similar_phase_two_trains_everything_but_batchnorm(tmp_path):
     model, _ = train.build(plan, num_classes=3, channels=3)
     head_phase, finetune_phase = plan.phases
     assert (head_phase.train, finetune_phase.train) == ("head", "all")
-    assert finetune_phase.learning_rate == plan.config.finetune_learning_rate == 1e-5
+    assert finetune_phase.learning_rate == plan.config.finetune_learning_rate == 3e-4
 
     fit_phase(model, head_phase)
     trainable.apply_phase(model, finetune_phase)

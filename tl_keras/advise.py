@@ -137,6 +137,29 @@ def h_score(features, labels, shrinkage=1e-3):
     return float(np.trace(np.linalg.solve(cov, between)))
 
 
+def knn_accuracy(features, labels, k=5, chunk=1024):
+    """Leave-one-out k-NN accuracy of `features` (each image classified by the majority of
+    its `k` nearest other images, Euclidean; a tie goes to the lowest class): a plain,
+    strong score of frozen features (arXiv 2503.18528), beside LogME and H-score."""
+    f = np.asarray(features, "float64")
+    labels = np.asarray(labels).reshape(-1).astype(int)
+    n = len(f)
+    if n < 2:
+        return float("nan")
+    k = min(k, n - 1)
+    squares = (f ** 2).sum(axis=1)
+    correct = 0
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        distance = squares[rows, None] - 2 * f[rows] @ f.T + squares[None, :]
+        distance[np.arange(distance.shape[0]), np.arange(start, rows.stop)] = np.inf  # not itself
+        nearest = np.argpartition(distance, k - 1, axis=1)[:, :k]
+        votes = np.zeros((distance.shape[0], labels.max() + 1))
+        np.add.at(votes, (np.repeat(np.arange(distance.shape[0]), k), labels[nearest].ravel()), 1)
+        correct += int((votes.argmax(axis=1) == labels[rows]).sum())
+    return correct / n
+
+
 def standardise(features):
     """The features as `feature_norm` gives them to the head (features.norm_statistics)."""
     mean, variance = features_lib.norm_statistics(features)
@@ -273,8 +296,8 @@ class Advice:
 
 
 def score(sample):
-    """{cut: scores} of a `Sample`: LogME and H-score of each cut's standardised
-    features, pretrained and random, and the gain (pretrained - random LogME)."""
+    """{cut: scores} of a `Sample`: LogME, H-score and k-NN accuracy of each cut's
+    standardised features, pretrained and random, and the gain (pretrained - random LogME)."""
     scores = {}
     for key in sample.features:
         init, cut = key.split("/")
@@ -282,6 +305,7 @@ def score(sample):
         row = scores.setdefault(cut, {})
         row[init] = round(logme(f, sample.labels), 4)
         row[f"h_{init}"] = round(h_score(f, sample.labels), 3)
+        row[f"knn_{init}"] = round(knn_accuracy(f, sample.labels), 4)
     for row in scores.values():
         if "pretrained" in row:
             row["gain"] = round(row["pretrained"] - row["random"], 4)
@@ -372,13 +396,15 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
 def format_table(advice):
     """The scores per cut and the decision, as printed by the tools."""
     width = max(8, *(len(cut) for cut in advice.scores))
-    lines = [f"{'cut':<{width}} {'LogME':>8} {'random':>8} {'gain':>8} {'H-score':>8}"]
+    lines = [f"{'cut':<{width}} {'LogME':>8} {'random':>8} {'gain':>8} {'H-score':>8} "
+             f"{'k-NN':>8}"]
     for cut, row in advice.scores.items():
         mark = "  <- " + advice.cut if cut == advice.cut else ""
         pre = row.get("pretrained")
+        knn = row.get("knn_pretrained", row.get("knn_random"))
         lines.append(f"{cut:<{width}} {_num(pre):>8} {_num(row['random']):>8} "
-                     f"{_num(row.get('gain')):>8} {_num(row.get('h_pretrained', row['h_random'])):>8}"
-                     f"{mark}")
+                     f"{_num(row.get('gain')):>8} {_num(row.get('h_pretrained', row['h_random'])):>8} "
+                     f"{_num(knn):>8}{mark}")
     lines.append(f"Advice: --regime={advice.regime} --cut={advice.cut}"
                  f"{' --init=scratch' if advice.init == 'scratch' else ''} "
                  f"(sample of {advice.sample} images, {advice.seconds:.0f} s)")
