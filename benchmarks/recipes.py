@@ -1,11 +1,14 @@
 """The large regimes' recipe measured: variants of one job, each seed in a fresh process.
 
-Run:  python benchmarks/recipes.py [--variants=new,old,...] [--seeds=0,1] [--out=FILE]
+Run:  python benchmarks/recipes.py [--job=fashion|characters] [--variants=new,old,...]
+                                   [--seeds=0,1] [--out=FILE]
 
 The job (issue "The large regimes, trained the way the field trains them"):
 EfficientNet-Lite0 with its ImageNet weights, 5,000 Fashion-MNIST training
 images, 64 px, augmentation off, 4 epochs (1 head-only), validated on all
-10,000 test images. Each run appends one JSON line (variant, seed, overrides,
+10,000 test images. `--job=characters`: the same on the regime study's printed
+characters (tl_keras/experiments/study.py, unlike ImageNet), 6,250 drawn once into
+a folder, 1,250 of them held out by seed. Each run appends one JSON line (job, variant, seed, overrides,
 val_accuracy, best_val_accuracy, wall seconds) to `--out`
 (benchmarks/results_recipes.jsonl); a variant and seed already there is not
 run again. Nothing else should run beside it when its seconds are quoted.
@@ -45,6 +48,8 @@ VARIANTS = {
     "scratch_old": dict(regime="large_different", init="scratch",
                         **dict(OLD, finetune_learning_rate=3e-4)),
     "scratch_new": dict(regime="large_different", init="scratch", **NEW),
+    "different_old": dict(regime="large_different", **OLD),
+    "different_new": dict(regime="large_different", **NEW),
 }
 
 CHILD = r"""
@@ -60,8 +65,26 @@ print("RESULT " + json.dumps({"val_accuracy": m["val_accuracy"],
 """
 
 
+def characters_folder(root=os.path.join(tempfile.gettempdir(), "tl_keras_characters"), n=6250):
+    """The study's printed characters as a folder of class subfolders (written once)."""
+    if os.path.exists(os.path.join(root, ".written")):
+        return root
+    from PIL import Image
+
+    from tl_keras.experiments import study
+
+    x, y = study.printed_characters(n, seed=1)
+    for i, (image, label) in enumerate(zip(x, y)):
+        folder = os.path.join(root, f"char_{study.CHARACTERS[label]}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
+    open(os.path.join(root, ".written"), "w").close()
+    return root
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--job", default="fashion", choices=["fashion", "characters"])
     parser.add_argument("--variants", default="new,old")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
@@ -74,12 +97,13 @@ def main():
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["variant"], r["seed"]) for r in map(json.loads, f)}
+            done = {(r.get("job", "fashion"), r["variant"], r["seed"]) for r in map(json.loads, f)}
+    job = dict(JOB, dataset=characters_folder()) if args.job == "characters" else JOB
     for seed in map(int, args.seeds.split(",")):
         for name in names:
-            if (name, seed) in done:
+            if (args.job, name, seed) in done:
                 continue
-            overrides = dict(JOB, **VARIANTS[name], seed=seed,
+            overrides = dict(job, **VARIANTS[name], seed=seed,
                              workdir=os.path.join(tempfile.mkdtemp(), "run"))
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides)],
                                  capture_output=True, text=True)
@@ -87,7 +111,7 @@ def main():
             if out.returncode or not line:
                 print(f"{name} seed {seed} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
-            result = dict(variant=name, seed=seed, overrides=VARIANTS[name],
+            result = dict(job=args.job, variant=name, seed=seed, overrides=VARIANTS[name],
                           **json.loads(line[0][len("RESULT "):]))
             print(json.dumps(result), flush=True)
             with open(args.out, "a") as f:

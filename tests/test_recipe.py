@@ -167,6 +167,13 @@ def test_a_bad_recipe_setting_is_one_line(tmp_path, key, value, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("key", ["ema", "early_stopping"])
+def test_multi_worker_refuses_what_its_loop_cannot_run(tmp_path, key):
+    with pytest.raises(ValueError, match="do not run with distribution=multi_worker"):
+        plan_lib.resolve(tiny_config(tmp_path, "large_similar", distribution="multi_worker",
+                                     **{key: 0.9 if key == "ema" else 2}))
+
+
 def test_early_stopping_needs_every_epoch_validated(tmp_path):
     with pytest.raises(ValueError, match="early_stopping counts validated epochs"):
         plan_lib.resolve(tiny_config(tmp_path, "large_similar", early_stopping=2,

@@ -138,6 +138,11 @@ def _check_numbers(config):
     if not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
     recipe.check(config)
+    if config.distribution == "multi_worker" and (config.ema or config.early_stopping):
+        # Its own training loop (distribute.fit) runs no validation callbacks, and
+        # every worker would write early stopping's state.
+        raise ValueError("ema and early_stopping do not run with distribution=multi_worker; "
+                         "set them to 0")
     if config.early_stopping and config.validation_freq != 1:
         raise ValueError("early_stopping counts validated epochs: it needs validation_freq=1, "
                          f"got {config.validation_freq}")
