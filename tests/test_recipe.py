@@ -251,3 +251,28 @@ def test_training_from_scratch_takes_the_recipe_at_one_rate(tmp_path):
                                         schedule="cosine", layer_decay=0.5))
     scratch, = plan.phases
     assert (scratch.recipe.schedule, scratch.recipe.layer_decay) == ("cosine", 1.0)
+
+
+@pytest.mark.slow
+def test_a_model_saved_with_layer_decay_loads_without_tl_keras_uncompiled(tmp_path):
+    import subprocess
+    import sys
+
+    model = _classifier()
+    phase = _phase(layer_decay=0.5, schedule="cosine", warmup=0.1)
+    trainable.apply_phase(model, phase)
+    model.compile(optimizer=recipe.optimizer(phase, 10, model),
+                  loss="sparse_categorical_crossentropy")
+    model.save(tmp_path / "m.keras")
+    x = np.full((1, TINY_SIZE, TINY_SIZE, 3), 100, "uint8")
+    np.save(tmp_path / "want.npy", model.predict(x, verbose=0))
+    code = (f"import keras, numpy as np; m = keras.saving.load_model({str(tmp_path / 'm.keras')!r}, "
+            f"compile=False); import sys; assert 'tl_keras' not in sys.modules; "
+            f"np.testing.assert_allclose(m.predict(np.full((1, {TINY_SIZE}, {TINY_SIZE}, 3), 100, "
+            f"'uint8'), verbose=0), np.load({str(tmp_path / 'want.npy')!r}), rtol=1e-5)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Compiled, after importing the recipe: the optimizer comes back with its rates.
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is recipe.LayerwiseAdamW
+    assert loaded.optimizer.rate_scales == model.optimizer.rate_scales

@@ -19,7 +19,8 @@ the head train as fast on an early cut (values in the tens) as on the top.
 `feature_norm` starts as the identity; `train.run_phases` adapts it to the
 training data before the first phase.
 
-Only stock Keras layers, so a saved model loads and runs without tl_keras.
+Only stock Keras layers, so a saved model loads and runs without tl_keras
+(`load_model(path, compile=False)`: its optimizer may be tl_keras's, recipe.py).
 
 Example:
     cut = backbones.build_backbone("mobilenet_v2", weights="none", image_size=64)
