@@ -27,7 +27,7 @@ JOB = dict(dataset="fashion_mnist", max_examples=5000, image_size=64, augment=Fa
 # The recipe's pieces, each switched off one at a time from "new"; "old" is the recipe
 # before them (a constant AdamW rate), spelled out so that defaults do not move it.
 NEW = dict(finetune_learning_rate=3e-4, schedule="cosine", warmup=0.1, clipnorm=1.0,
-           layer_decay=0.75)
+           layer_decay=1.0)
 OLD = dict(finetune_learning_rate=1e-5, schedule="constant", warmup=0.0, clipnorm=0.0,
            layer_decay=1.0)
 VARIANTS = {
@@ -35,8 +35,11 @@ VARIANTS = {
     "old": dict(regime="large_similar", **OLD),
     "old_3e-4": dict(regime="large_similar", **dict(OLD, finetune_learning_rate=3e-4)),
     "new": dict(regime="large_similar", **NEW),
-    "new_no_layer_decay": dict(regime="large_similar", **dict(NEW, layer_decay=1.0)),
+    "layer_decay_0.75": dict(regime="large_similar", **dict(NEW, layer_decay=0.75)),
+    "layer_decay_0.75_constant": dict(regime="large_similar", **dict(
+        NEW, layer_decay=0.75, schedule="constant", warmup=0.0)),
     "new_constant": dict(regime="large_similar", **dict(NEW, schedule="constant", warmup=0.0)),
+    "new_no_warmup": dict(regime="large_similar", **dict(NEW, warmup=0.0)),
     "new_no_clip": dict(regime="large_similar", **dict(NEW, clipnorm=0.0)),
     "new_1e-3": dict(regime="large_similar", **dict(NEW, finetune_learning_rate=1e-3)),
     "new_ema": dict(regime="large_similar", **dict(NEW, ema=0.99)),
