@@ -67,11 +67,25 @@ def test_a_broken_calibration_is_refused_and_nothing_is_written(finished_run, tm
     images, _ = litert.calibration_images(config, 24)
     broken = np.zeros_like(images)  # every calibration image black: activations' ranges collapse
     out = tmp_path / "lite"
-    with pytest.raises(ValueError, match=r"agrees with the Keras model on only \d+% of 24 "
-                                         r"calibration images .* nothing was written"):
+    with pytest.raises(ValueError, match=r"agrees with the Keras model on only [\d.]+% of 24 "
+                                         r"calibration images \(at least 90.0% needed\); nothing "
+                                         r"was written \(--quantize=float16 or --quantize=dynamic"):
         litert.export_run(str(finished_run), str(out), "int8", calibration_count=24,
                           calibration=broken, verbose=False)
     assert [p.name for p in out.iterdir()] == []
+    # The bar is the user's: at 0 the same model is written, its agreement recorded.
+    version, report = litert.export_run(str(finished_run), str(out), "int8",
+                                        calibration_count=24, calibration=broken,
+                                        verbose=False, min_agreement=0.0)
+    assert os.path.basename(version) == "1" and report["calibration_agreement"] < 0.9
+
+
+def test_the_agreement_bar_is_the_user_s(finished_run, run_tool, tmp_path):
+    result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={tmp_path}",
+                      "--format=litert", "--min_agreement=1.5")
+    assert result.returncode == 2
+    assert result.last_line() == "export.py: error: --min_agreement must be in [0, 1], got 1.5"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_quantization_is_one_line(finished_run, run_tool, tmp_path):

@@ -163,13 +163,15 @@ def measure(model, tflite, source, threads=None):
 
 
 def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATION,
-               eval_images=0, calibration=None, verbose=True):
+               eval_images=0, calibration=None, verbose=True, min_agreement=AGREEMENT):
     """Converts a finished run, checks and measures it, and writes EXPORT_DIR/<n>/.
 
     Args:
       calibration: uint8 images to calibrate int8 with instead of the run's own
         (tests use it to break calibration on purpose).
       eval_images: validation images to measure on (0: all).
+      min_agreement: the least top-1 agreement with the Keras model on the
+        calibration images below which nothing is written.
 
     Returns:
       (version_dir, the export.json dict).
@@ -187,10 +189,14 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     seconds = time.time() - tick
     runner = Runner(tflite)
     agreed = agreement(model.predict(own, verbose=0), runner(own))
-    if agreed < AGREEMENT:
+    if not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    if agreed < min_agreement:
+        others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
         raise ValueError(f"the {quantize} model agrees with the Keras model on only "
-                         f"{agreed:.0%} of {len(own)} calibration images (at least "
-                         f"{AGREEMENT:.0%} needed); nothing was written")
+                         f"{agreed:.1%} of {len(own)} calibration images (at least "
+                         f"{min_agreement:.1%} needed); nothing was written ({others} keeps "
+                         f"more of the float model; --min_agreement sets the bar)")
     source = datasets.val if not eval_images else datasets.val.unbatch().take(
         eval_images).batch(32)
     if verbose:

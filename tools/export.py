@@ -27,6 +27,8 @@ flags.DEFINE_enum("quantize", "int8", ["none", "float16", "dynamic", "int8"],
                   "(calibrated on the run's own training images).")
 flags.DEFINE_integer("calibration_images", 300, "LiteRT int8: training images to calibrate on.")
 flags.DEFINE_integer("eval_images", 0, "LiteRT: validation images to measure on (0: all).")
+flags.DEFINE_float("min_agreement", 0.9, "LiteRT: the least top-1 agreement with the Keras "
+                   "model on the calibration images; below it nothing is written.")
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +49,8 @@ def main(argv):
         if getattr(FLAGS, name) < low:
             fail(f"--{name} must be {'at least 1' if low else '0 (all) or more'}, "
                  f"got {getattr(FLAGS, name)}")
+    if not 0 <= FLAGS.min_agreement <= 1:
+        fail(f"--min_agreement must be in [0, 1], got {FLAGS.min_agreement}")
     import tensorflow as tf
 
     from tl_keras import export, litert
@@ -55,7 +59,7 @@ def main(argv):
         if FLAGS.format == "litert":
             litert.export_run(FLAGS.workdir, FLAGS.export_dir, FLAGS.quantize,
                               calibration_count=FLAGS.calibration_images,
-                              eval_images=FLAGS.eval_images)
+                              eval_images=FLAGS.eval_images, min_agreement=FLAGS.min_agreement)
         else:
             export.export_run(FLAGS.workdir, FLAGS.export_dir)
     except (ValueError, OSError) as e:
