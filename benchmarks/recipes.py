@@ -8,7 +8,9 @@ EfficientNet-Lite0 with its ImageNet weights, 5,000 Fashion-MNIST training
 images, 64 px, augmentation off, 4 epochs (1 head-only), validated on all
 10,000 test images. `--job=characters`: the same on the regime study's printed
 characters (tl_keras/experiments/study.py, unlike ImageNet), 6,250 drawn once into
-a folder, 1,250 of them held out by seed. Each run appends one JSON line (job, variant, seed, overrides,
+a folder, 1,250 of them held out by seed. `--job=digits --variants=cached,fit`:
+sklearn's digits at 96 px, 10 epochs of `small_similar`, the head trained on cached
+features against plain `fit` through the frozen backbone. Each run appends one JSON line (job, variant, seed, overrides,
 val_accuracy, best_val_accuracy, wall seconds) to `--out`
 (benchmarks/results_recipes.jsonl); a variant and seed already there is not
 run again. Nothing else should run beside it when its seconds are quoted.
@@ -23,6 +25,10 @@ import tempfile
 
 JOB = dict(dataset="fashion_mnist", max_examples=5000, image_size=64, augment=False,
            epochs=4, head_epochs=1)
+
+# Issue "Reliable under faults" 6: the head on cached features against plain `fit`
+# through the frozen backbone, the same images (sklearn digits at 96 px), 10 epochs.
+DIGITS = dict(dataset="digits", max_examples=0, augment=False, epochs=10)
 
 # The recipe's pieces, each switched off one at a time from "new"; "old" is the recipe
 # before them (a constant AdamW rate), spelled out so that defaults do not move it.
@@ -52,6 +58,8 @@ VARIANTS = {
                         **dict(OLD, finetune_learning_rate=3e-4)),
     "scratch_new": dict(regime="large_different", init="scratch", **NEW),
     "different_old": dict(regime="large_different", **OLD),
+    "cached": dict(regime="small_similar", cache_features=True),
+    "fit": dict(regime="small_similar", cache_features=False),
     "different_new": dict(regime="large_different", **NEW),
 }
 
@@ -87,7 +95,7 @@ def characters_folder(root=os.path.join(tempfile.gettempdir(), "tl_keras_charact
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--job", default="fashion", choices=["fashion", "characters"])
+    parser.add_argument("--job", default="fashion", choices=["fashion", "characters", "digits"])
     parser.add_argument("--variants", default="new,old")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
@@ -101,7 +109,8 @@ def main():
     if os.path.exists(args.out):
         with open(args.out) as f:
             done = {(r.get("job", "fashion"), r["variant"], r["seed"]) for r in map(json.loads, f)}
-    job = dict(JOB, dataset=characters_folder()) if args.job == "characters" else JOB
+    job = {"fashion": lambda: JOB, "digits": lambda: DIGITS,
+           "characters": lambda: dict(JOB, dataset=characters_folder())}[args.job]()
     for seed in map(int, args.seeds.split(",")):
         for name in names:
             if (args.job, name, seed) in done:
