@@ -93,6 +93,26 @@ def characters_folder(root=os.path.join(tempfile.gettempdir(), "tl_keras_charact
     return root
 
 
+def table(path):
+    """The results in `path` as markdown: a row per job and variant, val_accuracy per seed,
+    the mean, and the settings it ran with beside the job's."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| job | variant | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean | settings |", "|---" * (len(seeds) + 4) + "|"]
+    order = {}
+    for r in rows:
+        order.setdefault((r.get("job", "fashion"), r["variant"]), {})[r["seed"]] = r
+    for (job, variant), by_seed in order.items():
+        values = [by_seed[s]["val_accuracy"] for s in seeds if s in by_seed]
+        settings = ", ".join(f"{k}={v}" for k, v in next(iter(by_seed.values()))["overrides"].items())
+        lines.append(f"| {job} | {variant} | " + " | ".join(
+            f"{by_seed[s]['val_accuracy']:.4f}" if s in by_seed else "" for s in seeds)
+            + f" | {sum(values) / len(values):.4f} | {settings} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", default="fashion", choices=["fashion", "characters", "digits"])
@@ -100,7 +120,12 @@ def main():
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
                                                       "results_recipes.jsonl"))
+    parser.add_argument("--table", action="store_true",
+                        help="Print the results in --out as a markdown table and stop.")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
