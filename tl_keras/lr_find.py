@@ -28,7 +28,7 @@ class RangeTest:
     rates: list         # the rate of each step
     losses: list        # the loss at each step, smoothed (bias-corrected moving average)
     suggestion: float   # a tenth of the rate at the lowest smoothed loss
-    steepest: float     # the rate where the smoothed loss fell fastest
+    steepest: float     # the rate where the smoothed loss fell fastest (after the first 10%)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -85,9 +85,12 @@ def _run(model, phase, batches, loss, steps, min_rate, max_rate, smoothing, stop
                          "try a lower --min_rate")
     lowest = int(np.argmin(losses))
     slopes = np.gradient(np.asarray(losses), np.log(tried))
+    # The first steps' average is noisy (a few batches): the steepest fall is looked for
+    # after them, as fastai's plot skips its start.
+    skip = min(max(1, len(tried) // 10), lowest)
     return RangeTest(phase=phase.name, rates=tried, losses=losses,
                      suggestion=tried[lowest] / 10,
-                     steepest=tried[int(np.argmin(slopes[:lowest + 1]))])
+                     steepest=tried[skip + int(np.argmin(slopes[skip:lowest + 1]))])
 
 
 def _forever(batches):
