@@ -48,7 +48,7 @@ SGD_MOMENTUM = 0.9
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     optimizer: str = "adamw"     # adamw | sgd
-    schedule: str = "constant"   # constant | cosine | steps
+    schedule: str = "constant"   # constant | cosine | steps | size_rule (made concrete by `sized`)
     warmup: float = 0.0          # fraction of the phase's steps warming up linearly from 0
     clipnorm: float = 0.0        # gradients clipped to this global norm; 0: off
     layer_decay: float = 1.0     # backbone stage k below the top trains at rate x decay^k
