@@ -211,7 +211,7 @@ def test_a_large_run_with_the_whole_recipe(tmp_path, shared_images, capsys):
     assert metrics["recipes"]["head"] == dataclasses.asdict(recipe.Recipe(weight_decay=1e-4))
     optimizer = model.optimizer
     assert type(optimizer) is recipe.LayerwiseAdamW
-    assert int(optimizer.iterations) == train.steps_per_epoch_of(data, 8)
+    assert int(optimizer.iterations) == train.steps_per_epoch(data, 8)
     assert float(optimizer.learning_rate) == pytest.approx(0, abs=1e-9)  # the cosine's end
     for layer, before in zip(bn, moving):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), before)

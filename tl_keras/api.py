@@ -90,6 +90,13 @@ def with_workdir(config, folder, prefix=None):
     return config
 
 
+def refuse_nonempty(workdir):
+    """A `ValueError` when `workdir` holds anything: the tools that write one result
+    folder (advice, range test) overwrite nothing."""
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise ValueError(f"workdir {workdir!r} is not empty; choose another --workdir")
+
+
 def make_strategy(plan):
     """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
     from tl_keras import distribute
@@ -279,8 +286,7 @@ def advise_config(config, cuts=None):
     config.regime = "small_similar"  # any: the advisor only needs the backbone and data
     plan = plan_lib.resolve(config)
     config = plan.config
-    if os.path.isdir(config.workdir) and os.listdir(config.workdir):  # nothing overwritten
-        raise ValueError(f"workdir {config.workdir!r} is not empty; choose another --workdir")
+    refuse_nonempty(config.workdir)
     datasets = load_data(plan)
     advice, _ = advise.advise(
         plan, datasets, sample=config.advisor.sample,
@@ -341,8 +347,7 @@ def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_
         raise ValueError(f"regime {config.regime!r} has no phase {phase!r}; its phases: "
                          f"{', '.join(names)}")
     workdir = plan.config.workdir
-    if os.path.isdir(workdir) and os.listdir(workdir):  # nothing overwritten
-        raise ValueError(f"workdir {workdir!r} is not empty; choose another --workdir")
+    refuse_nonempty(workdir)
     datasets = load_data(plan)
     with train.dtype_policy(plan):
         model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
@@ -353,11 +358,11 @@ def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_
               f"{min_rate:g} to {max_rate:g}")
         test = lr_find.range_test(model, chosen, datasets.train, plan.loss, steps=steps,
                                   min_rate=min_rate, max_rate=max_rate)
+    key = lr_find.rate_key(chosen)
     os.makedirs(workdir, exist_ok=True)
     paths = (os.path.join(workdir, "lr_find.json"), os.path.join(workdir, "lr_find.png"))
-    run_folder.write_json(paths[0], {**test.to_dict(), "key": lr_find.rate_key(chosen)})
+    run_folder.write_json(paths[0], {**test.to_dict(), "key": key})
     lr_find.draw(test, paths[1])
-    key = lr_find.rate_key(chosen)
     print(f"Suggested {key}: {test.suggestion:.2g} (a tenth of the rate at the lowest loss; "
           f"the loss fell fastest at {test.steepest:.2g})")
     return RangeTestRun(test, key, paths, workdir)

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import run_folder
 from tl_keras.arrays import BUILTIN, load_builtin, split_indices
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -241,8 +242,8 @@ def check_images(paths, manifest=None):
         progress.update(len(todo), finalize=True)
     if manifest is not None and todo:
         manifest.save(found)
-    return [(p, known[p] if p in known else found[p]) for p in paths
-            if (known[p] if p in known else found[p])]
+    reasons = {**known, **found}
+    return [(p, reasons[p]) for p in paths if reasons[p]]
 
 
 class CheckedFiles:
@@ -289,8 +290,6 @@ class CheckedFiles:
 
     def save(self, found):
         """Records `found` {path: reason or None}; a cache that cannot be written is skipped."""
-        from tl_keras import run_folder
-
         for path, reason in found.items():
             if path in self.stats:
                 self.entries[self._key(path)] = [*self.stats[path], reason]

@@ -176,6 +176,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     Returns:
       (version_dir, the export.json dict).
     """
+    if not 0 <= min_agreement <= 1:  # before the conversion, not after it
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
     model, config, metrics = evaluate.load_run(workdir)
     class_names = metrics["class_names"]
     export.check_export_dir(export_dir)
@@ -189,8 +191,6 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     seconds = time.time() - tick
     runner = Runner(tflite)
     agreed = agreement(model.predict(own, verbose=0), runner(own))
-    if not 0 <= min_agreement <= 1:
-        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
     if agreed < min_agreement:
         others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
         raise ValueError(f"the {quantize} model agrees with the Keras model on only "

@@ -137,15 +137,7 @@ def _check_numbers(config):
             raise ValueError(f"{key} must be in [0, 1), got {config[key]}")
     if not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
-    recipe.check(config)
-    if config.distribution == "multi_worker" and (config.ema or config.early_stopping):
-        # Its own training loop (distribute.fit) runs no validation callbacks, and
-        # every worker would write early stopping's state.
-        raise ValueError("ema and early_stopping do not run with distribution=multi_worker; "
-                         "set them to 0")
-    if config.early_stopping and config.validation_freq != 1:
-        raise ValueError("early_stopping counts validated epochs: it needs validation_freq=1, "
-                         f"got {config.validation_freq}")
+    recipe.check(config)  # optimizer, schedule, ... and what they need of the run
     for key, valid in _ONE_OF.items():
         if str(config[key]) not in valid:
             raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")

@@ -27,11 +27,12 @@ Example:
 """
 
 import dataclasses
-import json
 import math
 import os
 
 import keras
+
+from tl_keras import run_folder
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "steps", "size_rule")
@@ -108,6 +109,14 @@ def check(config):
     if config.early_stopping < 0:
         raise ValueError(f"early_stopping must be 0 (off) or a number of epochs, "
                          f"got {config.early_stopping}")
+    if config.early_stopping and config.validation_freq != 1:
+        raise ValueError("early_stopping counts validated epochs: it needs validation_freq=1, "
+                         f"got {config.validation_freq}")
+    if config.distribution == "multi_worker" and (config.ema or config.early_stopping):
+        # Its own training loop (distribute.fit) runs no validation callbacks, and
+        # every worker would write early stopping's state.
+        raise ValueError("ema and early_stopping do not run with distribution=multi_worker; "
+                         "set them to 0")
 
 
 # --- Optimizer ------------------------------------------------------------------
@@ -259,8 +268,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         super().on_train_begin(logs)
         if not os.path.exists(self.state):
             return
-        with open(self.state) as f:
-            saved = json.load(f)
+        saved = run_folder.read_json(self.state)
         self.wait, self.best, self.best_epoch = saved["wait"], saved["best"], saved["best_epoch"]
         self.best_weights = self._saved_best() or self.model.get_weights()
 
@@ -268,8 +276,6 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         super().on_epoch_end(epoch, logs)
         if self.best is None:
             return
-        from tl_keras import run_folder
-
         os.makedirs(os.path.dirname(self.state), exist_ok=True)
         run_folder.write_json(self.state, {"wait": self.wait, "best": float(self.best),
                                            "best_epoch": self.best_epoch})
@@ -279,7 +285,6 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         if not (self.best_model and self.best_record and os.path.exists(self.best_model)
                 and os.path.exists(self.best_record)):
             return None
-        with open(self.best_record) as f:
-            if json.load(f).get("epoch") != self.best_epoch + 1:
-                return None
+        if run_folder.read_json(self.best_record).get("epoch") != self.best_epoch + 1:
+            return None
         return keras.saving.load_model(self.best_model, compile=False).get_weights()

@@ -370,27 +370,22 @@ def phase_inputs(run, phase, finished):
         run.dist.prepare(inputs.model)
     else:
         inputs = features.PhaseInputs.through_backbone(run.model, run.data)
-        mix = mixing(run, phase)
-        if mix is not None:
-            from tl_keras import data as data_lib
-
-            inputs = dataclasses.replace(inputs, train=data_lib.mix_batches(
-                run.data.train, mix, run.plan.config.seed))
+        if phase.recipe.mixes:
+            inputs = dataclasses.replace(inputs, train=mixed_batches(run, phase))
     run.final.model, run.final.val = inputs.model, inputs.val
     return inputs
 
 
-def mixing(run, phase):
-    """The phase's `data.Mix` (mixup or CutMix of its training batches), or None."""
+def mixed_batches(run, phase):
+    """The data's training batches mixed as the phase's recipe says (mixup or CutMix)."""
     recipe = phase.recipe
-    if not recipe.mixes:
-        return None
     if isinstance(run.data.train, tuple):
         raise ValueError(f"batch_augment={recipe.batch_augment!r} mixes tf.data batches; "
                          "this data is numpy arrays")
-    from tl_keras import data as data_lib
+    from tl_keras import data as data_lib  # TensorFlow: only when mixing
 
-    return data_lib.Mix(recipe.batch_augment, recipe.mix_alpha, len(run.data.class_names))
+    mix = data_lib.Mix(recipe.batch_augment, recipe.mix_alpha, len(run.data.class_names))
+    return data_lib.mix_batches(run.data.train, mix, run.plan.config.seed)
 
 
 def feature_cache(run, phase):
@@ -427,7 +422,8 @@ def compile_phase(run, phase, inputs):
     with run.dist.scope():  # the optimizers' variables are the strategy's
         for m in {id(model): model, id(inputs.model): inputs.model}.values():
             m.compile(
-                optimizer=recipe_lib.optimizer(phase, steps_per_epoch(run), model),
+                optimizer=recipe_lib.optimizer(
+                    phase, steps_per_epoch(run.data, run.batch_size), model),
                 # Mixed labels (mixup, CutMix) in training, integer ones in validation.
                 loss=(losses.for_config(config, soft=True) if phase.recipe.mixes
                       else run.plan.loss),
@@ -445,12 +441,8 @@ def compile_phase(run, phase, inputs):
             model.optimizer.build(model.trainable_variables)
 
 
-def steps_per_epoch(run):
-    """Training steps in one epoch of the run's data (a recipe's schedule spans them)."""
-    return steps_per_epoch_of(run.data, run.batch_size)
-
-
-def steps_per_epoch_of(data, batch_size):
+def steps_per_epoch(data, batch_size):
+    """Training steps in one epoch of `data` (a recipe's schedule spans them)."""
     batches = data.train_examples / batch_size
     return int(batches) if getattr(data, "drop_remainder", False) else math.ceil(batches)
 
