@@ -68,6 +68,7 @@ def get_config():
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA
     config.distribution = "auto"         # auto | none | mirrored | multi_worker | tpu (tl_keras/distribute.py)
+    config.peer_timeout = 300            # multi_worker: seconds a starting or restarted worker waits for the others
     config.validation_freq = 1           # validate every N epochs (counted across phases); final metrics always
     config.report = True                 # a finished run draws curves.png, regime.png, report.html (report.py)
     config.seed = 0

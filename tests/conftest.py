@@ -99,7 +99,8 @@ def run_tool(capsys, monkeypatch):
     import runpy
     import sys
 
-    from absl import flags
+    from absl import app, flags  # noqa: F401  absl.app defines its flags (run_with_pdb, ...)
+    # on import: imported here, before `before`, they are not removed after the first tool.
 
     def run(name, *args, cwd=None):
         path = os.path.join(TOOLS, name)

@@ -86,11 +86,23 @@ def test_strategy_names_and_chief(monkeypatch):
     (["--distribution=gpus"], {}, "unknown distribution 'gpus'; valid: auto, none, mirrored"),
     (["--distribution=multi_worker"], {"TF_CONFIG": ""}, "multi_worker needs TF_CONFIG"),
     (["--distribution=tpu"], {}, "--distribution=tpu: no TPU found"),
+    (["--distribution=multi_worker"], {"TF_CONFIG": json.dumps({
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 2}})},
+     "TF_CONFIG's task {'type': 'worker', 'index': 2} names no address of its cluster "
+     "(2 of type 'worker')"),
+    (["--distribution=multi_worker"], {"TF_CONFIG": "PORT_IN_USE"},
+     "this worker's port PORT (TF_CONFIG: 127.0.0.1:PORT) is in use: Address already in use"),
 ])
 def test_finetune_bad_distribution_is_one_line(tmp_path, run_tool, monkeypatch, flags,
                                                extra_env, message):
+    taken = socket.create_server(("127.0.0.1", 0))  # a port another program listens on
+    port = taken.getsockname()[1]
     for name, value in extra_env.items():
+        if value == "PORT_IN_USE":
+            value = tf_config([port, free_ports(1)[0]], 0)
         monkeypatch.setenv(name, value)
+    message = message.replace("PORT", str(port))
     workdir = tmp_path / "run"
     result = run_tool("finetune.py", "--config=configs/smoke.py", "--dataset=digits",
                       f"--workdir={workdir}", *flags, cwd=ROOT)
@@ -98,6 +110,7 @@ def test_finetune_bad_distribution_is_one_line(tmp_path, run_tool, monkeypatch, 
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not workdir.exists()  # checked before anything is written
+    taken.close()
 
 
 def test_tune_refuses_multi_worker(tmp_path, run_tool):
@@ -263,3 +276,108 @@ def test_tuner_trials_run_under_mirrored(tmp_path, shared_images):
         assert m["epochs_run"] == 4
     with open(out / "sweep" / "tuning.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["COMPLETED"] * 2
+
+
+def start_worker(command, ports, index, log, **extra_env):
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env(TF_CONFIG=tf_config(ports, index), **extra_env))
+
+
+def stop_all(processes):
+    """A failed check leaves no worker behind, waiting for its peer."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_two_workers_validate_a_last_batch_that_leaves_a_replica_empty(tmp_path):
+    """The probe's case: 9 validation images over a global batch of 8 leave one
+    worker nothing in the last batch. Both finish, and the chief's val_accuracy
+    and val_loss are the final model's on all 9 images."""
+    from conftest import write_image_folder
+
+    images = tmp_path / "images"
+    write_image_folder(images, per_class=16, size=32)
+    for extra in images.glob("*/x.*"):  # 3 x 16 images: 39 train, 9 validation
+        extra.unlink()
+    run, ports = tmp_path / "run", free_ports(2)
+    command = [sys.executable, FINETUNE, "--config=configs/smoke.py:large_similar",
+               f"--dataset={images}", "--distribution=multi_worker", "--weights=none",
+               "--image_size=32", "--batch_size=4", "--epochs=2", "--config.head_epochs=1",
+               "--config.verbose=2", f"--workdir={run}"]
+    processes = [start_worker(command, ports, i, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        codes = [p.wait(timeout=400) for p in processes]
+    finally:
+        stop_all(processes)
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "Data: 39 training and 9 validation images" in logs[0]
+
+    import keras
+    from tl_keras import data, plan as plan_lib
+
+    plan = plan_lib.resolve(plan_lib.with_defaults(json.loads((run / "config.json").read_text())))
+    val = data.load(plan.config, image_size=32, batch_size=9).val
+    model = keras.saving.load_model(run / "model.keras")
+    loss, accuracy = model.evaluate(val, verbose=0)[:2]
+    m = metrics(run)
+    assert m["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert m["val_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_worker_and_its_peer_gives_up_waiting_for_it(tmp_path):
+    """SIGTERM to worker 1 mid-run stops it in one line (TensorFlow's coordination
+    agent swallowed it); the chief restarts itself, waits --config.peer_timeout for
+    worker 1, then stops with one line (it waited forever, deaf to SIGTERM)."""
+    run, ports = tmp_path / "run", free_ports(2)
+    command = [sys.executable, FINETUNE, "--config=configs/smoke.py:large_similar",
+               "--dataset=digits", "--distribution=multi_worker", "--max_examples=256",
+               "--batch_size=8", "--epochs=4", "--config.head_epochs=1",
+               "--config.verbose=2", "--config.peer_timeout=10", f"--workdir={run}"]
+    processes = [start_worker(command, ports, i, tmp_path / f"w{i}.log") for i in range(2)]
+    chief, other = processes
+    try:
+        deadline = time.time() + 300
+        while not (run / "history.csv").exists() and time.time() < deadline \
+                and chief.poll() is None:
+            time.sleep(0.2)
+        other.send_signal(signal.SIGTERM)
+        assert other.wait(timeout=30) == 128 + signal.SIGTERM
+        stopped = time.time()
+        code = chief.wait(timeout=200)
+    finally:
+        stop_all(processes)
+    assert (tmp_path / "w1.log").read_text().strip().splitlines()[-1] == (
+        "finetune.py: stopped by SIGTERM; nothing is half-written, and the same command "
+        "resumes the run")
+    log = (tmp_path / "w0.log").read_text()
+    assert "Restarting this worker (1/10)" in log, log[-3000:]
+    assert code == 2 and time.time() - stopped < 120, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"finetune.py: error: --distribution=multi_worker: 127.0.0.1:{ports[1]} of TF_CONFIG "
+        "did not join within 10 s (--config.peer_timeout); start every worker, or raise it")
+
+
+@pytest.mark.slow
+def test_worker_waiting_for_its_peers_stops_on_sigterm(tmp_path):
+    command = [sys.executable, FINETUNE, "--config=configs/smoke.py:large_similar",
+               "--dataset=digits", "--distribution=multi_worker", f"--workdir={tmp_path / 'run'}"]
+    log = tmp_path / "w0.log"
+    worker = start_worker(command, free_ports(2), 0, log)  # worker 1 never starts
+    try:
+        deadline = time.time() + 120
+        while "Waiting up to 300 s for the 2 workers" not in log.read_text() \
+                and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert worker.poll() is None, log.read_text()[-2000:]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        stop_all([worker])
+    assert log.read_text().strip().splitlines()[-1].startswith("finetune.py: stopped by SIGTERM")
+    assert not (tmp_path / "run").exists()

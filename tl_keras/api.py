@@ -101,7 +101,7 @@ def make_strategy(plan):
     """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
     from tl_keras import distribute
 
-    strategy = distribute.get_strategy(plan.distribution)
+    strategy = distribute.get_strategy(plan.distribution, plan.config.peer_timeout)
     if strategy is not None:
         print(f"Distribution: {distribute.name_of(strategy)}, "
               f"{distribute.replicas(strategy)} replicas, global batch "

@@ -28,25 +28,31 @@ Example:
     train.finetune(config, data, strategy=strategy)
 """
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 
 import keras
 import tensorflow as tf
 
-from tl_keras import keras_internals, plan
+from tl_keras import keras_internals, plan, tf_internals
 
 NAMES = plan.DISTRIBUTIONS
 
 
-def get_strategy(name):
+def get_strategy(name, peer_timeout=300):
     """The `tf.distribute.Strategy` for `name` (see NAMES), or None for one device.
 
     Call it before any other TensorFlow work: a multi-worker strategy
-    configures the collective ops, which must happen at program start.
+    configures the collective ops, which must happen at program start, and
+    waits up to `peer_timeout` seconds for every worker of TF_CONFIG to start.
     Raises `ValueError` with one line saying what is missing.
     """
     if name not in NAMES:
@@ -68,8 +74,91 @@ def get_strategy(name):
                 "--distribution=multi_worker needs TF_CONFIG with the cluster and this "
                 'worker\'s task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                 '"task": {"type": "worker", "index": 0}} (docs/scaling_out.md)')
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy(peer_timeout)
     return _tpu_strategy()
+
+
+def _multi_worker_strategy(peer_timeout):
+    """`MultiWorkerMirroredStrategy()`, once every worker has started, waiting at
+    most `peer_timeout` seconds for them.
+
+    The strategy's own wait for the cluster is one call into C++ that holds
+    Python's lock: no signal handler runs (Python runs them between bytecodes),
+    TensorFlow's coordination agent takes SIGTERM for a preemption notice, and
+    without a peer it waited forever; a worker restarted after a peer died
+    hung until kill -9. So the wait happens here first, in Python, where
+    Ctrl-C and SIGTERM stop it: each worker listens on its TF_CONFIG port
+    until it can reach every other's (a peer still waiting here, or already
+    serving the cluster there). The strategy's registration then gets the
+    time left, at least 10 s, as its own bound (a peer that dies in between).
+    """
+    me = _own_address()
+    peers = [address for address in _addresses() if address != me]
+    print(f"Waiting up to {peer_timeout:g} s for the {len(peers) + 1} workers of TF_CONFIG "
+          "(--config.peer_timeout)", flush=True)
+    deadline = time.monotonic() + peer_timeout
+    with _listening(me):
+        while peers:
+            peers = [address for address in peers if not _reachable(address)]
+            if peers and time.monotonic() > deadline:
+                raise ValueError(_not_joined(peer_timeout, peers))
+            if peers:
+                time.sleep(0.5)
+    tf_internals.configure_coordination(max(10.0, deadline - time.monotonic()))
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except tf.errors.DeadlineExceededError as e:
+        raise ValueError(_not_joined(peer_timeout, ["one of them"])) from e
+    if threading.current_thread() is threading.main_thread():
+        # The coordination agent put its SIGTERM handler (a preemption notice,
+        # which nothing here reads) over Python's: Python's back, so that
+        # SIGTERM stops training as it does on one device.
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    return strategy
+
+
+def _not_joined(peer_timeout, peers):
+    return (f"--distribution=multi_worker: {', '.join(peers)} of TF_CONFIG did not join "
+            f"within {peer_timeout:g} s (--config.peer_timeout); start every worker, or "
+            "raise it")
+
+
+def _addresses():
+    cluster = tf_config().get("cluster", {})
+    return cluster.get("chief", []) + cluster.get("worker", [])
+
+
+def _own_address():
+    task = tf_config().get("task", {})
+    kind, index = task.get("type", "worker"), task.get("index", 0)
+    addresses = tf_config()["cluster"].get(kind, [])
+    if not isinstance(index, int) or not 0 <= index < len(addresses):
+        raise ValueError(f"TF_CONFIG's task {task} names no address of its cluster "
+                         f"({len(addresses)} of type {kind!r})")
+    return addresses[index]
+
+
+@contextlib.contextmanager
+def _listening(address):
+    """A plain TCP listener on `address`'s port, closed before the strategy's
+    server takes the port: what the other workers' `_reachable` finds."""
+    port = int(address.rsplit(":", 1)[1])
+    try:
+        listener = socket.create_server(("", port))
+    except OSError as e:
+        raise ValueError(f"--distribution=multi_worker: this worker's port {port} "
+                         f"(TF_CONFIG: {address}) is in use: {e.strerror}") from e
+    with listener:
+        yield
+
+
+def _reachable(address):
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def auto():
@@ -230,6 +319,24 @@ def _step_function(model, strategy, step):
     return run
 
 
+def _test_step(model):
+    """`model.test_step` for one replica's share of a batch, which may be empty.
+
+    The last validation batch is not dropped (every image is validated), and
+    split over the replicas it can leave some with nothing: 9 images over a
+    global batch of 8 gives a last batch of 1, and a replica of 0, which the
+    model cannot take ("Incompatible shapes: [0,48,48,3] vs. [32]"). An empty
+    share updates no metric. A test step has no collective op, so replicas
+    may skip it; a training step has (the gradients' all-reduce), and its
+    batches are all full (`data.load(drop_remainder=True)`).
+    """
+    def step(batch):
+        images = tf.nest.flatten(batch)[0]
+        return tf.cond(tf.shape(images)[0] > 0, lambda: model.test_step(batch),
+                       model.get_metrics_result)
+    return step
+
+
 def _build(model, strategy, dataset):
     """Creates the optimizer's and the compiled metrics' variables before any step:
     variables cannot be created inside `strategy.run`."""
@@ -249,7 +356,7 @@ def fit(model, strategy, train_data, validation_data, initial_epoch, epochs, cal
     """
     _build(model, strategy, train_data)
     train_step = _step_function(model, strategy, model.train_step)
-    test_step = _step_function(model, strategy, model.test_step)
+    test_step = _step_function(model, strategy, _test_step(model))
     dist_train, dist_val = _distributed(strategy, train_data), _distributed(strategy,
                                                                            validation_data)
     steps = int(train_data.cardinality())
@@ -284,7 +391,7 @@ def fit(model, strategy, train_data, validation_data, initial_epoch, epochs, cal
 def evaluate(model, strategy, data):
     """(loss, accuracy) of `model` on the pipeline `data`, like `model.evaluate(data)`."""
     _build(model, strategy, data)
-    logs = _evaluate(model, strategy, _step_function(model, strategy, model.test_step),
+    logs = _evaluate(model, strategy, _step_function(model, strategy, _test_step(model)),
                      _distributed(strategy, data))
     return logs["loss"], logs["accuracy"]
 

@@ -43,6 +43,7 @@ _AT_LEAST = {
     "head_epochs": (0, "0 (no head phase) or more"),
     "image_cache_bytes": (0, "0 (no image cache) or more"),
     "feature_cache_bytes": (0, "0 (features on disk) or more"),
+    "peer_timeout": (1, "at least 1 (seconds)"),
     "advisor.sample": (2, "at least 2"),
     "advisor.large_examples": (1, "at least 1"),
 }

@@ -6,6 +6,8 @@ tl_keras was tested with, and on another one fails with a one-line
 `RuntimeError` that names the version to install.
 
     frozen_graph_def(function)    convert_to_constants: variables as constants
+    configure_coordination(timeout)  the multi-worker coordination service, with a
+                                  timeout on the wait for every worker
 
 Example:
     graph_def = tf_internals.frozen_graph_def(traced.get_concrete_function(spec))
@@ -36,3 +38,28 @@ def frozen_graph_def(function):
         converter_data=convert_to_constants._FunctionConverterDataInEager(
             func=function, lower_control_flow=True, aggressive_inlining=False))
     return graph_def
+
+
+def configure_coordination(timeout_s):
+    """Configures the coordination service as `MultiWorkerMirroredStrategy` does
+    (`CollectiveAllReduceExtended._initialize_multi_worker`, which keeps a
+    service configured already), with one change: every worker's registration
+    waits at a barrier for all of them, `timeout_s` at most, then raises
+    `DeadlineExceededError`. Without the barrier the service's leader waits
+    for the others forever. Call it before the strategy is made.
+    """
+    _tensorflow("context.configure_coordination_service")
+    import tensorflow as tf
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
+            name=job, num_tasks=cluster.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster.jobs],
+        cluster_register_timeout_in_ms=int(timeout_s * 1000))
+    context.context().coordination_service.cluster_register_with_barrier = True
