@@ -46,7 +46,8 @@ def test_int8_export_is_calibrated_measured_and_versioned(finished_run, run_tool
     assert (out / "1" / "model.tflite").stat().st_size == report["bytes"]
     assert report["quantize"] == "int8" and report["calibration_images"] == 24
     assert report["bytes"] < report["float32_bytes"]
-    assert report["calibration_agreement"] >= litert.AGREEMENT
+    assert report["top1_agreement"] >= litert.AGREEMENT
+    assert report["keras_accuracy"] - report["litert_accuracy"] <= litert.MAX_DROP
     assert (report["input"]["dtype"], report["output"]["dtype"]) == ("float32", "float32")
     metrics = json.loads((finished_run / "metrics.json").read_text())
     # The Keras model measured beside it is the run's: its validation accuracy.
@@ -67,17 +68,45 @@ def test_a_broken_calibration_is_refused_and_nothing_is_written(finished_run, tm
     images, _ = litert.calibration_images(config, 24)
     broken = np.zeros_like(images)  # every calibration image black: activations' ranges collapse
     out = tmp_path / "lite"
-    with pytest.raises(ValueError, match=r"agrees with the Keras model on only [\d.]+% of 24 "
-                                         r"calibration images \(at least 90.0% needed\); nothing "
-                                         r"was written \(--quantize=float16 or --quantize=dynamic"):
+    with pytest.raises(ValueError, match=r"^the int8 model misses the bars \(at least 95.0% top-1 "
+                                         r"agreement with the Keras model, at most 1.00 points "
+                                         r"lost\) on 12 validation images: [\d.]+% agreement, "
+                                         r"-?[\d.]+ points lost with every layer int8; nothing was "
+                                         r"written \(--quantize=float16 or --quantize=dynamic"):
         litert.export_run(str(finished_run), str(out), "int8", calibration_count=24,
-                          calibration=broken, verbose=False)
+                          calibration=broken, verbose=False, float_fallback=False)
     assert [p.name for p in out.iterdir()] == []
-    # The bar is the user's: at 0 the same model is written, its agreement recorded.
+    # The bars are the user's: at 0 agreement and any loss the same model is written.
     version, report = litert.export_run(str(finished_run), str(out), "int8",
                                         calibration_count=24, calibration=broken,
-                                        verbose=False, min_agreement=0.0)
-    assert os.path.basename(version) == "1" and report["calibration_agreement"] < 0.9
+                                        verbose=False, min_agreement=0.0, max_drop=1.0)
+    assert os.path.basename(version) == "1" and report["top1_agreement"] < 0.95
+    assert report["float_layers"] == []
+
+
+def test_int8_below_the_bar_keeps_its_most_sensitive_layers_in_float(finished_run, tmp_path):
+    """Calibrated on 2 images, full int8 agrees with the Keras model on 11 of 12
+    validation images (measured); with the fallback, the layers whose int8 output
+    strays most from float's are kept in float, the fewest that meet the bars."""
+    model, config, _ = evaluate.load_run(str(finished_run))
+    images, datasets = litert.calibration_images(config, 2)
+    layers = litert.sensitive_layers(model, images)
+    assert len(layers) == 14 and len(set(layers)) == len(layers)
+    with pytest.raises(ValueError, match=r"on 12 validation images: 91.7% agreement, 8.33 points "
+                                         r"lost with every layer int8; nothing"):
+        litert.export_run(str(finished_run), str(tmp_path / "lite"), "int8",
+                          calibration=images, verbose=False, float_fallback=False)
+    version, report = litert.export_run(str(finished_run), str(tmp_path / "lite"), "int8",
+                                        calibration=images, verbose=False)
+    kept = report["float_layers"]
+    assert 0 < len(kept) < len(layers) and kept == layers[:len(kept)]  # the most sensitive
+    assert report["top1_agreement"] >= litert.AGREEMENT
+    assert report["keras_accuracy"] - report["litert_accuracy"] <= litert.MAX_DROP
+    # What was written is what was measured: the file reproduces the reported agreement.
+    tflite = (tmp_path / "lite" / "1" / "model.tflite").read_bytes()
+    val, _, keras_predictions = litert.validation_arrays(model, datasets.val)
+    assert litert.agreement(keras_predictions,
+                            litert.Runner(tflite)(val)) == report["top1_agreement"]
 
 
 def test_the_agreement_bar_is_the_user_s(finished_run, run_tool, tmp_path):
@@ -85,6 +114,10 @@ def test_the_agreement_bar_is_the_user_s(finished_run, run_tool, tmp_path):
                       "--format=litert", "--min_agreement=1.5")
     assert result.returncode == 2
     assert result.last_line() == "export.py: error: --min_agreement must be in [0, 1], got 1.5"
+    result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={tmp_path}",
+                      "--format=litert", "--max_accuracy_drop=-0.1")
+    assert result.last_line() == ("export.py: error: --max_accuracy_drop must be in [0, 1], "
+                                  "got -0.1")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,9 +6,11 @@
       dynamic   int8 weights, activations quantized on the fly
       int8      full integer: int8 weights and activations, calibrated on a few
                 hundred images of the run's own training data (seeded, un-augmented)
-    -> checked: top-1 agreement with the Keras model on the calibration images
-       (below `AGREEMENT`: an error, nothing written -- never a model that
-       silently predicts one class)
+    -> checked on the validation split: top-1 agreement with the Keras model
+       (`AGREEMENT`) and accuracy lost (`MAX_DROP`); int8 that misses them is
+       converted again with its most sensitive layers in float
+       (`checked_conversion`), and what still misses is an error, nothing
+       written -- never a model that silently predicts one class
     -> measured on the validation split with the LiteRT interpreter
        (`ai-edge-litert`): accuracy, top-1 agreement with the Keras model, file
        size, single-thread latency per image
@@ -26,26 +28,65 @@ Example:
 """
 
 import contextlib
+import csv
 import io
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
 from tl_keras import data, evaluate, export, plan as plan_lib, run_folder
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
-AGREEMENT = 0.9          # least top-1 agreement with the Keras model on the calibration images
+AGREEMENT = 0.95         # least top-1 agreement with the Keras model on the validation images
 CALIBRATION = 300        # calibration images (int8)
+FLOAT_SHARES = (0.05, 0.1, 0.2, 0.4)  # int8 that misses the bars: these shares of its
+                         # layers, the most sensitive first, tried in float until one meets them
+MAX_DROP = 0.01          # most validation accuracy lost against the Keras model (1 point)
+SENSITIVITY_IMAGES = 100  # calibration images the layers' sensitivity is measured on
 LATENCY_IMAGES = 50      # images timed one at a time, one thread
 
 
-def convert(model, quantize, calibration=None):
+def convert(model, quantize, calibration=None, float_layers=()):
     """The `.tflite` bytes of `model` under `quantize`; `calibration` (uint8 images
-    [N, H, W, C]) for int8. An op that cannot be converted raises a one-line ValueError."""
+    [N, H, W, C]) for int8, `float_layers` (tensor names, `sensitive_layers`) the
+    int8 layers kept in float. An op that cannot be converted raises a one-line
+    ValueError."""
+    import tensorflow as tf
+
+    converter = _converter(model, quantize, calibration, float_ok=bool(float_layers))
+    try:
+        with _quiet():
+            if not float_layers:
+                return converter.convert()
+            return tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=_images(calibration[:1]),
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                    denylisted_nodes=list(float_layers))).get_nondebug_quantized_model()
+    except Exception as e:  # ConverterError and friends: name the op when it says one
+        message = str(e)
+        op = re.search(r"'([\w.]+)' op", message)
+        raise ValueError(f"cannot convert to LiteRT {quantize}: "
+                         f"{'op ' + op.group(1) + ' is not supported' if op else _first(message)}"
+                         f"{' (try --quantize=dynamic)' if quantize == 'int8' else ''}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The converter's INFO logs, its prints on stdout (each saved signature's
+    captures) and its Python warnings (tf.lite.Interpreter's deprecation, which
+    the quantization debugger runs) kept from the user."""
+    with export.quiet_tensorflow_logs(), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _converter(model, quantize, calibration, float_ok=False):
     import tensorflow as tf
 
     if quantize not in QUANTIZE:
@@ -58,24 +99,43 @@ def convert(model, quantize, calibration=None):
     if quantize == "int8":
         if calibration is None or not len(calibration):
             raise ValueError("int8 needs calibration images")
-
-        def representative():
-            for image in calibration:
-                yield [image[None].astype("float32")]
-
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.representative_dataset = _images(calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + (
+            [tf.lite.OpsSet.TFLITE_BUILTINS] if float_ok else [])
         converter.inference_input_type = tf.float32
         converter.inference_output_type = tf.float32
-    try:  # the converter prints each saved signature's captures on stdout
-        with export.quiet_tensorflow_logs(), contextlib.redirect_stdout(io.StringIO()):
-            return converter.convert()
-    except Exception as e:  # ConverterError and friends: name the op when it says one
-        message = str(e)
-        op = re.search(r"'([\w.]+)' op", message)
-        raise ValueError(f"cannot convert to LiteRT {quantize}: "
-                         f"{'op ' + op.group(1) + ' is not supported' if op else _first(message)}"
-                         f"{' (try --quantize=dynamic)' if quantize == 'int8' else ''}") from None
+    return converter
+
+
+def _images(images):
+    """A converter's representative dataset: `images` one at a time, float32."""
+    def one_by_one():
+        for image in images:
+            yield [image[None].astype("float32")]
+    return one_by_one
+
+
+def sensitive_layers(model, calibration, images=SENSITIVITY_IMAGES):
+    """The int8 model's quantized layers (tensor names), the most sensitive first.
+
+    A layer's sensitivity is the error of its int8 output against the float
+    op's on the same (quantized) input, over `images` calibration images, in
+    units of its output's quantization step (RMSE / scale: about 0.29 is
+    rounding alone). TensorFlow Lite's `QuantizationDebugger` measures it.
+    """
+    import tensorflow as tf
+
+    with _quiet():
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=_converter(model, "int8", calibration),
+            debug_dataset=_images(calibration[:images]))
+        debugger.run()
+        table = io.StringIO()
+        debugger.layer_statistics_dump(table)
+    rows = list(csv.DictReader(io.StringIO(table.getvalue())))
+    error = {row["tensor_name"]: float(row["mean_squared_error"]) ** 0.5 / float(row["scale"])
+             for row in rows if float(row["scale"]) > 0}
+    return sorted(error, key=error.get, reverse=True)
 
 
 def _first(text):
@@ -142,66 +202,126 @@ def calibration_images(config, count=CALIBRATION):
     return np.concatenate(images)[:count], datasets
 
 
-def measure(model, tflite, source, threads=None):
-    """Accuracy of the Keras and the LiteRT model on the pipeline `source`, their top-1
-    agreement, and single-thread latency."""
-    runner = Runner(tflite, threads=threads)
-    keras_p, lite_p, labels, timed = [], [], [], []
+def validation_arrays(model, source):
+    """(images, labels, the Keras model's probabilities) of the pipeline `source`."""
+    images, labels, predictions = [], [], []
     for x, y in source:
-        x = np.asarray(x)
-        keras_p.append(np.asarray(model.predict_on_batch(x)))
-        lite_p.append(runner(x))
+        images.append(np.asarray(x))
         labels.append(np.asarray(y).reshape(-1))
-        if len(timed) < LATENCY_IMAGES:
-            timed += list(x[:LATENCY_IMAGES - len(timed)])
-    keras_p, lite_p, labels = map(np.concatenate, (keras_p, lite_p, labels))
+        predictions.append(np.asarray(model.predict_on_batch(images[-1])))
+    return tuple(map(np.concatenate, (images, labels, predictions)))
+
+
+def measure(tflite, images, labels, keras_predictions, threads=None):
+    """Accuracy of the Keras and the LiteRT model on `images`, their top-1 agreement,
+    and single-thread latency."""
+    lite = _predict(tflite, images, threads)
     return {"images": int(len(labels)),
-            "keras_accuracy": float((keras_p.argmax(1) == labels).mean()),
-            "litert_accuracy": float((lite_p.argmax(1) == labels).mean()),
-            "top1_agreement": agreement(keras_p, lite_p),
-            "latency_ms_per_image": round(latency_ms(tflite, np.stack(timed)), 3)}
+            "keras_accuracy": float((keras_predictions.argmax(1) == labels).mean()),
+            "litert_accuracy": float((lite.argmax(1) == labels).mean()),
+            "top1_agreement": agreement(keras_predictions, lite),
+            "latency_ms_per_image": round(latency_ms(tflite, images[:LATENCY_IMAGES]), 3)}
+
+
+def _predict(tflite, images, threads=None, batch=64):
+    runner = Runner(tflite, threads=threads)
+    return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def checked_conversion(model, quantize, calibration, images, labels, keras_predictions,
+                       min_agreement=AGREEMENT, max_drop=MAX_DROP, float_fallback=True,
+                       verbose=False):
+    """(tflite bytes, the layers kept in float) of `convert`, when on the validation
+    `images` its top-1 agreement with the Keras model (`keras_predictions`) is at
+    least `min_agreement` and its accuracy at most `max_drop` below the Keras
+    model's; else a one-line `ValueError` with what was measured.
+
+    An int8 model that misses the bars is converted again with the most
+    sensitive of its layers in float (`sensitive_layers`): the shares
+    FLOAT_SHARES of them in turn, until one meets them. Such a model is int8
+    where that holds; its float layers need a float kernel (a CPU or GPU
+    delegate), not an integer-only accelerator.
+    """
+    keras_accuracy = float((keras_predictions.argmax(1) == labels).mean())
+
+    def check(tflite, what):
+        lite = _predict(tflite, images)
+        agreed, drop = agreement(keras_predictions, lite), keras_accuracy - float(
+            (lite.argmax(1) == labels).mean())
+        tried.append(f"{agreed:.1%} agreement, {100 * drop:.2f} points lost with {what}")
+        return agreed >= min_agreement and drop <= max_drop
+
+    tried = []
+    tflite, float_layers = convert(model, quantize, calibration), []
+    met = check(tflite, "every layer int8" if quantize == "int8" else quantize)
+    if not met and quantize == "int8" and float_fallback:
+        if verbose:
+            print(f"int8: {tried[-1].split(' with ')[0]} on the validation images: measuring "
+                  "each layer's int8 error ...")
+        layers = sensitive_layers(model, calibration)
+        for count in sorted({max(1, round(share * len(layers))) for share in FLOAT_SHARES}):
+            float_layers = layers[:count]
+            tflite = convert(model, quantize, calibration, float_layers)
+            met = check(tflite, f"the {len(float_layers)} most sensitive of {len(layers)} "
+                                "layers in float")
+            if verbose:
+                print(f"  {tried[-1]}")
+            if met:
+                break
+    if not met:
+        others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
+        raise ValueError(f"the {quantize} model misses the bars (at least {min_agreement:.1%} "
+                         f"top-1 agreement with the Keras model, at most "
+                         f"{100 * max_drop:.2f} points lost) on {len(images)} validation "
+                         f"images: {'; '.join(tried)}; nothing was written ({others} keeps "
+                         "more of the float model; --min_agreement and --max_accuracy_drop "
+                         "set the bars)")
+    return tflite, float_layers
 
 
 def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATION,
-               eval_images=0, calibration=None, verbose=True, min_agreement=AGREEMENT):
+               eval_images=0, calibration=None, verbose=True, min_agreement=AGREEMENT,
+               max_drop=MAX_DROP, float_fallback=True):
     """Converts a finished run, checks and measures it, and writes EXPORT_DIR/<n>/.
 
     Args:
       calibration: uint8 images to calibrate int8 with instead of the run's own
         (tests use it to break calibration on purpose).
       eval_images: validation images to measure on (0: all).
-      min_agreement: the least top-1 agreement with the Keras model on the
-        calibration images below which nothing is written.
+      min_agreement, max_drop: the least top-1 agreement with the Keras model,
+        and the most accuracy lost (0.01: 1 point), on the validation images
+        measured; a model that misses either is not written.
+      float_fallback: an int8 model below `min_agreement` tries again with its
+        most sensitive layers in float (`checked_conversion`); False: refused.
 
     Returns:
       (version_dir, the export.json dict).
     """
-    if not 0 <= min_agreement <= 1:  # before the conversion, not after it
-        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    for name, bar in (("min_agreement", min_agreement), ("max_accuracy_drop", max_drop)):
+        if not 0 <= bar <= 1:  # before the conversion, not after it
+            raise ValueError(f"{name} must be in [0, 1], got {bar}")
     model, config, metrics = evaluate.load_run(workdir)
     class_names = metrics["class_names"]
     export.check_export_dir(export_dir)
     own, datasets = calibration_images(config, calibration_count)
     calibration = own if calibration is None else np.asarray(calibration)
+    source = datasets.val if not eval_images else datasets.val.unbatch().take(
+        eval_images).batch(32)
+    if verbose:
+        print("Reading the validation split and the Keras model's predictions on it ...")
+    images, labels, keras_predictions = validation_arrays(model, source)
     if verbose:
         print(f"Converting {workdir}/model.keras to LiteRT ({quantize}"
               f"{f', calibrated on {len(calibration)} training images' if quantize == 'int8' else ''}) ...")
     tick = time.time()
-    tflite = convert(model, quantize, calibration)
+    tflite, float_layers = checked_conversion(model, quantize, calibration, images, labels,
+                                              keras_predictions, min_agreement, max_drop,
+                                              float_fallback, verbose)
     seconds = time.time() - tick
-    runner = Runner(tflite)
-    agreed = agreement(model.predict(own, verbose=0), runner(own))
-    if agreed < min_agreement:
-        others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
-        raise ValueError(f"the {quantize} model agrees with the Keras model on only "
-                         f"{agreed:.1%} of {len(own)} calibration images (at least "
-                         f"{min_agreement:.1%} needed); nothing was written ({others} keeps "
-                         f"more of the float model; --min_agreement sets the bar)")
-    source = datasets.val if not eval_images else datasets.val.unbatch().take(
-        eval_images).batch(32)
     if verbose:
         print("Measuring against the Keras model on the validation split ...")
-    measured = measure(model, tflite, source)
+    measured = measure(tflite, images, labels, keras_predictions)
+    runner = Runner(tflite)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     input_type, output_type = runner.types()
     result = {
@@ -212,7 +332,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
                   "values": "raw pixels 0-255, as the Keras model takes"},
         "output": {"dtype": output_type, "values": "class probabilities"},
         "calibration_images": len(calibration) if quantize == "int8" else 0,
-        "calibration_agreement": agreed,
+        "float_layers": float_layers,
         **measured,
         "accuracy_difference_points": round(
             100 * (measured["litert_accuracy"] - measured["keras_accuracy"]), 2),
@@ -238,6 +358,8 @@ def format_table(r):
     rows = [("", "Keras", f"LiteRT {r['quantize']}"),
             ("accuracy", f"{r['keras_accuracy']:.4f}", f"{r['litert_accuracy']:.4f}"),
             ("top-1 agreement", "", f"{r['top1_agreement']:.4f}"),
+            *([("layers in float", "", f"{len(r['float_layers'])} (the most sensitive to int8)")]
+              if r["float_layers"] else []),
             ("file", f"{r['float32_bytes'] / 2**20:.2f} MB (float32 .tflite)",
              f"{r['bytes'] / 2**20:.2f} MB ({r['size_vs_float32']:.0%})"),
             ("latency, 1 thread", "", f"{r['latency_ms_per_image']:.2f} ms/image"),

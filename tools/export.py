@@ -27,8 +27,14 @@ flags.DEFINE_enum("quantize", "int8", ["none", "float16", "dynamic", "int8"],
                   "(calibrated on the run's own training images).")
 flags.DEFINE_integer("calibration_images", 300, "LiteRT int8: training images to calibrate on.")
 flags.DEFINE_integer("eval_images", 0, "LiteRT: validation images to measure on (0: all).")
-flags.DEFINE_float("min_agreement", 0.9, "LiteRT: the least top-1 agreement with the Keras "
-                   "model on the calibration images; below it nothing is written.")
+flags.DEFINE_float("min_agreement", 0.95, "LiteRT: the least top-1 agreement with the Keras "
+                   "model on the validation images; below it nothing is written.")
+flags.DEFINE_float("max_accuracy_drop", 0.01, "LiteRT: the most validation accuracy the "
+                   "model may lose against the Keras model (0.01: 1 point); more: nothing is "
+                   "written.")
+flags.DEFINE_bool("int8_float_fallback", True, "LiteRT int8 that misses the bars: convert "
+                  "again with its most sensitive layers in float (false: refuse; for "
+                  "integer-only accelerators).")
 FLAGS = flags.FLAGS
 
 
@@ -49,8 +55,9 @@ def main(argv):
         if getattr(FLAGS, name) < low:
             fail(f"--{name} must be {'at least 1' if low else '0 (all) or more'}, "
                  f"got {getattr(FLAGS, name)}")
-    if not 0 <= FLAGS.min_agreement <= 1:
-        fail(f"--min_agreement must be in [0, 1], got {FLAGS.min_agreement}")
+    for name in ("min_agreement", "max_accuracy_drop"):
+        if not 0 <= getattr(FLAGS, name) <= 1:
+            fail(f"--{name} must be in [0, 1], got {getattr(FLAGS, name)}")
     import tensorflow as tf
 
     from tl_keras import export, litert
@@ -59,7 +66,9 @@ def main(argv):
         if FLAGS.format == "litert":
             litert.export_run(FLAGS.workdir, FLAGS.export_dir, FLAGS.quantize,
                               calibration_count=FLAGS.calibration_images,
-                              eval_images=FLAGS.eval_images, min_agreement=FLAGS.min_agreement)
+                              eval_images=FLAGS.eval_images, min_agreement=FLAGS.min_agreement,
+                              max_drop=FLAGS.max_accuracy_drop,
+                              float_fallback=FLAGS.int8_float_fallback)
         else:
             export.export_run(FLAGS.workdir, FLAGS.export_dir)
     except (ValueError, OSError) as e:
