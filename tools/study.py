@@ -4,6 +4,8 @@ Usage:
     python tools/study.py            # the full study: benchmarks/study/ (about 30 minutes)
     python tools/study.py --quick    # one seed, R1-R4 only, fewer images: about 2 minutes
     python tools/study.py --advisor  # the regime advisor against the study's results
+    python tools/study.py --recipe=defaults  # fine-tuning and scratch with configs/base.py's
+                                             # recipe: benchmarks/study_recipe/
 
 Pretrains seed_cnn (the regime table's example network) on Fashion-MNIST
 classes 0-4, then runs every strategy on a similar and a different target,
@@ -12,6 +14,7 @@ the depth curves. Every cell is a run folder under --workdir: a killed study
 resumes where it stopped.
 """
 
+import dataclasses
 import sys
 
 from absl import flags
@@ -29,6 +32,10 @@ flags.DEFINE_string("workdir", None, "Run folders of the cells (default runs/stu
 flags.DEFINE_bool("lite", None, "Also the EfficientNet-Lite0 part (default: not with --quick).")
 flags.DEFINE_bool("advisor", False, "Judge the regime advisor against the finished study in "
                   "--out: advice.json and advice.md there (docs/advisor.md).")
+flags.DEFINE_enum("recipe", "pinned", ["pinned", "defaults"], "How phases that train the "
+                  "backbone train: pinned, the constant rate benchmarks/study was measured "
+                  "with; defaults, configs/base.py's recipe (default --out "
+                  "benchmarks/study_recipe).")
 FLAGS = flags.FLAGS
 
 
@@ -37,14 +44,17 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from tl_keras.experiments import study
 
-    suffix = "_quick" if FLAGS.quick else ""
+    suffix = ("_recipe" if FLAGS.recipe == "defaults" else "") + ("_quick" if FLAGS.quick else "")
+    settings = study.QUICK if FLAGS.quick else study.FULL
+    if FLAGS.recipe == "defaults":
+        settings = dataclasses.replace(settings, recipe=study.RECIPE_DEFAULTS)
     try:
         if FLAGS.advisor:
-            study.advisor_check(study.QUICK if FLAGS.quick else study.FULL,
+            study.advisor_check(settings,
                                 study_dir=FLAGS.out or f"benchmarks/study{suffix}",
                                 work_dir=FLAGS.workdir or f"runs/study{suffix}")
             return
-        study.run(study.QUICK if FLAGS.quick else study.FULL,
+        study.run(settings,
                   out_dir=FLAGS.out or f"benchmarks/study{suffix}",
                   work_dir=FLAGS.workdir or f"runs/study{suffix}",
                   lite=not FLAGS.quick if FLAGS.lite is None else FLAGS.lite,
