@@ -68,7 +68,7 @@ def test_a_broken_calibration_is_refused_and_nothing_is_written(finished_run, tm
     images, _ = litert.calibration_images(config, 24)
     broken = np.zeros_like(images)  # every calibration image black: activations' ranges collapse
     out = tmp_path / "lite"
-    with pytest.raises(ValueError, match=r"^the int8 model misses the bars \(at least 95.0% top-1 "
+    with pytest.raises(ValueError, match=r"^the int8 model misses the bars \(at least 95.00% top-1 "
                                          r"agreement with the Keras model, at most 1.00 points "
                                          r"lost\) on 12 validation images: [\d.]+% agreement, "
                                          r"-?[\d.]+ points lost with every layer int8; nothing was "
@@ -92,7 +92,7 @@ def test_int8_below_the_bar_keeps_its_most_sensitive_layers_in_float(finished_ru
     images, datasets = litert.calibration_images(config, 2)
     layers = litert.sensitive_layers(model, images)
     assert len(layers) == 14 and len(set(layers)) == len(layers)
-    with pytest.raises(ValueError, match=r"on 12 validation images: 91.7% agreement, 8.33 points "
+    with pytest.raises(ValueError, match=r"on 12 validation images: 91.67% agreement, 8.33 points "
                                          r"lost with every layer int8; nothing"):
         litert.export_run(str(finished_run), str(tmp_path / "lite"), "int8",
                           calibration=images, verbose=False, float_fallback=False)
@@ -104,9 +104,8 @@ def test_int8_below_the_bar_keeps_its_most_sensitive_layers_in_float(finished_ru
     assert report["keras_accuracy"] - report["litert_accuracy"] <= litert.MAX_DROP
     # What was written is what was measured: the file reproduces the reported agreement.
     tflite = (tmp_path / "lite" / "1" / "model.tflite").read_bytes()
-    val, _, keras_predictions = litert.validation_arrays(model, datasets.val)
-    assert litert.agreement(keras_predictions,
-                            litert.Runner(tflite)(val)) == report["top1_agreement"]
+    reference = litert.Reference(model, datasets.val)
+    assert litert.agreement(reference.keras, reference.litert(tflite)) == report["top1_agreement"]
 
 
 def test_the_agreement_bar_is_the_user_s(finished_run, run_tool, tmp_path):

@@ -202,39 +202,55 @@ def calibration_images(config, count=CALIBRATION):
     return np.concatenate(images)[:count], datasets
 
 
-def validation_arrays(model, source):
-    """(images, labels, the Keras model's probabilities) of the pipeline `source`."""
-    images, labels, predictions = [], [], []
-    for x, y in source:
-        images.append(np.asarray(x))
-        labels.append(np.asarray(y).reshape(-1))
-        predictions.append(np.asarray(model.predict_on_batch(images[-1])))
-    return tuple(map(np.concatenate, (images, labels, predictions)))
+class Reference:
+    """The Keras model's answers on the validation pipeline `source`, read once:
+    labels and probabilities. The images are read again for each LiteRT model,
+    never held whole (a large validation split would not fit in memory)."""
+
+    def __init__(self, model, source):
+        self.source = source
+        labels, predictions = [], []
+        for x, y in source:
+            labels.append(np.asarray(y).reshape(-1))
+            predictions.append(np.asarray(model.predict_on_batch(x)))
+        self.labels, self.keras = np.concatenate(labels), np.concatenate(predictions)
+        self.keras_accuracy = float((self.keras.argmax(1) == self.labels).mean())
+
+    def __len__(self):
+        return len(self.labels)
+
+    def litert(self, tflite, threads=None):
+        """The LiteRT model's probabilities on the same images, in the same order."""
+        runner = Runner(tflite, threads=threads)
+        return np.concatenate([runner(np.asarray(x)) for x, _ in self.source])
+
+    def first_images(self, count):
+        images = []
+        for x, _ in self.source:
+            images += list(np.asarray(x)[:count - len(images)])
+            if len(images) >= count:
+                break
+        return np.stack(images)
 
 
-def measure(tflite, images, labels, keras_predictions, threads=None):
-    """Accuracy of the Keras and the LiteRT model on `images`, their top-1 agreement,
-    and single-thread latency."""
-    lite = _predict(tflite, images, threads)
-    return {"images": int(len(labels)),
-            "keras_accuracy": float((keras_predictions.argmax(1) == labels).mean()),
-            "litert_accuracy": float((lite.argmax(1) == labels).mean()),
-            "top1_agreement": agreement(keras_predictions, lite),
-            "latency_ms_per_image": round(latency_ms(tflite, images[:LATENCY_IMAGES]), 3)}
+def measure(tflite, reference, threads=None):
+    """Accuracy of the Keras and the LiteRT model on `reference`'s images, their top-1
+    agreement, and single-thread latency."""
+    lite = reference.litert(tflite, threads)
+    return {"images": len(reference),
+            "keras_accuracy": reference.keras_accuracy,
+            "litert_accuracy": float((lite.argmax(1) == reference.labels).mean()),
+            "top1_agreement": agreement(reference.keras, lite),
+            "latency_ms_per_image": round(
+                latency_ms(tflite, reference.first_images(LATENCY_IMAGES)), 3)}
 
 
-def _predict(tflite, images, threads=None, batch=64):
-    runner = Runner(tflite, threads=threads)
-    return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def checked_conversion(model, quantize, calibration, images, labels, keras_predictions,
-                       min_agreement=AGREEMENT, max_drop=MAX_DROP, float_fallback=True,
-                       verbose=False):
+def checked_conversion(model, quantize, calibration, reference, min_agreement=AGREEMENT,
+                       max_drop=MAX_DROP, float_fallback=True, verbose=False):
     """(tflite bytes, the layers kept in float) of `convert`, when on the validation
-    `images` its top-1 agreement with the Keras model (`keras_predictions`) is at
-    least `min_agreement` and its accuracy at most `max_drop` below the Keras
-    model's; else a one-line `ValueError` with what was measured.
+    images of `reference` (a `Reference`) its top-1 agreement with the Keras model
+    is at least `min_agreement` and its accuracy at most `max_drop` below the
+    Keras model's; else a one-line `ValueError` with what was measured.
 
     An int8 model that misses the bars is converted again with the most
     sensitive of its layers in float (`sensitive_layers`): the shares
@@ -242,13 +258,11 @@ def checked_conversion(model, quantize, calibration, images, labels, keras_predi
     where that holds; its float layers need a float kernel (a CPU or GPU
     delegate), not an integer-only accelerator.
     """
-    keras_accuracy = float((keras_predictions.argmax(1) == labels).mean())
-
     def check(tflite, what):
-        lite = _predict(tflite, images)
-        agreed, drop = agreement(keras_predictions, lite), keras_accuracy - float(
-            (lite.argmax(1) == labels).mean())
-        tried.append(f"{agreed:.1%} agreement, {100 * drop:.2f} points lost with {what}")
+        lite = reference.litert(tflite)
+        agreed, drop = agreement(reference.keras, lite), reference.keras_accuracy - float(
+            (lite.argmax(1) == reference.labels).mean())
+        tried.append(f"{agreed:.2%} agreement, {100 * drop:.2f} points lost with {what}")
         return agreed >= min_agreement and drop <= max_drop
 
     tried = []
@@ -270,9 +284,9 @@ def checked_conversion(model, quantize, calibration, images, labels, keras_predi
                 break
     if not met:
         others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
-        raise ValueError(f"the {quantize} model misses the bars (at least {min_agreement:.1%} "
+        raise ValueError(f"the {quantize} model misses the bars (at least {min_agreement:.2%} "
                          f"top-1 agreement with the Keras model, at most "
-                         f"{100 * max_drop:.2f} points lost) on {len(images)} validation "
+                         f"{100 * max_drop:.2f} points lost) on {len(reference)} validation "
                          f"images: {'; '.join(tried)}; nothing was written ({others} keeps "
                          "more of the float model; --min_agreement and --max_accuracy_drop "
                          "set the bars)")
@@ -309,18 +323,17 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         eval_images).batch(32)
     if verbose:
         print("Reading the validation split and the Keras model's predictions on it ...")
-    images, labels, keras_predictions = validation_arrays(model, source)
+    reference = Reference(model, source)
     if verbose:
         print(f"Converting {workdir}/model.keras to LiteRT ({quantize}"
               f"{f', calibrated on {len(calibration)} training images' if quantize == 'int8' else ''}) ...")
     tick = time.time()
-    tflite, float_layers = checked_conversion(model, quantize, calibration, images, labels,
-                                              keras_predictions, min_agreement, max_drop,
-                                              float_fallback, verbose)
+    tflite, float_layers = checked_conversion(model, quantize, calibration, reference,
+                                              min_agreement, max_drop, float_fallback, verbose)
     seconds = time.time() - tick
     if verbose:
         print("Measuring against the Keras model on the validation split ...")
-    measured = measure(tflite, images, labels, keras_predictions)
+    measured = measure(tflite, reference)
     runner = Runner(tflite)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     input_type, output_type = runner.types()
