@@ -172,6 +172,19 @@ def test_mirrored_two_replicas_match_one_device(tmp_path, shared_images):
 
 # --- multi_worker ------------------------------------------------------------------
 
+def start_worker(command, ports, index, log, **extra_env):
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env(TF_CONFIG=tf_config(ports, index), **extra_env))
+
+
+def stop_all(processes):
+    """A failed check leaves no worker behind, waiting for its peer."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.slow
 def test_two_workers_train_to_identical_weights(tmp_path, shared_images):
     out = tmp_path / "out"
@@ -218,11 +231,7 @@ def test_killed_worker_restarted_resumes_from_last_checkpoint(tmp_path):
                "--batch_size=8", f"--epochs={epochs}", "--config.head_epochs=1",
                "--config.verbose=2", f"--workdir={run}"]
 
-    def start(index, log):
-        return subprocess.Popen(command, cwd=ROOT, env=env(TF_CONFIG=tf_config(ports, index)),
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-    processes = [start(0, tmp_path / "w0.log"), start(1, tmp_path / "w1.log")]
+    processes = [start_worker(command, ports, i, tmp_path / f"w{i}.log") for i in range(2)]
     chief, other = processes
     try:
         deadline = time.time() + 300
@@ -235,15 +244,12 @@ def test_killed_worker_restarted_resumes_from_last_checkpoint(tmp_path):
         other.send_signal(signal.SIGKILL)
         other.wait()
         time.sleep(3)
-        restarted = start(1, tmp_path / "w1b.log")
+        restarted = start_worker(command, ports, 1, tmp_path / "w1b.log")
         processes.append(restarted)
         assert restarted.wait(timeout=400) == 0, (tmp_path / "w1b.log").read_text()[-3000:]
         assert chief.wait(timeout=100) == 0, (tmp_path / "w0.log").read_text()[-3000:]
-    finally:  # a failed check leaves no worker behind, waiting for its peer forever
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    finally:
+        stop_all(processes)
 
     log = (tmp_path / "w0.log").read_text()
     assert "A worker of the cluster failed" in log and "Restarting this worker (1/10)" in log
@@ -276,19 +282,6 @@ def test_tuner_trials_run_under_mirrored(tmp_path, shared_images):
         assert m["epochs_run"] == 4
     with open(out / "sweep" / "tuning.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["COMPLETED"] * 2
-
-
-def start_worker(command, ports, index, log, **extra_env):
-    return subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env(TF_CONFIG=tf_config(ports, index), **extra_env))
-
-
-def stop_all(processes):
-    """A failed check leaves no worker behind, waiting for its peer."""
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.slow

@@ -124,14 +124,16 @@ def _not_joined(peer_timeout, peers):
 
 
 def _addresses():
+    """Every chief's and worker's address in TF_CONFIG."""
     cluster = tf_config().get("cluster", {})
     return cluster.get("chief", []) + cluster.get("worker", [])
 
 
 def _own_address():
-    task = tf_config().get("task", {})
+    cluster = tf_config()
+    task = cluster.get("task", {})
     kind, index = task.get("type", "worker"), task.get("index", 0)
-    addresses = tf_config()["cluster"].get(kind, [])
+    addresses = cluster["cluster"].get(kind, [])
     if not isinstance(index, int) or not 0 <= index < len(addresses):
         raise ValueError(f"TF_CONFIG's task {task} names no address of its cluster "
                          f"({len(addresses)} of type {kind!r})")
@@ -245,8 +247,7 @@ def is_chief():
 
 def workers():
     """The processes TF_CONFIG lists (chief and workers)."""
-    cluster = tf_config().get("cluster", {})
-    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+    return max(1, len(_addresses()))
 
 
 def fix_symbolic_build(model):

@@ -233,10 +233,10 @@ class Reference:
         return np.stack(images)
 
 
-def measure(tflite, reference, threads=None):
-    """Accuracy of the Keras and the LiteRT model on `reference`'s images, their top-1
-    agreement, and single-thread latency."""
-    lite = reference.litert(tflite, threads)
+def measure(tflite, reference, lite):
+    """Accuracy of the Keras and the LiteRT model on `reference`'s images (`lite`: the
+    LiteRT model's probabilities on them, `Reference.litert`), their top-1 agreement,
+    and single-thread latency."""
     return {"images": len(reference),
             "keras_accuracy": reference.keras_accuracy,
             "litert_accuracy": float((lite.argmax(1) == reference.labels).mean()),
@@ -247,7 +247,8 @@ def measure(tflite, reference, threads=None):
 
 def checked_conversion(model, quantize, calibration, reference, min_agreement=AGREEMENT,
                        max_drop=MAX_DROP, float_fallback=True, verbose=False):
-    """(tflite bytes, the layers kept in float) of `convert`, when on the validation
+    """(tflite bytes, the layers kept in float, its probabilities on the validation
+    images) of `convert`, when on the validation
     images of `reference` (a `Reference`) its top-1 agreement with the Keras model
     is at least `min_agreement` and its accuracy at most `max_drop` below the
     Keras model's; else a one-line `ValueError` with what was measured.
@@ -263,11 +264,11 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
         agreed, drop = agreement(reference.keras, lite), reference.keras_accuracy - float(
             (lite.argmax(1) == reference.labels).mean())
         tried.append(f"{agreed:.2%} agreement, {100 * drop:.2f} points lost with {what}")
-        return agreed >= min_agreement and drop <= max_drop
+        return agreed >= min_agreement and drop <= max_drop, lite
 
     tried = []
     tflite, float_layers = convert(model, quantize, calibration), []
-    met = check(tflite, "every layer int8" if quantize == "int8" else quantize)
+    met, lite = check(tflite, "every layer int8" if quantize == "int8" else quantize)
     if not met and quantize == "int8" and float_fallback:
         if verbose:
             print(f"int8: {tried[-1].split(' with ')[0]} on the validation images: measuring "
@@ -276,8 +277,8 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
         for count in sorted({max(1, round(share * len(layers))) for share in FLOAT_SHARES}):
             float_layers = layers[:count]
             tflite = convert(model, quantize, calibration, float_layers)
-            met = check(tflite, f"the {len(float_layers)} most sensitive of {len(layers)} "
-                                "layers in float")
+            met, lite = check(tflite, f"the {len(float_layers)} most sensitive of "
+                                      f"{len(layers)} layers in float")
             if verbose:
                 print(f"  {tried[-1]}")
             if met:
@@ -290,7 +291,7 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
                          f"images: {'; '.join(tried)}; nothing was written ({others} keeps "
                          "more of the float model; --min_agreement and --max_accuracy_drop "
                          "set the bars)")
-    return tflite, float_layers
+    return tflite, float_layers, lite
 
 
 def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATION,
@@ -305,8 +306,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
       min_agreement, max_drop: the least top-1 agreement with the Keras model,
         and the most accuracy lost (0.01: 1 point), on the validation images
         measured; a model that misses either is not written.
-      float_fallback: an int8 model below `min_agreement` tries again with its
-        most sensitive layers in float (`checked_conversion`); False: refused.
+      float_fallback: an int8 model that misses a bar tries again with its most
+        sensitive layers in float (`checked_conversion`); False: refused.
 
     Returns:
       (version_dir, the export.json dict).
@@ -328,12 +329,13 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         print(f"Converting {workdir}/model.keras to LiteRT ({quantize}"
               f"{f', calibrated on {len(calibration)} training images' if quantize == 'int8' else ''}) ...")
     tick = time.time()
-    tflite, float_layers = checked_conversion(model, quantize, calibration, reference,
-                                              min_agreement, max_drop, float_fallback, verbose)
+    tflite, float_layers, lite = checked_conversion(
+        model, quantize, calibration, reference, min_agreement, max_drop, float_fallback,
+        verbose)
     seconds = time.time() - tick
     if verbose:
         print("Measuring against the Keras model on the validation split ...")
-    measured = measure(tflite, reference)
+    measured = measure(tflite, reference, lite)  # the check's predictions: not run twice
     runner = Runner(tflite)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     input_type, output_type = runner.types()
