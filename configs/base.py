@@ -80,6 +80,11 @@ def get_config():
     config.advisor.large_examples = 10_000  # training images from which a dataset is "large"
     config.advisor.similar_margin = 0.02  # top cut's LogME within this of the best cut: "similar"
     config.advisor.scratch_margin = 0.1  # large data, pretraining adds less LogME than this: init=scratch
+    config.advisor.pilots = True         # short real runs on the sample decide (frozen heads, fine-tuned, scratch); False: the scores alone
+    config.advisor.pilot_passes = 2.0    # the fine-tuned pilot (and on large data the from-scratch one) trains on this many training sets' worth of images
+    config.advisor.pilot_epochs = 10     # ... at most this many epochs of their pilot-train images
+    config.advisor.pilot_held_out = 0.3  # of the sample, held out (stratified, seeded) to score the pilots on
+    config.advisor.scratch_pilot = "large"  # a from-scratch pilot too: large (on large data) | always | never
 
     # --- Where ---
     config.workdir = ""                  # "": runs/<regime>_<backbone>_<time>

@@ -172,6 +172,18 @@ def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tm
     assert (out / "advice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"python tools/finetune.py --regime={saved['regime']} --cut={saved['cut']}" in (
         result.stdout)
+    # The pilots ran and decided, a progress line each; small data: no from-scratch pilot.
+    finetuned = [name for name in saved["pilots"] if name.startswith("finetuned@")]
+    assert list(saved["pilots"]) == ["frozen@early", "frozen@late", "frozen@top",
+                                     "frozen@conv2", *finetuned] and len(finetuned) == 1
+    images = saved["pilot_images"]
+    assert images["train"] + images["held_out"] == 150 and 40 <= images["held_out"] <= 50
+    assert saved["decided_by"] == "pilots" and (
+        f"pilots on {images['train']} of the 150 sampled images" in saved["reasons"])
+    for i, name in enumerate(saved["pilots"]):
+        assert f"Pilot {i + 1}/5: {name}" in result.stdout
+    assert f"Pilots ({images['train']} images, scored on {images['held_out']} held out" in (
+        result.stdout)
     # Nothing is overwritten.
     again = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28", "--dataset=digits",
                      f"--workdir={out}")
@@ -223,7 +235,8 @@ def test_finetune_auto_runs_the_advised_regime_and_records_the_advice(run_tool, 
 
 def test_tune_auto_sweeps_the_advised_regime(run_tool, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_tool("tune.py", "--regime=auto", "--backbone=seed_cnn", "--image_size=28",
+    result = run_tool("tune.py", "--regime=auto", "--config.advisor.pilots=false",
+                      "--backbone=seed_cnn", "--image_size=28",
                       f"--weights={SEED_WEIGHTS}", "--dataset=digits", "--max_examples=200",
                       "--epochs=1", "--config.verbose=0", "--max_trials=1", f"--workdir={sweep}")
     assert result.returncode == 0, result.stderr
@@ -231,3 +244,182 @@ def test_tune_auto_sweeps_the_advised_regime(run_tool, tmp_path):
     assert (config["regime"], config["cut"]) == (config["advice"]["regime"],
                                                  config["advice"]["cut"])
     assert f"Advice: --regime={config['regime']} --cut={config['cut']}" in result.stdout
+
+
+# --- Pilot runs --------------------------------------------------------------------------
+
+def _pilot(strategy, cut, correct):
+    correct = np.asarray(correct, bool)
+    return advise.Pilot(strategy, cut, float(correct.mean()), correct, 0.0)
+
+
+def _pilots(**correct):
+    """Pilots by name ("frozen_late" -> frozen@late, "scratch") from held-out correctness."""
+    out = {}
+    for key, c in correct.items():
+        strategy, _, cut = key.partition("_")
+        pilot = _pilot(strategy, cut, c)
+        out[pilot.name] = pilot
+    return out
+
+
+def test_pilot_budget_and_noise():
+    settings = advise.PilotSettings(passes=1.5, max_epochs=10)
+    assert settings.epochs(1000, 700) == 2       # small data: 1.5 training sets' worth
+    assert settings.epochs(30_000, 1400) == 10   # large data: capped
+    assert advise.PilotSettings(passes=0.1).epochs(1000, 700) == 1  # at least one epoch
+    # A from-scratch pilot on large data only, unless asked for always or never.
+    assert [advise.PilotSettings(scratch=when).runs_scratch(size)
+            for when in ("large", "always", "never") for size in ("small", "large")] == [
+        False, True, True, True, False, False]
+    base = np.arange(200) < 150                  # 150 of 200 right
+    same = _pilot("frozen", "top", base)
+    assert advise.lower_bound(same, same) == 0.0
+    better = _pilot("scratch", "", np.arange(200) < 180)  # right wherever `same` is, and on 30 more
+    assert advise.lower_bound(better, same) > 0.1
+    one_more = _pilot("scratch", "", np.arange(200) < 151)
+    assert advise.lower_bound(one_more, same) <= 0  # one image: noise
+    swapped = _pilot("scratch", "", np.roll(base, 25))  # as many right, on other images
+    assert advise.lower_bound(swapped, same) < 0 < advise.lower_bound(better, swapped) + 0.2
+
+
+def test_the_pilots_override_the_scores_and_the_table_only_outside_their_noise():
+    t = advise.Thresholds(large_examples=1000)
+    sizes = {"train": 140, "held_out": 200, "epochs": 2}
+    idx = np.arange(200)
+    frozen = dict(frozen_early=idx < 100, frozen_top=idx < 140, frozen_late=idx < 170)
+    # The scores chose top; frozen@late beats it by 30 images: the pilots move the cut.
+    pilots = _pilots(**frozen, finetuned_late=idx < 172, scratch=idx < 60)
+    regime, cut, init, size, similarity, reasons = advise.decide_by_pilots(
+        pilots, "top", 500, sizes, t)
+    assert (regime, cut, init, size, similarity) == (
+        "small_different", "late", "pretrained", "small", "different")
+    assert "so the table says frozen@late" in reasons
+    assert "no other pilot beat it outside noise (the next best, finetuned@late 0.860, " \
+           "1.0 points above it, within noise)" in reasons
+    # Large data: the table's choice is the fine-tuned pilot at that cut.
+    assert advise.decide_by_pilots(pilots, "top", 5000, sizes, t)[:3] == (
+        "large_different", "late", "pretrained")
+    # Within noise of the scores' cut, the scores' cut stays: the data counts as similar.
+    close = _pilots(frozen_top=idx < 169, frozen_late=idx < 170, finetuned_top=idx < 169,
+                    scratch=idx < 60)
+    assert advise.decide_by_pilots(close, "top", 500, sizes, t)[:2] == ("small_similar", "top")
+    # Training from scratch wins outside noise on small data: the measurement overrides.
+    wins = _pilots(**frozen, finetuned_late=idx < 171, scratch=idx < 195)
+    regime, cut, init, *_, reasons = advise.decide_by_pilots(wins, "top", 500, sizes, t)
+    assert (regime, cut, init) == ("large_different", "top", "scratch")
+    assert "scratch 0.975 beat frozen@late 0.850 by 12.5 points" in reasons
+    assert reasons.endswith("so the measurement overrides the table")
+
+
+LARGE = advise.Thresholds(large_examples=100)  # 200 digits count as large: a scratch pilot too
+
+
+@pytest.fixture(scope="module")
+def piloted(digits_setup):
+    plan, datasets = digits_setup
+    return advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings(),
+                         thresholds=LARGE)
+
+
+def test_pilots_are_short_real_runs_scored_on_held_out_images(digits_setup,
+                                                                           piloted):
+    plan, datasets = digits_setup
+    advice, sample = piloted
+    frozen_cut = next(n for n in advice.pilots if n.startswith("finetuned@")).split("@")[1]
+    assert list(advice.pilots) == ["frozen@early", "frozen@middle", "frozen@late",
+                                   "frozen@top", f"finetuned@{frozen_cut}", "scratch"]
+    assert advice.decided_by == "pilots" and advice.strategy() in advice.pilots
+    images = advice.pilot_images
+    per_class = np.bincount(sample.labels)
+    held_per_class = [max(1, round(0.3 * n)) for n in per_class]  # 30% of each class
+    assert images["train"] + images["held_out"] == advice.sample == 200
+    assert images["held_out"] == sum(held_per_class)
+    assert images["epochs"] == round(2 * 200 / images["train"])  # 2 training sets' worth
+    # The pilots' split: stratified, disjoint, by seed.
+    train, held = advise.pilot_split(sample.labels, 0.3, plan.config.seed)
+    assert not set(train) & set(held) and len(train) + len(held) == 200
+    assert np.bincount(sample.labels[held]).tolist() == held_per_class
+
+
+@pytest.mark.slow
+def test_pilots_give_the_same_result_with_the_same_seed(digits_setup, piloted):
+    plan, datasets = digits_setup
+    advice, _ = piloted
+    again, _ = advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings(),
+                             thresholds=LARGE)
+    assert again.pilots.keys() == advice.pilots.keys()
+    assert all(again.pilots[n]["accuracy"] == p["accuracy"] for n, p in advice.pilots.items())
+    assert (again.regime, again.cut, again.init) == (advice.regime, advice.cut, advice.init)
+
+
+def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, piloted):
+    plan, datasets = digits_setup
+    _, sample = piloted
+    split = advise.pilot_split(sample.labels, 0.3, plan.config.seed)
+    features_late = sample.features["pretrained/late"]
+    accuracy, correct, head = advise.frozen_pilot(features_late, sample.labels, split,
+                                                  plan.config, 10)
+    config = plan_lib.editable(plan.config)
+    config.finetune_learning_rate = 1e-12  # everything trains, but nothing moves
+    _, same = advise.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
+                                   "late", 1, head)
+    np.testing.assert_array_equal(same, correct)  # a new random head would not be
+    assert accuracy > 0.5                         # (10 classes: chance is 0.1)
+
+
+def test_the_advisor_calls_the_pretraining_task_itself_similar():
+    """The `top` case: seed_cnn pretrained on Fashion-MNIST classes 0-4, advised on 300
+    other images of those classes -- the pretraining data's own distribution, where the
+    last layer's features fit best. Neither the scores nor the pilots call it different."""
+    from tl_keras import arrays
+    from tl_keras.configs import base
+
+    _, _, x_val, y_val, names = arrays.load_builtin("fashion_mnist")
+    keep = np.flatnonzero(y_val < 5)[:300]
+    examples = data.from_arrays(x_val[keep], y_val[keep], class_names=names[:5])
+    config = base.get_config()
+    config.update(backbone="seed_cnn", image_size=28, weights=SEED_WEIGHTS, augment=False,
+                  workdir="")
+    plan = plan_lib.resolve(config)
+    datasets = data.make_datasets(examples, plan.config, plan.image_size)
+    advice, _ = advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings())
+    assert (advice.regime, advice.cut, advice.similarity) == (
+        "small_similar", "top", "similar"), advice.reasons
+    assert advise.decide(advice.scores, advice.train_examples)[:2] == (  # the scores alone
+        "small_similar", "top")
+
+
+def test_advise_tool_names_the_best_of_several_backbones(run_tool, tmp_path):
+    out = tmp_path / "advice"
+    result = run_tool("advise.py", "--backbone=seed_cnn,mobilenet_v3_small", "--weights=none",
+                      "--image_size=32", "--dataset=digits", "--max_examples=100",
+                      "--cuts=top", f"--workdir={out}")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "advice.json").read_text())
+    rows = saved["backbones"]
+    assert list(rows) == ["seed_cnn", "mobilenet_v3_small"]
+    logme = {name: row["measure"]["LogME"] for name, row in rows.items()}  # nothing pretrained
+    assert saved["backbone"] == max(logme, key=logme.get)
+    for name in rows:
+        assert f"Backbone {list(rows).index(name) + 1}/2: {name}" in result.stdout
+        assert f"{name} " in result.stdout.split("measured by")[-1]
+    assert f"--backbone={saved['backbone']}" in result.stdout.split("Train it:")[-1]
+    bad = run_tool("advise.py", "--backbone=seed_cnn,nosuch", "--dataset=digits",
+                   f"--workdir={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "nosuch" in bad.last_line() and "seed_cnn" in bad.last_line()
+
+
+def test_finetune_auto_trains_the_best_of_several_backbones(run_tool, tmp_path):
+    work = tmp_path / "run"
+    result = run_tool("finetune.py", "--regime=auto", "--backbone=mobilenet_v3_small,seed_cnn",
+                      "--weights=none", "--image_size=32", "--dataset=digits",
+                      "--max_examples=100", "--epochs=1", "--config.verbose=0",
+                      f"--workdir={work}")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((work / "config.json").read_text())
+    advice = config["advice"]
+    assert list(advice["backbones"]) == ["mobilenet_v3_small", "seed_cnn"]
+    assert config["backbone"] == advice["backbone"] == max(
+        advice["backbones"], key=lambda n: advice["backbones"][n]["measure"]["LogME"])
+    assert config["epochs"] == 1 and "<- best" in result.stdout

@@ -82,6 +82,12 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
      r"scratch_batchnorm_momentum must be in \[0, 1\), got 5.0"),
     ({"advisor": {"sample": -5}}, "advisor.sample must be at least 2, got -5"),
     ({"advisor": {"similar_margin": -1.0}}, "advisor.similar_margin must be 0 or more, got -1.0"),
+    ({"advisor": {"pilot_held_out": 1.0}},
+     "advisor.pilot_held_out must be between 0 and 1, got 1.0"),
+    ({"advisor": {"pilot_passes": 0.0}}, "advisor.pilot_passes must be above 0, got 0.0"),
+    ({"advisor": {"pilot_epochs": 0}}, "advisor.pilot_epochs must be at least 1, got 0"),
+    ({"advisor": {"scratch_pilot": "small"}},
+     "unknown advisor.scratch_pilot 'small'; valid: large, always, never"),
     ({"feature_cache_bytes": -1}, r"feature_cache_bytes must be 0 \(features on disk\) or more"),
     ({"weights": "/no/such.weights.h5"},
      r"--weights='/no/such.weights.h5' is not 'imagenet', 'none' or an existing \.weights\.h5"),
@@ -139,3 +145,13 @@ def test_a_locked_config_file_still_takes_the_advice(tmp_path):
         copy = plan_lib.editable(source)
         copy.advice = {"regime": "small_similar"}
         assert copy.advice.regime == "small_similar"
+
+
+def test_editable_copies_are_independent(tmp_path):
+    # FrozenConfigDict.as_configdict() hands back one cached dict: two "copies" of a
+    # plan's config were one object, so a pilot's epochs and workdir became the run's.
+    frozen = plan_lib.resolve(tiny_config(tmp_path)).config
+    first, second = plan_lib.editable(frozen), plan_lib.editable(frozen)
+    second.epochs, second.advisor.sample = 99, 7
+    assert (first.epochs, first.advisor.sample) == (frozen.epochs, frozen.advisor.sample) == (
+        2, 2000)

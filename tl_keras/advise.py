@@ -3,7 +3,9 @@ pretraining data, picks the regime, the cut and the initialisation, and says why
 
     training images --(one pass over a seeded sample, <= 2,000)--> features at every
       named cut, of the pretrained backbone and of the same one at random init
-      --> LogME per cut (H-score beside it) --> `Advice`
+      --> LogME per cut (H-score, k-NN beside it) --> the scores' decision
+      --> pilot runs on the sample (a frozen head per cut, a short fine-tune, on large
+          data a short run from scratch; scored on held-out images) --> `Advice`
 
 Similarity is measured, not guessed, with LogME (You et al., "LogME: Practical
 Assessment of Pre-trained Models for Transfer Learning", ICML 2021): the
@@ -23,8 +25,14 @@ How it decides (`decide`; the margins are `Thresholds`, justified in docs/adviso
   when pretraining adds less than `scratch_margin` to the score at the cut;
   small data keeps the pretrained weights frozen, as the table says.
 
+With pilots (`PilotSettings`; `decide_by_pilots`) the measurement decides where
+it disagrees outside its noise: another cut's frozen head, a fine-tuned
+backbone, or a network trained from scratch replaces the scores' and the
+table's choice only when its pilot beats that choice's pilot on the held-out
+images (a paired bootstrap's 95% lower bound above 0).
+
 Example:
-    advice = advise(plan, datasets)
+    advice, _ = advise(plan, datasets, pilots=PilotSettings())
     advice.regime, advice.cut, advice.init, advice.reasons
 """
 
@@ -220,10 +228,11 @@ class Sample:
     labels: np.ndarray
     whole_view: bool  # every training image: a run can take it as a cached view
     seconds: float
+    images: np.ndarray = None  # the sampled images [N, H, W, C] uint8, kept for pilot runs
 
 
 def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, seed=0,
-            verbose=1):
+            verbose=1, keep_images=False):
     """Features of the first `sample` training images at every cut of `layers`,
     pretrained and at random init, in one pass.
 
@@ -231,7 +240,8 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
     (`data.Datasets`: seeded order, no augmentation, so the same images and
     scores every time), else of `data.train`. Random init is the same
     architecture built under `seed`. With `weights` "none" there is no
-    pretrained backbone: random init only.
+    pretrained backbone: random init only. `keep_images`: the sampled images
+    are read into memory first and kept (`Sample.images`, for pilot runs).
     """
     start = time.time()
     keras.utils.set_random_seed(seed)
@@ -253,12 +263,248 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
         source = (x[:n], np.asarray(y[:n]).reshape(-1).astype("int32"))
     else:  # a tf.data pipeline, used through its own API (no TensorFlow import here)
         source = source.unbatch().take(n).batch(batch)
+        if keep_images:
+            pairs = list(source.as_numpy_iterator())
+            source = (np.concatenate([x for x, _ in pairs]),
+                      np.concatenate([y for _, y in pairs]).reshape(-1).astype("int32"))
     out, labels = folded.predict(keras.Model(images, outputs), source, batch, verbose=verbose,
                                  total=n)
     labels = np.asarray(labels).reshape(-1).astype("int32")
     whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
     return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,
-                  time.time() - start)
+                  time.time() - start, images=source[0] if keep_images else None)
+
+
+# --- Pilot runs: what the scores cannot see ------------------------------------------------
+
+PILOT_BATCH = 16     # a pilot's batch at most: a short run on a sample takes enough steps
+HEAD_EPOCHS = 20     # a frozen pilot's head trains at least this long (configs/small_*.py's)
+BOOTSTRAP = 1000     # resamples of the held-out images for a pilot's noise
+CONFIDENCE = 0.95    # a pilot beats another when its gain's one-sided lower bound is above 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PilotSettings:
+    """How long the pilots train and what they are scored on (configs/base.py's
+    `advisor.pilot_*` keys, whose defaults these are)."""
+    passes: float = 2.0       # a trained pilot trains on this many training sets' worth of images
+    max_epochs: int = 10      # ... but at most this many epochs of its pilot-train images
+    held_out: float = 0.3     # of the sample, stratified by seed: what the pilots are scored on
+    scratch: str = "large"    # a from-scratch pilot: on large data | always | never
+
+    @classmethod
+    def from_config(cls, advisor):
+        """The pilots `config.advisor` asks for; None when `advisor.pilots` is off."""
+        if not advisor.pilots:
+            return None
+        return cls(passes=float(advisor.pilot_passes), max_epochs=int(advisor.pilot_epochs),
+                   held_out=float(advisor.pilot_held_out), scratch=str(advisor.scratch_pilot))
+
+    def runs_scratch(self, size):
+        """Whether a from-scratch pilot runs for data of `size` (small | large). By default
+        on large data only: on small data the table trains no backbone, and within the
+        pilots' budget a from-scratch run stays far below what it reaches in a full run
+        while it costs the most (docs/advisor.md)."""
+        return self.scratch == "always" or (self.scratch == "large" and size == "large")
+
+    def epochs(self, train_examples, pilot_train):
+        """Epochs of a trained pilot on `pilot_train` images for a dataset of
+        `train_examples`: `passes` x the training set in images, 1 to `max_epochs`.
+        A large run trains (epochs - head_epochs) passes through the backbone (8 by
+        configs/base.py): on small data the fine-tuned pilot costs about a quarter of
+        one such run; on large data, where it is capped, far less."""
+        return int(min(self.max_epochs, max(1, round(self.passes * train_examples / pilot_train))))
+
+
+@dataclasses.dataclass
+class Pilot:
+    """One pilot: a strategy trained on the pilot-train images, scored on the held-out ones."""
+    strategy: str          # frozen | finetuned | scratch
+    cut: str
+    accuracy: float
+    correct: np.ndarray    # [held-out images] bool
+    seconds: float
+    head: list = None      # a frozen pilot's Dense weights: the fine-tuned pilot starts there
+
+    @property
+    def name(self):
+        return "scratch" if self.strategy == "scratch" else f"{self.strategy}@{self.cut}"
+
+
+def pilot_split(labels, held_out, seed):
+    """(pilot-train, held-out) indices of the sample: stratified, seeded."""
+    from tl_keras import arrays
+
+    return arrays.split_indices(labels, held_out, seed=seed)
+
+
+def frozen_pilot(features, labels, split, config, num_classes):
+    """A new head on a cut's frozen features (the sample's: no forward pass), trained as a
+    run's head phase trains (standardised, dropout, AdamW at `learning_rate`; the run's
+    `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs are few steps on a sample),
+    scored on the held-out images. Returns (accuracy, correct [held-out], Dense weights)."""
+    train, held = split
+    mean, variance = features_lib.norm_statistics(features[train])
+    keras.utils.set_random_seed(config.seed)
+    head = keras.Sequential([
+        keras.Input(features.shape[1:]),
+        keras.layers.Normalization(mean=mean, variance=variance),
+        keras.layers.Dropout(config.dropout, seed=config.seed),
+        keras.layers.Dense(num_classes, activation="softmax")])
+    head.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
+                 "sparse_categorical_crossentropy",
+                 steps_per_execution=config.head_steps_per_execution)
+    head.fit(features[train], labels[train], batch_size=min(config.batch_size, PILOT_BATCH),
+             epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)
+    # A call, not `predict`: a new head per cut would retrace predict's function each time.
+    predicted = keras.ops.convert_to_numpy(head(features[held])).argmax(axis=-1)
+    correct = predicted == labels[held]
+    return float(correct.mean()), correct, head.layers[-1].get_weights()
+
+
+def pilot_config(config, strategy, cut, epochs):
+    """The config of a short real run of `strategy` ("finetuned" at `cut`, or "scratch"):
+    the caller's config (its recipe and rates) for `epochs`, without augmentation (as
+    the frozen pilots' features), one device, quiet. The fine-tuned pilot has no head
+    phase: its head starts as the frozen pilot's at that cut ended."""
+    from tl_keras import plan as plan_lib
+
+    config = plan_lib.editable(config)
+    config.update(epochs=epochs, batch_size=min(config.batch_size, PILOT_BATCH), verbose="0",
+                  report=False, validation_freq=epochs + 1, early_stopping=0, augment=False,
+                  cached_views=1, distribution="none", workdir="")
+    if strategy == "finetuned":
+        config.update(regime="large_similar" if cut == "top" else "large_different", cut=cut,
+                      init="pretrained", pool_grid=pool_grid_for(cut), head_epochs=0)
+    else:
+        config.update(regime="large_different", cut="top", init="scratch", pool_grid=1)
+    return config
+
+
+def trained_pilot(config, sample, split, class_names, strategy, cut, epochs, head=None):
+    """A real tl_keras run (`train.finetune`) of `strategy` on the pilot-train images, in a
+    temporary folder, its head starting from `head` (Dense weights) when given; returns
+    (accuracy, correct [held-out]) on the held-out images."""
+    import contextlib
+    import io
+    import tempfile
+
+    from tl_keras import data as data_lib, plan as plan_lib, train
+
+    config = pilot_config(config, strategy, cut, epochs)
+    train_idx, held = split
+    images, labels = sample.images, sample.labels
+    examples = data_lib.from_arrays(images[train_idx], labels[train_idx], class_names,
+                                    x_val=images[held], y_val=labels[held], seed=config.seed)
+    with tempfile.TemporaryDirectory(prefix="tl_keras_pilot_") as folder:
+        config.workdir = os.path.join(folder, "run")
+        plan = plan_lib.resolve(config)
+        datasets = data_lib.make_datasets(examples, plan.config, plan.image_size)
+        keras.utils.set_random_seed(plan.config.seed)  # as train.finetune before it builds
+        model, _ = train.build(plan, len(class_names), datasets.channels)
+        if head is not None:
+            model.get_layer(features_lib.HEAD_LAYERS[-1]).set_weights(head)
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.finetune(plan, datasets, model=model, save_models=False)
+    probabilities, _ = folded.predict(model, (images[held], labels[held]),
+                                      features_lib.INFERENCE_BATCH)
+    correct = np.asarray(probabilities).argmax(axis=-1) == labels[held]
+    return float(correct.mean()), correct
+
+
+def run_pilots(config, sample, class_names, train_examples, settings, cuts, scored_cut,
+               scratch=True, verbose=1):
+    """The pilots: a frozen head at every cut in `cuts` (cheap: the sample's features),
+    then short runs fine-tuned at the frozen choice's cut (`frozen_choice`: the scores'
+    `scored_cut` unless a pilot beats it) and, with `scratch`, from scratch, for
+    `settings.epochs(...)` epochs. One progress line each. Returns (pilots by name,
+    {"train", "held_out", "epochs"})."""
+    split = pilot_split(sample.labels, settings.held_out, config.seed)
+    epochs = settings.epochs(train_examples, len(split[0]))
+    trained = [("finetuned", None)] + ([("scratch", "top")] if scratch else [])
+    total = len(cuts) + len(trained)
+    pilots = {}
+
+    def done(pilot):
+        pilots[pilot.name] = pilot
+        if verbose:
+            print(f"Pilot {len(pilots)}/{total}: {pilot.name:<18} held-out accuracy "
+                  f"{pilot.accuracy:.3f} ({pilot.seconds:.0f} s)", flush=True)
+
+    for cut in cuts:
+        start = time.time()
+        accuracy, correct, head = frozen_pilot(sample.features[f"pretrained/{cut}"],
+                                               sample.labels, split, config, len(class_names))
+        done(Pilot("frozen", cut, accuracy, correct, time.time() - start, head))
+    frozen = frozen_choice(pilots, scored_cut, config.seed)
+    for strategy, cut in trained:
+        cut, head = (frozen.cut, frozen.head) if strategy == "finetuned" else (cut, None)
+        start = time.time()
+        accuracy, correct = trained_pilot(config, sample, split, class_names, strategy, cut,
+                                          epochs, head)
+        done(Pilot(strategy, "" if strategy == "scratch" else cut, accuracy, correct,
+                   time.time() - start))
+    return pilots, {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
+
+
+def lower_bound(a, b, seed=0, resamples=BOOTSTRAP, confidence=CONFIDENCE):
+    """The one-sided `confidence` lower bound of pilot `a`'s accuracy minus pilot `b`'s:
+    a paired bootstrap over the held-out images both were scored on."""
+    gain = a.correct.astype("float64") - b.correct.astype("float64")
+    rng = np.random.default_rng(seed)
+    means = gain[rng.integers(0, len(gain), (resamples, len(gain)))].mean(axis=1)
+    return float(np.quantile(means, 1 - confidence))
+
+
+def frozen_choice(pilots, scored_cut, seed=0):
+    """The frozen pilot at the cut the scores chose (`decide`), unless the best frozen
+    pilot beats it outside noise: a measurement overrides a prediction only then."""
+    chosen = pilots[f"frozen@{scored_cut}"]
+    best = max((p for p in pilots.values() if p.strategy == "frozen"), key=lambda p: p.accuracy)
+    return best if lower_bound(best, chosen, seed) > 0 else chosen
+
+
+def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed=0):
+    """(regime, cut, init, size, similarity, reasons) from the pilots.
+
+    The table's choice for the data's size is kept -- small: the frozen head
+    at `frozen_choice`'s cut; large: fine-tuned at that cut -- unless another
+    pilot beats it outside the held-out images' noise (`lower_bound` > 0); then
+    the best of those that do.
+    """
+    size = "large" if train_examples >= thresholds.large_examples else "small"
+    frozen = frozen_choice(pilots, scored_cut, seed)
+    table = frozen if size == "small" else next(
+        p for p in pilots.values() if p.strategy == "finetuned")
+    bounds = {name: lower_bound(p, table, seed) for name, p in pilots.items() if p is not table}
+    winners = [pilots[name] for name, bound in bounds.items() if bound > 0]
+    chosen = max(winners, key=lambda p: p.accuracy) if winners else table
+    cut = "top" if chosen.strategy == "scratch" else chosen.cut
+    similarity = "similar" if cut == "top" and chosen.strategy != "scratch" else "different"
+    if chosen.strategy == "frozen":
+        regime, init = f"small_{similarity}", "pretrained"
+    elif chosen.strategy == "finetuned":
+        regime, init = f"large_{similarity}", "pretrained"
+    else:
+        regime, init = "large_different", "scratch"
+    ran = (f"pilots on {sizes['train']:,} of the {sizes['train'] + sizes['held_out']:,} "
+           f"sampled images, scored on the {sizes['held_out']:,} held out: ")
+    size_reason = (f"{train_examples:,} training images are "
+                   f"{'at least' if size == 'large' else 'fewer than'} "
+                   f"{thresholds.large_examples:,}, so the table says {table.name}")
+    if chosen is table:
+        other = pilots[max(bounds, key=lambda n: pilots[n].accuracy)]
+        gap = round(100 * (other.accuracy - table.accuracy), 1)
+        how = (f"{gap:.1f} points above it, within noise" if gap > 0 else
+               f"{-gap:.1f} points below" if gap < 0 else "as accurate")
+        why = (f"{ran}{table.name} {table.accuracy:.3f}; no other pilot beat it outside noise "
+               f"(the next best, {other.name} {other.accuracy:.3f}, {how})")
+    else:
+        why = (f"{ran}{chosen.name} {chosen.accuracy:.3f} beat {table.name} "
+               f"{table.accuracy:.3f} by {100 * (chosen.accuracy - table.accuracy):.1f} points "
+               f"(95% lower bound {100 * bounds[chosen.name]:+.1f}), so the measurement "
+               "overrides the table")
+    return regime, cut, init, size, similarity, f"{size_reason}; {why}"
 
 
 # --- The decision ----------------------------------------------------------------------
@@ -279,11 +525,36 @@ class Advice:
     thresholds: dict
     notes: list = dataclasses.field(default_factory=list)  # cuts not scored, and why
     seconds: float = 0.0
+    # Pilot runs (advisor.pilots): name -> {"accuracy" on the held-out images, "seconds"}
+    pilots: dict = dataclasses.field(default_factory=dict)
+    pilot_images: dict = dataclasses.field(default_factory=dict)  # {"train", "held_out", "epochs"}
+    decided_by: str = "scores"  # scores (LogME, today's rule) | pilots
+    backbone: str = ""
+    backbones: dict = dataclasses.field(default_factory=dict)  # --backbone=a,b: each one's advice
+
+    def strategy(self):
+        """What the advice trains, in the pilots' names: frozen@cut | finetuned@cut | scratch."""
+        if self.init == "scratch":
+            return "scratch"
+        return f"{'frozen' if self.regime.startswith('small') else 'finetuned'}@{self.cut}"
+
+    def measure(self):
+        """(what, value) the advice is ranked by among backbones: its strategy's pilot
+        accuracy on the held-out images when the pilots ran, else LogME at its cut
+        (comparable across models: You et al. 2021)."""
+        if self.strategy() in self.pilots:
+            return "pilot accuracy", self.pilots[self.strategy()]["accuracy"]
+        row = self.scores[self.cut]
+        return "LogME", row.get("pretrained", row["random"])
 
     def config_overrides(self):
-        """What `--regime=auto` sets in the run's config."""
-        return {"regime": self.regime, "cut": self.cut, "init": self.init,
-                "pool_grid": self.pool_grid}
+        """What `--regime=auto` sets in the run's config (the backbone too, chosen
+        among several)."""
+        out = {"regime": self.regime, "cut": self.cut, "init": self.init,
+               "pool_grid": self.pool_grid}
+        if len(self.backbones) > 1:
+            out["backbone"] = self.backbone
+        return out
 
     def decision(self):
         """What was decided and from what, without timings: `config.json` records it."""
@@ -351,8 +622,12 @@ def decide(scores, train_examples, thresholds=Thresholds()):
 
 
 def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CUT_POINTS,
-           verbose=1):
+           verbose=1, pilots=None):
     """Measures `data` (a `data.Datasets`) with the plan's backbone; returns (`Advice`, `Sample`).
+
+    `pilots` (`PilotSettings`, or None for the scores alone): short real runs on
+    the sample decide (`run_pilots`, `decide_by_pilots`) where there are
+    pretrained weights to compare with.
 
     When the sample is the whole training set, a run of the advised regime
     takes its features at the advised cut as its first cached view
@@ -369,8 +644,10 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
     if len(data.class_names) < 2:
         raise ValueError(f"the advisor needs at least 2 classes, found {len(data.class_names)}")
     weights = "none" if config.init == "scratch" else plan.weights
+    pretrained = weights not in (None, "none")
     measured = extract(data, config.backbone, weights, plan.image_size, layers,
-                       sample=sample, seed=config.seed, verbose=verbose)
+                       sample=sample, seed=config.seed, verbose=verbose,
+                       keep_images=pilots is not None and pretrained)
     counts = np.bincount(measured.labels, minlength=len(data.class_names))
     few = [f"{data.class_names[i]} ({counts[i]})" for i in range(len(counts))
            if counts[i] < MIN_PER_CLASS]
@@ -383,28 +660,52 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
         notes.append("the top cut was not scored: the data counts as different")
     regime, cut, init, size, similarity, reasons = decide(
         scores, int(data.train_examples), thresholds)
+    ran, sizes = {}, {}
+    if pilots is not None and pretrained:
+        scratch = pilots.runs_scratch(size)
+        print("Pilot runs on the sample: a frozen head at each cut, then short runs "
+              f"fine-tuned{' and from scratch' if scratch else ''}", flush=True)
+        ran, sizes = run_pilots(config, measured, data.class_names, int(data.train_examples),
+                                pilots, [c for c in scores if "pretrained" in scores[c]], cut,
+                                scratch=scratch)
+        regime, cut, init, size, similarity, reasons = decide_by_pilots(
+            ran, cut, int(data.train_examples), sizes, thresholds, config.seed)
     advice = Advice(
-        regime=regime, cut=cut, init=init, pool_grid=pool_grid_for(cut), size=size,
-        similarity=similarity, reasons=reasons, scores=scores,
+        backbone=config.backbone, regime=regime, cut=cut, init=init,
+        pool_grid=pool_grid_for(cut), size=size, similarity=similarity, reasons=reasons,
+        scores=scores,
         train_examples=int(data.train_examples),
         per_class={name: int(c) for name, c in zip(data.class_names, counts)},
         sample=len(measured.labels), thresholds=dataclasses.asdict(thresholds), notes=notes,
-        seconds=round(time.time() - start, 2))
+        seconds=round(time.time() - start, 2),
+        pilots={name: {"accuracy": round(p.accuracy, 4), "seconds": round(p.seconds, 1)}
+                for name, p in ran.items()},
+        pilot_images=dict(sizes),
+        decided_by="pilots" if ran else "scores")
     return advice, measured
 
 
 def format_table(advice):
-    """The scores per cut and the decision, as printed by the tools."""
+    """The scores per cut, the pilots, and the decision, as printed by the tools."""
     width = max(8, *(len(cut) for cut in advice.scores))
+    pilots = advice.pilots
     lines = [f"{'cut':<{width}} {'LogME':>8} {'random':>8} {'gain':>8} {'H-score':>8} "
-             f"{'k-NN':>8}"]
+             f"{'k-NN':>8}" + (f" {'pilot':>8}" if pilots else "")]
     for cut, row in advice.scores.items():
-        mark = "  <- " + advice.cut if cut == advice.cut else ""
+        mark = "  <- " + advice.cut if cut == advice.cut and advice.init != "scratch" else ""
         pre = row.get("pretrained")
         knn = row.get("knn_pretrained", row.get("knn_random"))
+        pilot = pilots.get(f"frozen@{cut}", {}).get("accuracy")
         lines.append(f"{cut:<{width}} {_num(pre):>8} {_num(row['random']):>8} "
                      f"{_num(row.get('gain')):>8} {_num(row.get('h_pretrained', row['h_random'])):>8} "
-                     f"{_num(knn):>8}{mark}")
+                     f"{_num(knn):>8}" + (f" {_num(pilot):>8}" if pilots else "") + mark)
+    if pilots:
+        images = advice.pilot_images
+        trained = ", ".join(f"{name} {p['accuracy']:.3f} ({p['seconds']:.0f} s)"
+                            for name, p in pilots.items() if not name.startswith("frozen@"))
+        lines.append(f"Pilots ({images['train']} images, scored on {images['held_out']} held "
+                     f"out; 'pilot' above: a frozen head there): {images['epochs']} epochs "
+                     f"{trained}")
     lines.append(f"Advice: --regime={advice.regime} --cut={advice.cut}"
                  f"{' --init=scratch' if advice.init == 'scratch' else ''} "
                  f"(sample of {advice.sample} images, {advice.seconds:.0f} s)")
@@ -450,6 +751,48 @@ def write(advice, folder):
     return path_json, path_png
 
 
+# --- Several backbones: --backbone=a,b,c -----------------------------------------------
+
+def backbone_names(value):
+    """The backbones of `--backbone=a,b,c` (one or more; each must exist)."""
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    if not names:
+        raise ValueError("--backbone names no backbone")
+    for name in names:
+        backbones.get_backbone(name)  # an unknown name: one line listing the valid ones
+    return names
+
+
+def choose_backbone(advices):
+    """The advice of the best backbone by `Advice.measure` (the pilots' accuracy is
+    compared only with the pilots', LogME only with LogME); it records every backbone's
+    advice in `backbones`."""
+    kind = {a.measure()[0] for a in advices}
+    if len(kind) > 1:  # pilots ran for some only (no pretrained weights): rank by LogME
+        measures = [a.scores[a.cut].get("pretrained", a.scores[a.cut]["random"])
+                    for a in advices]
+    else:
+        measures = [a.measure()[1] for a in advices]
+    best = dataclasses.replace(advices[int(np.argmax(measures))])
+    best.backbones = {a.backbone: {"regime": a.regime, "cut": a.cut, "init": a.init,
+                                   "measure": dict([a.measure()]), "seconds": a.seconds}
+                      for a in advices}
+    return best
+
+
+def format_backbones(best):
+    """One row per backbone and the choice, as the tools print it."""
+    width = max(8, *(len(name) for name in best.backbones))
+    lines = [f"{'backbone':<{width}} {'advice':<34} measured by"]
+    for name, row in best.backbones.items():
+        advice = (f"{row['regime']} at {row['cut']}"
+                  f"{', init=scratch' if row['init'] == 'scratch' else ''}")
+        (what, value), = row["measure"].items()
+        mark = "  <- best" if name == best.backbone else ""
+        lines.append(f"{name:<{width}} {advice:<34} {what} {value:.3f}{mark}")
+    return "\n".join(lines)
+
+
 # --- --regime=auto: the advice, then a run of the advised regime --------------------------
 
 AUTO = "auto"  # config.regime: the advisor decides (tl_keras.finetune, tools/finetune.py)
@@ -491,7 +834,8 @@ def advised_plan(plan, datasets, strategy=None, given=None, verbose=0):
     print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
           f"{knobs.sample} training images, pretrained and at random init")
     advice, sample = advise(plan, datasets, sample=knobs.sample,
-                            thresholds=Thresholds.from_config(knobs), verbose=verbose)
+                            thresholds=Thresholds.from_config(knobs), verbose=verbose,
+                            pilots=PilotSettings.from_config(knobs))
     print(format_table(advice))
     if given is not None:  # the advised regime's own defaults, then the caller's
         final = importlib.import_module(f"tl_keras.configs.{advice.regime}").get_config()

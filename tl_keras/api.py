@@ -165,7 +165,12 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
     from tl_keras import distribute, export, train
 
     auto = config.regime == advise.AUTO
-    plan = plan_lib.resolve(advise.probe_config(config, given or ()) if auto else config)
+    names = [config.backbone]
+    if auto:  # --backbone=a,b,c: each is advised on, the best one runs
+        names = advise.backbone_names(config.backbone)
+        config = advise.probe_config(config, given or ())
+        config.backbone = names[0]
+    plan = plan_lib.resolve(config)
     strategy = make_strategy(plan)  # before any other TensorFlow work
     workdir = plan.config.workdir
     if distribute.writes(strategy):  # a finished run, another run's folder: refused now
@@ -180,8 +185,8 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         datasets = load_data(plan, strategy)
         first_view = advice = None
         if auto:
-            plan, first_view, advice = advise.advised_plan(
-                plan, datasets, strategy, given, verbose=int(tl_keras.interactive()))
+            plan, datasets, first_view, advice = _advised(config, plan, datasets, names,
+                                                          strategy, given)
         metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
     except Exception as e:
         if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
@@ -192,6 +197,33 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
     if export_dir and run.chief:
         run.export = _export(workdir, export_dir, export_format, export_quantize)
     return run
+
+
+def _advised(config, plan, datasets, names, strategy, given):
+    """`advise.advised_plan` for each backbone in `names` (`plan`, resolved from the probe
+    `config`, has the first); returns the best one's (plan, datasets, first view, advice)."""
+    results, loaded = [], {plan.image_size: datasets}
+    for i, name in enumerate(names):
+        if len(names) > 1:
+            print(f"Backbone {i + 1}/{len(names)}: {name}")
+        if i:
+            config = plan_lib.editable(config)
+            config.backbone = name
+            plan = plan_lib.resolve(config)  # image_size 0: this backbone's own
+        if plan.image_size not in loaded:
+            loaded[plan.image_size] = load_data(plan, strategy)
+        advised, first_view, advice = advise.advised_plan(
+            plan, loaded[plan.image_size], strategy, given, verbose=int(tl_keras.interactive()))
+        results.append((advised, loaded[plan.image_size], first_view, advice))
+    if len(results) == 1:
+        return results[0]
+    best = advise.choose_backbone([r[3] for r in results])
+    print(advise.format_backbones(best))
+    advised, datasets, first_view, _ = results[[r[3].backbone for r in results].index(
+        best.backbone)]
+    final = plan_lib.editable(advised.config)
+    final.advice = ml_collections.ConfigDict(best.decision())
+    return plan_lib.resolve(final), datasets, first_view, best
 
 
 def _export(workdir, export_dir, export_format, quantize):
@@ -279,22 +311,37 @@ def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
 
 
 def advise_config(config, cuts=None):
-    """`advise_regime` of a config made already (tools/advise.py's flags)."""
+    """`advise_regime` of a config made already (tools/advise.py's flags). With
+    `backbone="a,b,c"` each backbone is advised on and the best one's advice written."""
     from tl_keras import backbones
 
     config = plan_lib.editable(config)
     config.regime = "small_similar"  # any: the advisor only needs the backbone and data
-    plan = plan_lib.resolve(config)
-    config = plan.config
-    refuse_nonempty(config.workdir)
-    datasets = load_data(plan)
-    advice, _ = advise.advise(
-        plan, datasets, sample=config.advisor.sample,
-        cuts=tuple(cuts or backbones.CUT_POINTS),
-        thresholds=advise.Thresholds.from_config(config.advisor),
-        verbose=int(tl_keras.interactive()))
-    print(advise.format_table(advice))
-    return AdviceRun(advice, tuple(advise.write(advice, config.workdir)), config.workdir)
+    names = advise.backbone_names(config.backbone)
+    advices, loaded = [], {}
+    for i, name in enumerate(names):
+        config.backbone = name
+        plan = plan_lib.resolve(config)
+        if not i:
+            refuse_nonempty(plan.config.workdir)
+        if len(names) > 1:
+            print(f"Backbone {i + 1}/{len(names)}: {name}")
+        if plan.image_size not in loaded:
+            loaded[plan.image_size] = load_data(plan)
+        knobs = plan.config.advisor
+        advice, _ = advise.advise(
+            plan, loaded[plan.image_size], sample=knobs.sample,
+            cuts=tuple(cuts or backbones.CUT_POINTS),
+            thresholds=advise.Thresholds.from_config(knobs),
+            verbose=int(tl_keras.interactive()), pilots=advise.PilotSettings.from_config(knobs))
+        print(advise.format_table(advice))
+        advices.append(advice)
+    advice = advices[0]
+    if len(advices) > 1:
+        advice = advise.choose_backbone(advices)
+        print(advise.format_backbones(advice))
+    workdir = plan.config.workdir
+    return AdviceRun(advice, tuple(advise.write(advice, workdir)), workdir)
 
 
 @dataclasses.dataclass

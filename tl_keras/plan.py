@@ -46,6 +46,7 @@ _AT_LEAST = {
     "peer_timeout": (1, "at least 1 (seconds)"),
     "advisor.sample": (2, "at least 2"),
     "advisor.large_examples": (1, "at least 1"),
+    "advisor.pilot_epochs": (1, "at least 1"),
 }
 
 
@@ -53,6 +54,7 @@ _ONE_OF = {
     "augment_flip": ("horizontal", "vertical", "horizontal_and_vertical", "none"),
     "verbose": ("auto", "0", "1", "2"),
     "class_weight": ("none", "balanced"),
+    "advisor.scratch_pilot": ("large", "always", "never"),
 }
 
 
@@ -128,6 +130,11 @@ def _check_numbers(config):
     if not config.advisor.similar_margin >= 0:
         raise ValueError("advisor.similar_margin must be 0 or more, got "
                          f"{config.advisor.similar_margin}")
+    if not config.advisor.pilot_passes > 0:
+        raise ValueError(f"advisor.pilot_passes must be above 0, got {config.advisor.pilot_passes}")
+    if not 0 < config.advisor.pilot_held_out < 1:
+        raise ValueError("advisor.pilot_held_out must be between 0 and 1, got "
+                         f"{config.advisor.pilot_held_out}")
     if config.image_size > MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {config.image_size}")
     for key in ("learning_rate", "finetune_learning_rate"):
@@ -140,8 +147,8 @@ def _check_numbers(config):
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
     recipe.check(config)  # optimizer, schedule, ... and what they need of the run
     for key, valid in _ONE_OF.items():
-        if str(config[key]) not in valid:
-            raise ValueError(f"unknown {key} {config[key]!r}; valid: {', '.join(valid)}")
+        if str(_at(config, key)) not in valid:
+            raise ValueError(f"unknown {key} {_at(config, key)!r}; valid: {', '.join(valid)}")
 
 
 def _at(config, dotted):
@@ -183,9 +190,10 @@ def _workdir(workdir):
 def editable(config):
     """A mutable, unlocked copy of a config (a `Plan`'s frozen one included)."""
     if isinstance(config, ml_collections.FrozenConfigDict):
+        # as_configdict() returns one cached ConfigDict per frozen one: copied, or two
+        # "copies" of a plan's config would be one object, each change seen by both.
         config = config.as_configdict()
-    else:
-        config = config.copy_and_resolve_references()
+    config = config.copy_and_resolve_references()
     config.unlock()  # ml_collections' flags lock it; a copy may take new keys (advice)
     return config
 

@@ -288,18 +288,23 @@ def pytorch_peer(settings, config):
 # --- Part 5: the advisor against the four regimes ---------------------------------
 
 def advisor_cost(settings, plan, datasets):
-    """Seconds of `advise.advise` against those of training each regime (its own
-    config file, part 1's data); the advice, and each regime's val_accuracy."""
+    """Seconds of `advise.advise` -- the scores alone, then with the pilot runs
+    (`config.advisor`'s) -- against those of training each regime (its own config
+    file, part 1's data); each advice, and each regime's val_accuracy."""
     import importlib
 
     import keras
 
     from tl_keras import advise, train, trainable
 
-    keras.backend.clear_session()
-    tick = time.perf_counter()
-    advice, _ = advise.advise(plan, datasets, sample=settings.train_examples, verbose=0)
-    advisor_seconds = time.perf_counter() - tick
+    advice, seconds = {}, {}
+    for mode, pilots in (("scores", None),
+                         ("pilots", advise.PilotSettings.from_config(plan.config.advisor))):
+        keras.backend.clear_session()
+        tick = time.perf_counter()
+        advice[mode], _ = advise.advise(plan, datasets, sample=settings.train_examples,
+                                        verbose=0, pilots=pilots)
+        seconds[mode] = time.perf_counter() - tick
     regimes = {}
     with tempfile.TemporaryDirectory() as root:
         for name in trainable.REGIMES:
@@ -314,11 +319,18 @@ def advisor_cost(settings, plan, datasets):
                              "val_accuracy": round(metrics["val_accuracy"], 4),
                              "epochs": own.epochs, "cut": metrics["cut_layer"]}
     total = sum(r["seconds"] for r in regimes.values())
-    return {"advisor_seconds": round(advisor_seconds, 1), "sample": advice.sample,
+
+    def summary(a):
+        return {"regime": a.regime, "cut": a.cut, "init": a.init, "reasons": a.reasons,
+                "pilots": a.pilots, "pilot_images": a.pilot_images}
+
+    return {"advisor_seconds": round(seconds["scores"], 1), "sample": advice["scores"].sample,
+            "with_pilots_seconds": round(seconds["pilots"], 1),
             "four_regimes_seconds": round(total, 1),
-            "advisor_over_four_regimes": round(advisor_seconds / total, 4),
-            "advice": {"regime": advice.regime, "cut": advice.cut, "init": advice.init,
-                       "reasons": advice.reasons},
+            "advisor_over_four_regimes": round(seconds["scores"] / total, 4),
+            "with_pilots_over_four_regimes": round(seconds["pilots"] / total, 4),
+            "advice": summary(advice["scores"]),
+            "advice_with_pilots": summary(advice["pilots"]),
             "regimes": regimes}
 
 
@@ -662,15 +674,28 @@ def _table_parts_1_to_5(r):
                                            f"{u['peak_rss_mb_after_each_trial'][-1]} MB)"),
         ]
     if "advisor" in r:
-        a = r["advisor"]
+        rows += advisor_rows(r["advisor"])
+    return rows
+
+
+def advisor_rows(a):
+    """Part 5's rows of the table."""
+    rows = [
+        ("5. regime advisor", f"{a['advisor_seconds']} s on {a['sample']} images = "
+                              f"{a['advisor_over_four_regimes']} of training the four "
+                              f"regimes ({a['four_regimes_seconds']} s)"),
+        ("   advice", f"{a['advice']['regime']} at {a['advice']['cut']!r}, "
+                      f"init {a['advice']['init']}"),
+    ]
+    if "with_pilots_seconds" in a:  # results written before the pilots have none
+        p = a["advice_with_pilots"]
         rows += [
-            ("5. regime advisor", f"{a['advisor_seconds']} s on {a['sample']} images = "
-                                  f"{a['advisor_over_four_regimes']} of training the four "
-                                  f"regimes ({a['four_regimes_seconds']} s)"),
-            ("   advice", f"{a['advice']['regime']} at {a['advice']['cut']!r}, "
-                          f"init {a['advice']['init']}"),
-        ] + [(f"   {name}", f"val_accuracy {x['val_accuracy']} ({x['epochs']} epochs, "
-                            f"{x['seconds']} s)") for name, x in a["regimes"].items()]
+            ("   with pilot runs", f"{a['with_pilots_seconds']} s = "
+                                   f"{a['with_pilots_over_four_regimes']} of the four"),
+            ("   advice", f"{p['regime']} at {p['cut']!r}, init {p['init']}"),
+        ]
+    rows += [(f"   {name}", f"val_accuracy {x['val_accuracy']} ({x['epochs']} epochs, "
+                        f"{x['seconds']} s)") for name, x in a["regimes"].items()]
     return rows
 
 

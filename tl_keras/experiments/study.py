@@ -450,7 +450,8 @@ def _advise_on(examples, config):
 
     plan = plan_lib.resolve(config)
     datasets = data.make_datasets(examples, plan.config, plan.image_size)
-    advice, _ = advise.advise(plan, datasets, verbose=0)
+    advice, _ = advise.advise(plan, datasets, verbose=0,
+                              pilots=advise.PilotSettings.from_config(plan.config.advisor))
     return advice
 
 
@@ -481,6 +482,7 @@ def advisor_check(settings=FULL, study_dir="benchmarks/study", work_dir="runs/st
         target_name, size = key.split("/")
         target = make[target_name]()
         config = cell_config(Cell(target_name, size, "frozen", "fc2", 0), settings, weights, "")
+        config.learning_rate = settings.learning_rate  # one rate for the pilots: scratch's
         keras.backend.clear_session()
         advice = _advise_on(subset(target, size, 0, settings), config)
         label = advised_strategy(advice)
@@ -538,12 +540,27 @@ def advisor_check(settings=FULL, study_dir="benchmarks/study", work_dir="runs/st
     return out
 
 
+def _pilots(advice):
+    """The pilots' held-out accuracies as the advice table shows them: the frozen one at
+    the advised cut (advised from scratch: the best frozen one), then each trained one."""
+    pilots = advice.get("pilots") or {}
+    frozen = {n: p for n, p in pilots.items() if n.startswith("frozen@")}
+    if not frozen:
+        return "-"
+    key = f"frozen@{advice['cut']}"
+    if advice["init"] == "scratch" or key not in frozen:
+        key = max(frozen, key=lambda n: frozen[n]["accuracy"])
+    shown = {key: frozen[key], **{n: p for n, p in pilots.items() if n not in frozen}}
+    return ", ".join(f"{n} {p['accuracy']:.3f}" for n, p in shown.items())
+
+
 def format_advice_table(rows):
-    lines = ["| network | target | advice | advised strategy | its accuracy | measured best "
-             "| verdict |", "|---|---|---|---|---|---|---|"]
+    lines = ["| network | target | advice | pilots (held-out accuracy) | advised strategy | "
+             "its accuracy | measured best | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["advice"]
-        advice = f"`{a['regime']}` at `{a['cut']}`{', init=scratch' if a['init'] == 'scratch' else ''}"
+        advice = (f"`{a['regime']}` at `{a['cut']}`"
+                  f"{', init=scratch' if a['init'] == 'scratch' else ''} | {_pilots(a)}")
         if "best" not in r:
             lines.append(f"| {r['network']} | {r['target']} | {advice} | {r['advised']} | "
                          "not measured | | |")
