@@ -226,6 +226,9 @@ def test_finetune_auto_runs_the_advised_regime_and_records_the_advice(run_tool, 
     # frozen layers below the top, and the advisor's features are its first cached view.
     assert (advice["regime"], advice["init"]) == ("small_different", "pretrained")
     assert "(the first from the advisor)" in result.stdout
+    report = (work / "report.html").read_text()  # the pilots that decided, in the report
+    assert f"scored on {advice['pilot_images']['held_out']} held out" in report
+    assert all(f"<td>{name}</td>" in report for name in advice["pilots"])
     bad = run_tool("finetune.py", "--regime=auto", "--cut=late", *args,
                    f"--workdir={tmp_path / 'x'}")
     assert bad.returncode == 2

@@ -222,6 +222,12 @@ def summary_html(workdir, metrics):
                   table([(cut, *(row.get(k) for k in ("pretrained", "random", "gain")))
                          for cut, row in advice["scores"].items()],
                         ["cut", "LogME", "random init", "gain"])]
+        if advice.get("pilots"):
+            parts += [f"<p>Pilot runs: trained on {advice['pilot_images']['train']} sampled "
+                      f"images, scored on {advice['pilot_images']['held_out']} held out.</p>",
+                      table([(name, row["accuracy"], row["seconds"])
+                             for name, row in advice["pilots"].items()],
+                            ["pilot", "held-out accuracy", "seconds"])]
     pictures = [("curves.png", "Training curves"), ("regime.png", "What the regime trained")]
     for file, title in pictures:
         path = os.path.join(workdir, file)
