@@ -19,6 +19,15 @@ tl_keras's own job and passes `--train_indices`, so both train on the same
 images. Prints one JSON line: seconds per part and val_accuracy. With
 `--finetune_examples=N` it instead trains the whole network on N images and
 prints training images/s (tools/benchmark.py part 2's job).
+
+With `--recipe=timm` it instead fine-tunes the whole network the way timm's
+`train.py` does (benchmarks/timm_recipe.py runs it beside tl_keras's
+`large_similar`): timm's own optimizer factory -- AdamW, weight decay 0.05,
+layer-wise rate decay 0.75 over the model's block groups
+(`create_optimizer_v2(..., layer_decay=)`) -- and scheduler (cosine to 0 after
+a linear warm-up over the first `--warmup` of the steps, per step), label
+smoothing 0.1, BatchNorm training, a new 10-way head (dropout 0.2), every
+weight training from the first step, at `--image_size`, validated once at the end.
 """
 
 import argparse
@@ -68,16 +77,60 @@ def backbone():
     return model.eval().to(memory_format=torch.channels_last)
 
 
+def pixels(images, size=96):
+    """uint8 [N, 28, 28] -> the network's input [N, 3, size, size], channels_last."""
+    x = torch.from_numpy(images.astype(np.float32))[:, None]  # [B, 1, 28, 28]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False)
+    return ((x - 127.5) / 127.5).expand(-1, 3, -1, -1).contiguous(
+        memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def features(model, images, batch_size):
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size].astype(np.float32))[:, None]  # [B, 1, 28, 28]
-        x = F.interpolate(x, size=(96, 96), mode="bilinear", antialias=False)
-        x = ((x - 127.5) / 127.5).expand(-1, 3, -1, -1).contiguous(
-            memory_format=torch.channels_last)
-        out.append(model(x))
-    return torch.cat(out)
+    return torch.cat([model(pixels(images[i:i + batch_size]))
+                      for i in range(0, len(images), batch_size)])
+
+
+def timm_recipe(model, x, y, x_val, y_val, args):
+    """`--recipe=timm` (the module's docstring): val_accuracy and the training epochs' seconds."""
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    model.reset_classifier(10)
+    model.drop_rate = 0.2
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=0.05,
+                                    layer_decay=0.75)
+    steps_per_epoch = -(-len(y) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=0.0,
+                                  warmup_t=int(args.warmup * total), warmup_lr_init=0.0,
+                                  warmup_prefix=True, t_in_epochs=False)
+    loss_fn = LabelSmoothingCrossEntropy(args.smoothing)
+    x, y_t = pixels(x, args.image_size), torch.from_numpy(y)
+    seconds, step = [], 0
+    for _ in range(args.epochs):
+        model.train()
+        if args.freeze_bn:  # BatchNorm statistics kept, as tl_keras keeps them
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+        began = time.time()
+        for batch in torch.randperm(len(y_t)).split(args.batch_size):
+            loss = loss_fn(model(x[batch]), y_t[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+        seconds.append(time.time() - began)
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model(pixels(x_val[i:i + 256], args.image_size)).argmax(1)
+                               for i in range(0, len(x_val), 256)])
+    accuracy = (predicted == torch.from_numpy(y_val)).float().mean().item()
+    return accuracy, seconds
 
 
 def finetune_rate(backbone_, images, labels, args):
@@ -118,6 +171,14 @@ def main():
                         help="Instead of the main job: train the whole network on this many "
                              "training images (tools/benchmark.py part 2's job), print images/s.")
     parser.add_argument("--finetune_epochs", type=int, default=2)
+    parser.add_argument("--recipe", default="", help="timm: fine-tune everything with timm's "
+                        "recipe instead of the main job (the module's docstring)")
+    parser.add_argument("--image_size", type=int, default=96, help="--recipe=timm's input size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--recipe=timm's peak rate (the head's)")
+    parser.add_argument("--warmup", type=float, default=0.1, help="--recipe=timm's warm-up share")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="--recipe=timm's label smoothing")
+    parser.add_argument("--freeze_bn", action="store_true",
+                        help="--recipe=timm with BatchNorm statistics frozen (tl_keras's way)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +193,14 @@ def main():
         n = args.finetune_examples
         print(json.dumps({"finetune_train_img_per_s": round(finetune_rate(
             model, x[:n], y[:n], args), 1), "images": n, "threads": torch.get_num_threads()}))
+        return
+    if args.recipe == "timm":
+        accuracy, seconds = timm_recipe(model, x, y, x_val, y_val, args)
+        print(json.dumps({"val_accuracy": round(accuracy, 4), "epoch_seconds": [
+            round(s, 1) for s in seconds], "train_img_per_s": round(len(y) / float(np.median(
+                seconds[1:] or seconds)), 1), "total_seconds": round(time.time() - START, 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "timm": timm.__version__}))
         return
 
     began = time.time()

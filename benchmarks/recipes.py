@@ -54,6 +54,10 @@ VARIANTS = {
     "new_mixup": dict(regime="large_similar", **dict(NEW, batch_augment="mixup")),
     "new_cutmix": dict(regime="large_similar", **dict(NEW, batch_augment="cutmix")),
     "new_size_rule": dict(regime="large_similar", **dict(NEW, schedule="size_rule")),
+    # RandAugment alone (no flips, zoom or rotation), 2 ops at Keras' default strength.
+    "new_randaugment": dict(regime="large_similar", **dict(
+        NEW, augment=True, augment_flip="none", augment_zoom=0.0, augment_rotation=0.0,
+        rand_augment=2, rand_augment_magnitude=0.5)),
     "scratch_old": dict(regime="large_different", init="scratch",
                         **dict(OLD, finetune_learning_rate=3e-4)),
     "scratch_new": dict(regime="large_different", init="scratch", **NEW),

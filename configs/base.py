@@ -35,6 +35,8 @@ def get_config():
     config.augment_flip = "horizontal"   # horizontal | vertical | horizontal_and_vertical | none
     config.augment_zoom = 0.1            # RandomZoom factor; 0: off
     config.augment_rotation = 0.05       # RandomRotation factor (fraction of a turn); 0: off
+    config.rand_augment = 0              # RandAugment: ops per training batch (Keras' layer, seeded per batch); 0: off
+    config.rand_augment_magnitude = 0.5  # RandAugment's factor: strength of each op, 0-1
 
     # --- Training ---
     config.epochs = 10                   # total, across phases

@@ -303,6 +303,37 @@ def test_augmented_epochs_are_the_same_in_every_build_and_new_each_epoch(tmp_pat
     assert not np.array_equal(first[0], other[0])  # another seed, other images
 
 
+def test_rand_augment_is_keras_layer_drawn_from_each_batchs_seed(tmp_path):
+    """Keras' RandAugment through the seeded pipeline: the same images in every build
+    of the same config (a parallel map, which its own SeedGenerator would not give),
+    new ones each epoch, grey images kept grey, RGB ones too."""
+    def two_epochs(**overrides):
+        config = tiny_config(tmp_path, dataset="digits", max_examples=64, augment=True,
+                             batch_size=8, augment_flip="none", augment_zoom=0.0,
+                             augment_rotation=0.0, **overrides)
+        train = data.load(config, image_size=32).train
+        return [np.concatenate([x.numpy() for x, _ in train]) for _ in range(2)]
+
+    first, again = two_epochs(rand_augment=2), two_epochs(rand_augment=2)
+    for epoch, repeated in zip(first, again):
+        np.testing.assert_array_equal(epoch, repeated)
+    assert first[0].shape[-1] == 1 and not np.array_equal(first[0], first[1])
+    plain = np.concatenate([x.numpy() for x, _ in data.load(tiny_config(
+        tmp_path, dataset="digits", max_examples=64, augment=False, batch_size=8), 32).train])
+    changed = np.abs(first[0] - plain).reshape(len(plain), -1).max(axis=1) > 0
+    assert changed.mean() > 0.5  # most images changed (an op may leave one as it was)
+    assert not np.array_equal(two_epochs(rand_augment=2, rand_augment_magnitude=1.0)[0],
+                              first[0])  # another strength, other images
+    rgb = np.random.default_rng(0).uniform(0, 255, (4, 9, 9, 3)).astype("float32")
+    augment = data.augmentation(tiny_config(tmp_path, augment=True, rand_augment=1,
+                                            augment_flip="none", augment_zoom=0.0,
+                                            augment_rotation=0.0))
+    seed = tf.constant([3, 4], tf.int64)
+    out = augment(rgb, seed).numpy()
+    assert out.shape == rgb.shape and not np.array_equal(out, rgb)
+    np.testing.assert_array_equal(out, augment(rgb, seed).numpy())
+
+
 def test_a_folder_is_checked_once_and_a_changed_file_again(image_folder, monkeypatch, capfd):
     decoded = []
     check = data._check_file

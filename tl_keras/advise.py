@@ -543,7 +543,7 @@ class Advice:
         accuracy on the held-out images when the pilots ran, else LogME at its cut
         (comparable across models: You et al. 2021)."""
         if self.strategy() in self.pilots:
-            return "pilot accuracy", self.pilots[self.strategy()]["accuracy"]
+            return "pilot_accuracy", self.pilots[self.strategy()]["accuracy"]
         row = self.scores[self.cut]
         return "LogME", row.get("pretrained", row["random"])
 
@@ -789,7 +789,7 @@ def format_backbones(best):
                   f"{', init=scratch' if row['init'] == 'scratch' else ''}")
         (what, value), = row["measure"].items()
         mark = "  <- best" if name == best.backbone else ""
-        lines.append(f"{name:<{width}} {advice:<34} {what} {value:.3f}{mark}")
+        lines.append(f"{name:<{width}} {advice:<34} {what.replace('_', ' ')} {value:.3f}{mark}")
     return "\n".join(lines)
 
 

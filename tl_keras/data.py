@@ -32,6 +32,7 @@ from tl_keras import run_folder
 from tl_keras.arrays import BUILTIN, load_builtin, split_indices
 
 AUTOTUNE = tf.data.AUTOTUNE
+RAND_AUGMENT_STREAM = 7  # Augmentation: RandAugment's seed, folded from the batch's
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -525,7 +526,7 @@ def resize(image, size):
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """Random flips, zooms and rotations of a batch, drawn from a seed alone.
+    """Random flips, zooms, rotations (and RandAugment) of a batch, drawn from a seed alone.
 
     The same batch and seed give the same images, in any thread: the ops are
     stateless (`tf.image.stateless_random_*`, `tf.random.stateless_uniform`),
@@ -537,12 +538,14 @@ class Augmentation:
 
     As Keras' layers: a zoom factor z scales by 1 +- z (in or out), a rotation
     factor r turns by up to r of a full turn either way, both about the centre,
-    bilinear, the edges reflected.
+    bilinear, the edges reflected. Then, when given, Keras' RandAugment, its draws
+    taken from the batch's seed too (keras_internals.seeded_rand_augment).
     """
 
     flip: str          # horizontal | vertical | horizontal_and_vertical | none
     zoom: float        # fraction of the size; 0: off
     rotation: float    # fraction of a full turn; 0: off
+    rand_augment: object = None  # keras_internals.seeded_rand_augment(...), or None
 
     def __call__(self, images, seed):
         """`images` [B, H, W, C] (any real dtype) augmented, float32; `seed`: int64 [2]."""
@@ -554,7 +557,21 @@ class Augmentation:
             images = tf.image.stateless_random_flip_up_down(images, seeds[1])
         if self.zoom or self.rotation:
             images = self._zoom_and_rotate(images, seeds[2], seeds[3])
+        if self.rand_augment is not None:  # its own seed: the streams above stay as they were
+            images = self._rand_augment(images, tf.random.experimental.stateless_fold_in(
+                seed, RAND_AUGMENT_STREAM))
         return images
+
+    def _rand_augment(self, images, seed):
+        """RandAugment of 0-255 images. Its colour ops need RGB: grey (with or without
+        alpha) goes through as RGB and comes back grey; alpha is left as it was."""
+        channels = images.shape[-1]
+        if channels == 3:
+            return self.rand_augment.augment(images, seed)
+        if channels in (1, 2):
+            grey = self.rand_augment.augment(tf.concat([images[..., :1]] * 3, -1), seed)
+            return tf.concat([grey[..., :1], images[..., 1:]], -1)
+        return tf.concat([self.rand_augment.augment(images[..., :3], seed), images[..., 3:]], -1)
 
     def _zoom_and_rotate(self, images, zoom_seed, angle_seed):
         batch = tf.shape(images)[0]
@@ -584,14 +601,25 @@ def augmentation(config):
     """The training side's `Augmentation`, or None when it is off.
 
     `augment_flip`: "horizontal", "vertical", "horizontal_and_vertical" or "none";
-    `augment_zoom`, `augment_rotation`: factors (fraction of size / of a full turn), 0 = off.
+    `augment_zoom`, `augment_rotation`: factors (fraction of size / of a full turn), 0 = off;
+    `rand_augment`: RandAugment's ops per batch (Keras' layer, drawn from the batch's
+    seed: keras_internals.seeded_rand_augment), 0 = off, at `rand_augment_magnitude`.
     """
     if not config.augment:
         return None
     flip = config.augment_flip or "none"
-    if flip == "none" and not config.augment_zoom and not config.augment_rotation:
+    if (flip == "none" and not config.augment_zoom and not config.augment_rotation
+            and not config.rand_augment):
         return None
-    return Augmentation(flip, float(config.augment_zoom), float(config.augment_rotation))
+    rand_augment = None
+    if config.rand_augment:
+        from tl_keras import keras_internals
+
+        rand_augment = keras_internals.seeded_rand_augment(
+            value_range=(0, 255), num_ops=int(config.rand_augment),
+            factor=float(config.rand_augment_magnitude), seed=int(config.seed))
+    return Augmentation(flip, float(config.augment_zoom), float(config.augment_rotation),
+                        rand_augment)
 
 
 def augment_batches(ds, augment, seed):

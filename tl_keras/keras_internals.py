@@ -13,6 +13,7 @@ TensorFlow.)
     initial_epoch(model)             Model._initial_epoch, set by BackupAndRestore
     ReadOnlyBackup                   BackupAndRestore without BackupAndRestore._save_model
     fresh_layer_names()              keras.src...global_state: automatic names from 0
+    seeded_rand_augment(**kwargs)    RandAugment._get_seed_generator: draws from a batch's seed
     save_best_epoch_class()          keras_tuner.src...tuner_utils.SaveBestEpoch
 
 Example:
@@ -118,6 +119,44 @@ def fresh_layer_names():
         for prefix, count in fresh.items():
             merged[prefix] = max(merged[prefix], count)
         global_state.set_global_attribute(key, merged)
+
+
+def seeded_rand_augment(**kwargs):
+    """Keras' `RandAugment(**kwargs)` drawing every random number from a seed given
+    with each batch: `layer.augment(images, seed)`, `seed` an int64 [2] tensor.
+
+    RandAugment takes no seed per call: its ops and their strengths come from its
+    own SeedGenerator, which the parallel calls of a tf.data `map` draw from in a
+    varying order (runs with the same seed then differ). Here the generator it asks
+    for (`RandAugment._get_seed_generator`) hands out `seed + [0, k]` for its k-th
+    draw of the call instead: the same batch and seed give the same images in any
+    thread, and a new seed (each batch, each epoch) new ones.
+    """
+    _keras("keras.layers.RandAugment._get_seed_generator")
+
+    class BatchSeeds(keras.random.SeedGenerator):
+        def __init__(self):
+            super().__init__(seed=0)
+            self.batch_seed, self.draws = None, 0
+
+        def next(self, ordered=True):
+            self.draws += 1
+            return keras.ops.add(self.batch_seed, keras.ops.convert_to_tensor(
+                [0, self.draws], dtype=self.batch_seed.dtype))
+
+    class SeededRandAugment(keras.layers.RandAugment):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.batch_seeds = BatchSeeds()
+
+        def _get_seed_generator(self, backend):
+            return self.batch_seeds
+
+        def augment(self, images, seed):
+            self.batch_seeds.batch_seed, self.batch_seeds.draws = seed, 0
+            return self(images, training=True)
+
+    return SeededRandAugment(**kwargs)
 
 
 # --- Keras Tuner ------------------------------------------------------------------

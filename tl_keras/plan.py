@@ -47,6 +47,7 @@ _AT_LEAST = {
     "advisor.sample": (2, "at least 2"),
     "advisor.large_examples": (1, "at least 1"),
     "advisor.pilot_epochs": (1, "at least 1"),
+    "rand_augment": (0, "0 (off) or more"),
 }
 
 
@@ -143,6 +144,9 @@ def _check_numbers(config):
     for key in ("val_fraction", "dropout", "augment_zoom", "augment_rotation"):
         if not 0 <= config[key] < 1:
             raise ValueError(f"{key} must be in [0, 1), got {config[key]}")
+    if not 0 <= config.rand_augment_magnitude <= 1:
+        raise ValueError("rand_augment_magnitude must be in [0, 1], got "
+                         f"{config.rand_augment_magnitude}")
     if not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {config.weight_decay}")
     recipe.check(config)  # optimizer, schedule, ... and what they need of the run
