@@ -86,6 +86,8 @@ def test_a_plan_cannot_change_and_writes_what_it_resolved(tmp_path):
      "advisor.pilot_held_out must be between 0 and 1, got 1.0"),
     ({"advisor": {"pilot_passes": 0.0}}, "advisor.pilot_passes must be above 0, got 0.0"),
     ({"advisor": {"pilot_epochs": 0}}, "advisor.pilot_epochs must be at least 1, got 0"),
+    ({"backbone": "seed_cnn,mobilenet_v2"}, "--backbone=seed_cnn,mobilenet_v2 names several "
+                                            "backbones: only tools/advise.py and"),
     ({"rand_augment": -1}, r"rand_augment must be 0 \(off\) or more, got -1"),
     ({"rand_augment_magnitude": 1.5}, r"rand_augment_magnitude must be in \[0, 1\], got 1.5"),
     ({"advisor": {"scratch_pilot": "small"}},

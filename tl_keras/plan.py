@@ -91,6 +91,10 @@ def resolve(config):
     if isinstance(config, Plan):
         return config
     config = with_defaults(config)
+    if "," in str(config.backbone):
+        raise ValueError(f"--backbone={config.backbone} names several backbones: only "
+                         "tools/advise.py and tools/finetune.py --regime=auto take several "
+                         "(the advisor picks one); a run or a sweep trains one")
     backbone = backbones.get_backbone(config.backbone)
     config.cut = _cut(config)
     config.image_size = config.image_size or backbone.image_size
