@@ -371,6 +371,7 @@ def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, pi
     assert accuracy > 0.5                         # (10 classes: chance is 0.1)
 
 
+@pytest.mark.slow  # ~10 s: Fashion-MNIST read, the seed network's pilots
 def test_the_advisor_calls_the_pretraining_task_itself_similar():
     """The `top` case: seed_cnn pretrained on Fashion-MNIST classes 0-4, advised on 300
     other images of those classes -- the pretraining data's own distribution, where the
