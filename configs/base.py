@@ -13,12 +13,13 @@ def get_config():
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
     config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (the advisor)
-    config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES
+    config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES, or hub:PRESET (a KerasHub preset or folder)
     config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)
     config.init = "pretrained"           # pretrained | scratch (large regimes: every weight random)
     config.cut = placeholder(str)        # early | middle | late | top | a layer name; None: the regime's
     config.image_size = 96               # 0: the backbone's default (224-384 px; slow on a CPU)
     config.pool_grid = 1                 # head input: 1 global average; g: a g x g grid of averages
+    config.token_pool = "cls_mean"       # a transformer's tokens: cls | mean (of the patch tokens) | cls_mean (both)
     config.dropout = 0.2                 # before the new head
 
     # --- Data (see tl_keras/data.py) ---

@@ -69,6 +69,37 @@ def tiny_arrays(n=24, num_classes=3, size=TINY_SIZE, channels=3, seed=0):
     return np.clip(x, 0, 255).astype("uint8"), y.astype("int32")
 
 
+def imagenet_labels():
+    """The 1,000 ImageNet synset ids in model output order (shipped with TFDS)."""
+    import tensorflow_datasets as tfds
+
+    path = os.path.join(os.path.dirname(tfds.__file__), "datasets/imagenet2012/labels.txt")
+    with open(path) as f:
+        return f.read().split()
+
+
+# ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+IMAGENET_CATS = {"n02123045", "n02123159", "n02123394", "n02123597", "n02124075"}
+ESPRESSO = "n07920052"
+
+
+def resized_photos(size):
+    """skimage's coffee() and chelsea() photos at `size` px, float32 [2, size, size, 3]."""
+    import tensorflow as tf
+    skimage_data = pytest.importorskip("skimage.data")
+
+    return np.concatenate([tf.image.resize(i[None].astype("float32"), (size, size),
+                                           antialias=True)
+                           for i in (skimage_data.coffee(), skimage_data.chelsea())])
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """An empty Keras cache for the test: converted weights are written there."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    return tmp_path / "keras_home"
+
+
 @pytest.fixture(scope="session")
 def shared_images(tmp_path_factory):
     """The `image_folder` images, written once for the session: read, never change them."""

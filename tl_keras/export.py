@@ -38,6 +38,8 @@ import tempfile
 
 import keras
 
+from tl_keras import model as model_lib
+
 
 LABELS = "labels.txt"  # in <version>/assets.extra/: the class names, one per line
 
@@ -61,7 +63,7 @@ def export_run(workdir, export_dir, verbose=True):
     with open(metrics_path) as f:
         class_names = json.load(f)["class_names"]
     check_export_dir(export_dir)
-    model = keras.saving.load_model(model_path, compile=False)
+    model = model_lib.load_model(model_path)
     return export(model, class_names, export_dir, verbose=verbose)
 
 

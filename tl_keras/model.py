@@ -6,7 +6,9 @@
       backbone                     the cut backbone (see backbones.py)
       avg_pool                     GlobalAveragePooling2D (pool_grid=1), or
       grid_pool, grid_flatten      average-pooled to a pool_grid x pool_grid grid
-                                   (neither after a Dense cut: seed_cnn's fc1, fc2)
+                                   (neither after a Dense cut: seed_cnn's fc1, fc2);
+                                   a transformer's tokens [N, T, D]: the class token
+                                   and/or the mean of the patch tokens (token_pool)
       feature_norm                 Normalization: standardises each feature with
                                    statistics of the training data, never trained
       dropout                      Dropout
@@ -52,7 +54,7 @@ def preprocess_weights(backbone_name, channels):
 
 
 def build_classifier(backbone, backbone_name, num_classes, channels=3,
-                     dropout=0.2, seed=None, pool_grid=1):
+                     dropout=0.2, seed=None, pool_grid=1, token_pool="cls_mean"):
     """Joins a cut backbone and a new Dense head with the functional API.
 
     Args:
@@ -63,6 +65,9 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
       dropout: dropout rate before the head.
       seed: seed of the head's random initialisation.
       pool_grid: 1 for global average pooling, g for a g x g grid of averages.
+      token_pool: a transformer's tokens: "cls" (the class token), "mean" (of
+        the patch tokens) or "cls_mean" (both, concatenated: DINOv2's linear
+        evaluation); a backbone without a class token takes the mean.
 
     Returns:
       A `keras.Model` from raw pixels (0-255) to class probabilities.
@@ -78,7 +83,6 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
 
     # === Layers ===
     preprocess = preprocess_layer(backbone_name, channels)
-    pool = pooling(backbone.output.shape, pool_grid)
     norm = keras.layers.Normalization(axis=-1, name="feature_norm", dtype="float32")
     drop = keras.layers.Dropout(dropout, name="dropout", seed=seed)
     head = keras.layers.Dense(
@@ -89,12 +93,12 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
     inputs = keras.Input((height, width, channels), name="images")
     x = preprocess(inputs)
     x = backbone(x)
-    for layer in pool:
-        x = layer(x)
+    x = pool(x, pool_grid, token_pool=token_pool,
+             prefix_tokens=backbones.get_backbone(backbone_name).prefix_tokens)
     x = norm(x)
     x = drop(x)
     outputs = head(x)
-    return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+    return keras.Model(inputs, outputs, name=f"{backbones.slug(backbone_name)}_classifier")
 
 
 def preprocess_layer(backbone_name, channels):
@@ -109,22 +113,40 @@ def preprocess_layer(backbone_name, channels):
     return layer
 
 
-def pooling(feature_shape, pool_grid=1, prefix=""):
-    """The layers between a cut and the head, for features of `feature_shape`.
+TOKEN_POOLS = ("cls_mean", "cls", "mean")
 
-    None after a Dense cut (seed_cnn's fc1, fc2); a global average for
-    `pool_grid` 1; else an average-pooled `pool_grid` x `pool_grid` grid, flattened.
-    Their names start with `prefix`.
+
+def pool(x, pool_grid=1, prefix="", token_pool="cls_mean", prefix_tokens=0):
+    """`x` (a cut's output) pooled into the head's input vector, with stock layers.
+
+    Nothing after a Dense cut (seed_cnn's fc1, fc2); for a feature map a global
+    average with `pool_grid` 1, else an average-pooled `pool_grid` x `pool_grid`
+    grid, flattened; for a transformer's tokens [N, T, D] whose first
+    `prefix_tokens` are the class token (and registers), the class token, the
+    mean of the patch tokens, or both (`token_pool`). Layer names start with `prefix`.
     """
-    if len(feature_shape) == 2:
-        return []
+    shape = x.shape
+    if len(shape) == 2:
+        return x
+    if len(shape) == 3:
+        if token_pool not in TOKEN_POOLS:
+            raise ValueError(f"unknown token_pool {token_pool!r}; valid: {', '.join(TOKEN_POOLS)}")
+        mean = keras.layers.GlobalAveragePooling1D(name=prefix + "token_mean")(
+            keras.layers.Cropping1D((prefix_tokens, 0), name=prefix + "patch_tokens")(x))
+        if not prefix_tokens or token_pool == "mean":
+            return mean
+        cls = keras.layers.Flatten(name=prefix + "class_token_flat")(
+            keras.layers.Cropping1D((0, shape[1] - 1), name=prefix + "class_token")(x))
+        if token_pool == "cls":
+            return cls
+        return keras.layers.Concatenate(name=prefix + "token_pool")([cls, mean])
     if pool_grid == 1:
-        return [keras.layers.GlobalAveragePooling2D(name=prefix + "avg_pool")]
+        return keras.layers.GlobalAveragePooling2D(name=prefix + "avg_pool")(x)
     (window_h, stride_h), (window_w, stride_w) = (
-        grid_window(feature_shape[1], pool_grid), grid_window(feature_shape[2], pool_grid))
-    return [keras.layers.AveragePooling2D((window_h, window_w), (stride_h, stride_w),
-                                          name=prefix + "grid_pool"),
-            keras.layers.Flatten(name=prefix + "grid_flatten")]
+        grid_window(shape[1], pool_grid), grid_window(shape[2], pool_grid))
+    x = keras.layers.AveragePooling2D((window_h, window_w), (stride_h, stride_w),
+                                      name=prefix + "grid_pool")(x)
+    return keras.layers.Flatten(name=prefix + "grid_flatten")(x)
 
 
 def grid_window(size, grid):
@@ -137,3 +159,19 @@ def grid_window(size, grid):
         return 1, 1
     stride = size // grid
     return size - (grid - 1) * stride, stride
+
+
+def load_model(path, compile=False):
+    """`keras.saving.load_model(path)`, importing KerasHub first when the model holds
+    a KerasHub backbone's layers (`hub:` backbones; their classes register on import)."""
+    import importlib.util
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            needs_hub = b"keras_hub" in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        needs_hub = False  # not a .keras archive: Keras says what it is
+    if needs_hub and importlib.util.find_spec("keras_hub") is not None:
+        import keras_hub  # noqa: F401
+    return keras.saving.load_model(path, compile=compile)

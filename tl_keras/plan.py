@@ -56,6 +56,7 @@ _ONE_OF = {
     "verbose": ("auto", "0", "1", "2"),
     "class_weight": ("none", "balanced"),
     "advisor.scratch_pilot": ("large", "always", "never"),
+    "token_pool": ("cls_mean", "cls", "mean"),
 }
 
 

@@ -287,4 +287,6 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
             return None
         if run_folder.read_json(self.best_record).get("epoch") != self.best_epoch + 1:
             return None
-        return keras.saving.load_model(self.best_model, compile=False).get_weights()
+        from tl_keras import model as model_lib
+
+        return model_lib.load_model(self.best_model).get_weights()

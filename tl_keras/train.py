@@ -55,7 +55,8 @@ def build(plan, num_classes, channels):
         config.backbone, weights=plan.weights, image_size=plan.image_size, cut=plan.cut)
     model = model_lib.build_classifier(
         cut.model, config.backbone, num_classes, channels=channels,
-        dropout=config.dropout, seed=config.seed, pool_grid=config.pool_grid)
+        dropout=config.dropout, seed=config.seed, pool_grid=config.pool_grid,
+        token_pool=config.token_pool)
     return model, cut.layer
 
 
