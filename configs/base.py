@@ -68,6 +68,8 @@ def get_config():
     config.early_stopping = 0            # stop after this many epochs without a better val_accuracy, best weights back; 0: off
     config.batch_augment = "none"        # none | mixup | cutmix: training batches mixed with themselves, labels too
     config.mix_alpha = 0.2               # mixup / CutMix: lambda drawn from Beta(mix_alpha, mix_alpha)
+    config.accumulate = 1                # gradients of this many batches per optimizer update (a larger batch in the same memory); the schedule counts updates
+    config.lora_rank = 0                 # LoRA adapters of this rank train instead of the backbone's weights (merged into every saved model); 0: off
     config.mixed_precision = ""          # "" (float32) | mixed_float16 | mixed_bfloat16
     config.jit_compile = False           # XLA
     config.distribution = "auto"         # auto | none | mirrored | multi_worker | tpu (tl_keras/distribute.py)

@@ -275,3 +275,34 @@ def test_a_model_saved_with_layer_decay_loads_without_tl_keras_uncompiled(tmp_pa
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert type(loaded.optimizer) is recipe.LayerwiseAdamW
     assert loaded.optimizer.rate_scales == model.optimizer.rate_scales
+
+
+def test_accumulated_gradients_equal_a_larger_batch_and_the_schedule_counts_updates():
+    # 16 images: one update of a batch of 16, or two batches of 8 accumulated, for
+    # two epochs under a cosine schedule (2 updates: the second at half the peak).
+    # SGD with momentum; no BatchNorm or dropout in the way.
+    x, y = tiny_arrays(16)
+    x = x.reshape(16, -1)[:, :12].astype("float32") / 255
+
+    def trained(batch_size, accumulate):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3)])
+        phase = _phase(last=2, rate=0.5, optimizer="sgd", schedule="cosine",
+                       accumulate=accumulate)
+        model.compile(optimizer=recipe.optimizer(phase, steps_per_epoch=16 // batch_size),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    for big, accumulated in zip(trained(16, 1), trained(8, 2)):
+        np.testing.assert_allclose(big, accumulated, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trained(8, 1)[0], trained(16, 1)[0])  # plain batches of 8 differ
+
+
+def test_accumulate_and_lora_rank_refuse_nonsense_in_one_line(tmp_path):
+    for key, value, message in (("accumulate", 0, "accumulate must be at least 1"),
+                                ("lora_rank", -1, "lora_rank must be 0 .off. or a rank")):
+        with pytest.raises(ValueError, match=message):
+            plan_lib.resolve(tiny_config(tmp_path, "large_similar", **{key: value}))
+    with pytest.raises(ValueError, match="lora_rank adapts pretrained weights"):
+        plan_lib.resolve(tiny_config(tmp_path, "large_different", init="scratch", lora_rank=4))

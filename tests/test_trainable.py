@@ -1,6 +1,7 @@
 """What each regime freezes and trains, checked on weights after a real `fit`."""
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -167,3 +168,41 @@ def test_unfreeze_is_for_phase_two_only(tmp_path):
         trainable.plan_phases(tiny_config(tmp_path, "small_similar", unfreeze=1))
     with pytest.raises(ValueError, match="unfreeze must be 0"):
         trainable.plan_phases(tiny_config(tmp_path, "large_similar", unfreeze=-1))
+
+
+def test_lora_trains_adapters_alone_and_saves_them_merged(tmp_path, shared_images):
+    from tl_keras import data, model as model_lib, train
+
+    config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), lora_rank=2,
+                         epochs=2, head_epochs=1, learning_rate=0.01,
+                         finetune_learning_rate=0.05)
+    model, _ = train.build(config, 3, 3)
+    before = {v.path: v.numpy().copy() for v in model.get_layer("backbone").weights}
+    metrics = train.finetune(config, data.load(config, image_size=config.image_size), model=model)
+    backbone = model.get_layer("backbone")
+    adapters = [v for v in backbone.weights if "lora_kernel" in v.path]
+    assert adapters and all(v.trainable for v in adapters)
+    # Every weight the backbone had stays as it was: kernels, BatchNorm, depthwise.
+    for variable in backbone.weights:
+        if variable.path in before:
+            np.testing.assert_array_equal(variable.numpy(), before[variable.path], variable.path)
+    assert any(np.abs(v.numpy()).max() > 0 for v in adapters if "lora_kernel_b" in v.path)
+    assert metrics["trainable_params"] < sum(v.size for v in before.values()) / 2
+    # model.keras: the adapters merged into plain kernels, the same outputs.
+    saved = model_lib.load_model(os.path.join(config.workdir, "model.keras"))
+    assert "lora" not in open_config(os.path.join(config.workdir, "model.keras"))
+    assert not any(getattr(layer, "lora_enabled", False)
+                   for layer in saved.get_layer("backbone").layers)
+    x = np.random.default_rng(0).integers(0, 255, (4, config.image_size, config.image_size, 3))
+    np.testing.assert_allclose(saved.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    kernels = [v for v in saved.get_layer("backbone").weights
+               if v.path in before and v.path.endswith("/kernel")]
+    assert kernels and any(not np.allclose(v.numpy(), before[v.path]) for v in kernels)
+
+
+def open_config(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return archive.read("config.json").decode()

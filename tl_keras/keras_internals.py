@@ -15,6 +15,7 @@ TensorFlow.)
     fresh_layer_names()              keras.src...global_state: automatic names from 0
     seeded_rand_augment(**kwargs)    RandAugment._get_seed_generator: draws from a batch's seed
     save_best_epoch_class()          keras_tuner.src...tuner_utils.SaveBestEpoch
+    leaf_layers(layer)               Layer._flatten_layers: the layers inside a Layer too
 
 Example:
     keras_internals.symbolic_build(model, dataset.element_spec)
@@ -46,6 +47,17 @@ def _next_minor(version):
 
 def _keras(what):
     check_version("keras", keras.__version__, what)
+
+
+# --- Layers ---------------------------------------------------------------------
+
+def leaf_layers(layer):
+    """Every layer inside `layer` that holds no other layer, at any depth. A
+    KerasHub transformer keeps its blocks as attributes of one Layer (no
+    `.layers`), so `Model.layers` stops at that Layer; this does not."""
+    _keras("Layer._flatten_layers")
+    return [sub for sub in layer._flatten_layers(include_self=False, recursive=True)
+            if not any(True for _ in sub._flatten_layers(include_self=False, recursive=False))]
 
 
 # --- keras.Model ------------------------------------------------------------------

@@ -32,7 +32,7 @@ Example:
 import keras
 import numpy as np
 
-from tl_keras import backbones
+from tl_keras import backbones, keras_internals
 
 # Rows: input channels; columns: R, G, B. Grey is copied to all three; an
 # alpha channel is dropped.
@@ -175,3 +175,41 @@ def load_model(path, compile=False):
     if needs_hub and importlib.util.find_spec("keras_hub") is not None:
         import keras_hub  # noqa: F401
     return keras.saving.load_model(path, compile=compile)
+
+
+def save_model(model, path):
+    """`model.save(path)` (a .keras file) with any LoRA adapters merged into plain kernels.
+
+    Keras saves a LoRA layer's kernel merged already (`kernel + A @ B x alpha /
+    rank`) but keeps `lora_rank` in its config, so loading would add adapters
+    again. The file is rewritten without them: it loads as the plain network,
+    and a served model holds no LoRA layers.
+    """
+    model.save(path)
+    if not any(getattr(layer, "lora_enabled", False)
+               for layer in keras_internals.leaf_layers(model)):
+        return
+    import json
+    import os
+    import shutil
+    import zipfile
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("lora_rank", "lora_alpha")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    merged = f"{path}.merged"
+    try:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(merged, "w") as target:
+            for item in source.infolist():
+                data = source.read(item.filename)
+                if item.filename == "config.json":
+                    data = json.dumps(strip(json.loads(data))).encode()
+                target.writestr(item, data)
+        shutil.move(merged, path)
+    finally:
+        if os.path.exists(merged):
+            os.remove(merged)

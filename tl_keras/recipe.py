@@ -11,7 +11,10 @@ objects when `train.py` compiles and fits the phase.
                               after a linear warm-up over config.warmup of the phase's
                               steps, config.clipnorm, config.layer_decay, config.ema,
                               config.early_stopping, config.batch_augment (mixup |
-                              cutmix: the labels mixed too, data.Mix)
+                              cutmix: the labels mixed too, data.Mix),
+                              config.accumulate (gradients of N batches per update),
+                              config.lora_rank (LoRA adapters train, the backbone's
+                              own weights stay: trainable.apply_phase)
 
 The schedules, as the field uses them: cosine with warm-up (big_vision,
 timm), and BiT's steps (Kolesnikov et al. 2020: the rate / 10 at 30%, 60%
@@ -58,6 +61,8 @@ class Recipe:
     early_stopping: int = 0      # epochs without a better val_accuracy before stopping; 0: off
     batch_augment: str = "none"  # none | mixup | cutmix (labels mixed too)
     mix_alpha: float = 0.2       # Beta(alpha, alpha) of mixup and CutMix
+    accumulate: int = 1          # batches whose gradients make one optimizer update
+    lora_rank: int = 0           # LoRA adapters of this rank train instead of the backbone; 0: off
 
     @property
     def mixes(self):
@@ -73,7 +78,8 @@ def for_phase(config, train):
                   layer_decay=float(config.layer_decay),
                   weight_decay=float(config.weight_decay), ema=float(config.ema),
                   early_stopping=int(config.early_stopping),
-                  batch_augment=config.batch_augment, mix_alpha=float(config.mix_alpha))
+                  batch_augment=config.batch_augment, mix_alpha=float(config.mix_alpha),
+                  accumulate=int(config.accumulate), lora_rank=int(config.lora_rank))
 
 
 def sized(recipe, train_examples):
@@ -112,6 +118,13 @@ def check(config):
     if config.early_stopping and config.validation_freq != 1:
         raise ValueError("early_stopping counts validated epochs: it needs validation_freq=1, "
                          f"got {config.validation_freq}")
+    for key, low, meaning in (("accumulate", 1, "at least 1 (1: an update every batch)"),
+                              ("lora_rank", 0, "0 (off) or a rank of 1 or more")):
+        if isinstance(config[key], bool) or int(config[key]) != config[key] or config[key] < low:
+            raise ValueError(f"{key} must be {meaning}, got {config[key]!r}")
+    if config.lora_rank and config.init == "scratch":
+        raise ValueError("lora_rank adapts pretrained weights; init=scratch trains every weight "
+                         "from random: set lora_rank=0 or init=pretrained")
     if config.distribution == "multi_worker" and (config.ema or config.early_stopping):
         # Its own training loop (distribute.fit) runs no validation callbacks, and
         # every worker would write early stopping's state.
@@ -126,10 +139,12 @@ def optimizer(phase, steps_per_epoch, model=None):
     the phase's epochs of `steps_per_epoch` steps. `model`: the classifier, whose
     backbone stages get their layer-wise rates (recipe.layer_decay < 1)."""
     recipe = phase.recipe
-    steps = max(1, (phase.last_epoch - phase.first_epoch) * int(steps_per_epoch))
-    kwargs = dict(learning_rate=schedule(recipe, phase.learning_rate, steps),
+    batches = max(1, (phase.last_epoch - phase.first_epoch) * int(steps_per_epoch))
+    kwargs = dict(learning_rate=schedule(recipe, phase.learning_rate, batches),
                   global_clipnorm=recipe.clipnorm or None,
                   use_ema=recipe.ema > 0, ema_momentum=recipe.ema or 0.99)
+    if recipe.accumulate > 1:  # Keras averages the N batches' gradients, then updates
+        kwargs.update(gradient_accumulation_steps=recipe.accumulate)
     if recipe.optimizer == "sgd":
         kwargs.update(momentum=SGD_MOMENTUM, weight_decay=recipe.weight_decay or None)
     else:  # AdamW's own default is 0.004, not 0
@@ -141,12 +156,14 @@ def optimizer(phase, steps_per_epoch, model=None):
     return (keras.optimizers.SGD if recipe.optimizer == "sgd" else keras.optimizers.AdamW)(**kwargs)
 
 
-def schedule(recipe, peak, steps):
-    """The learning rate of a phase of `steps` steps: `peak`, or a schedule reaching it."""
+def schedule(recipe, peak, batches):
+    """The learning rate of a phase of `batches` batches: `peak`, or a schedule reaching
+    it, counted in optimizer updates (one every `recipe.accumulate` batches)."""
+    steps = max(1, math.ceil(batches / recipe.accumulate))
     warmup = int(round(recipe.warmup * steps))
     if recipe.schedule == "constant" and not warmup:
         return peak
-    return Schedule(peak, steps, warmup, recipe.schedule)
+    return Schedule(peak, steps, warmup, recipe.schedule, every=recipe.accumulate)
 
 
 @keras.saving.register_keras_serializable(package="tl_keras")
@@ -158,14 +175,19 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
 
     Plain arithmetic, no `cond`: Keras' AdamW reads the rate again for each variable's
     weight decay, so the schedule is traced once per variable (Keras' CosineDecay made
-    a tiny run's first epoch ~4 s slower to trace).
+    a tiny run's first epoch ~4 s slower to trace). `steps` and `warmup` count
+    optimizer updates; with gradient accumulation Keras' step counter counts
+    batches, `every` of them per update.
     """
 
-    def __init__(self, peak, steps, warmup=0, shape="cosine"):
+    def __init__(self, peak, steps, warmup=0, shape="cosine", every=1):
         self.peak, self.steps, self.warmup, self.shape = float(peak), int(steps), int(warmup), shape
+        self.every = int(every)
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
+        if self.every > 1:
+            step = keras.ops.floor(step / self.every)
         rate = keras.ops.convert_to_tensor(self.peak, "float32")
         if self.shape == "cosine":
             after = keras.ops.clip((step - self.warmup) / max(1, self.steps - self.warmup), 0, 1)
@@ -179,7 +201,7 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"peak": self.peak, "steps": self.steps, "warmup": self.warmup,
-                "shape": self.shape}
+                "shape": self.shape, "every": self.every}
 
 
 def rate_scales(model, phase, decay):

@@ -127,7 +127,7 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
         run_folder.write_atomically(
             os.path.join(workdir, "model.keras"),
             (lambda path: shutil.copyfile(best_path, path)) if final.best_is_final
-            else model.save)
+            else (lambda path: model_lib.save_model(model, path)))
     metrics = _metrics(plan, data, model, history, final, val_loss, val_accuracy,
                        dist.describe(config), time.time() - start)
     if "advice" in config:  # --regime=auto: what the advisor measured and decided
@@ -612,6 +612,7 @@ class _BestModel(keras.callbacks.Callback):
             self.changing.set_weights(current)
 
     def _write(self, epoch):
-        run_folder.write_atomically(self.path, self.full_model.save)
+        run_folder.write_atomically(self.path,
+                                    lambda path: model_lib.save_model(self.full_model, path))
         os.makedirs(os.path.dirname(self.record), exist_ok=True)
         run_folder.write_json(self.record, {"epoch": epoch + 1, "val_accuracy": self.best})

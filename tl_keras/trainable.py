@@ -37,7 +37,7 @@ import math
 
 import keras
 
-from tl_keras import backbones, recipe as recipe_lib
+from tl_keras import backbones, keras_internals, recipe as recipe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +148,8 @@ def apply_phase(model, phase):
     if phase.train == "all" and phase.unfreeze:
         for layer in frozen_stages(backbone, phase.unfreeze, phase.stage_ends):
             layer.trainable = False
+    if phase.train == "all" and phase.recipe.lora_rank:
+        enable_lora(backbone, phase.recipe.lora_rank)
     for layer in _sublayers(backbone):
         if isinstance(layer, keras.layers.BatchNormalization):
             if phase.train == "all" and phase.freeze_batchnorm:
@@ -155,6 +157,30 @@ def apply_phase(model, phase):
             if phase.batchnorm_momentum:
                 layer.momentum = phase.batchnorm_momentum
     model.get_layer("predictions").trainable = True
+
+
+def enable_lora(backbone, rank):
+    """LoRA adapters of `rank` on every layer of `backbone` that takes them (Keras'
+    `enable_lora`: Dense, EinsumDense, Conv, Embedding), their own kernels and
+    biases frozen; every other weight of the backbone frozen too. Returns how many layers got one.
+
+    Adapters start as a no-op (B = 0). Saved models hold them merged into plain
+    kernels (model.save_model).
+    """
+    adapted = 0
+    for layer in keras_internals.leaf_layers(backbone):
+        if hasattr(layer, "enable_lora") and layer.weights and layer.trainable:
+            if not layer.lora_enabled:
+                layer.enable_lora(rank)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.trainable = False  # Keras' LoRA trains biases; LoRA's adapters alone
+            adapted += 1
+        elif layer.weights:
+            layer.trainable = False
+    if not adapted:
+        raise ValueError("lora_rank: no layer of this backbone takes LoRA adapters "
+                         "(Dense, EinsumDense, Conv, Embedding)")
+    return adapted
 
 
 def frozen_stages(backbone, unfreeze, stage_ends):
