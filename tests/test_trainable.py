@@ -174,8 +174,7 @@ def test_lora_trains_adapters_alone_and_saves_them_merged(tmp_path, shared_image
     from tl_keras import data, model as model_lib, train
 
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images), lora_rank=2,
-                         epochs=2, head_epochs=1, learning_rate=0.01,
-                         finetune_learning_rate=0.05)
+                         epochs=1, head_epochs=0, finetune_learning_rate=0.05)
     model, _ = train.build(config, 3, 3)
     before = {v.path: v.numpy().copy() for v in model.get_layer("backbone").weights}
     metrics = train.finetune(config, data.load(config, image_size=config.image_size), model=model)
