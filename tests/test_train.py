@@ -154,7 +154,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
                                                          capsys):
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images),
                          epochs=4, head_epochs=1)
-    monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", Crash)
+    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: Crash())
     with pytest.raises(KeyboardInterrupt):
         train.finetune(config, tiny_data(config))  # dies in epoch 3, phase 2
     assert not os.path.exists(os.path.join(config.workdir, "metrics.json"))
@@ -175,7 +175,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
     monkeypatch.setattr(features, "compute", no_features_pass)
     # Every epoch after the resume is worse than the best before the crash:
     # best.keras must keep the model it holds.
-    monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", Worse)
+    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: Worse())
     metrics = train.finetune(config, tiny_data(config))
     out = capsys.readouterr().out
     assert "Phase 'head' finished in an earlier attempt" in out
@@ -200,7 +200,7 @@ def test_a_killed_head_phase_on_cached_features_runs_again_from_its_first_epoch(
             if epoch == 1:
                 raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(keras.callbacks, "TerminateOnNaN", CrashInEpoch2)
+    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: CrashInEpoch2())
     with pytest.raises(KeyboardInterrupt):
         train.finetune(config, tiny_data(config))
     assert not os.path.exists(os.path.join(config.workdir, "backup", "head"))
@@ -446,3 +446,23 @@ def test_a_config_json_that_is_not_a_runs_settings_is_one_line(tmp_path):
     with pytest.raises(run_folder.RunFolderError, match="holds a config.json that is not a "
                                                         r"run's settings \(a JSON object\)"):
         run_folder.check(config.workdir, plan_lib.resolve(config).to_dict())
+
+
+def test_a_diverging_run_stops_in_one_line_and_publishes_nothing(tmp_path, shared_images,
+                                                                 run_tool):
+    # The probe's setting: a rate of 1e30 in phase 2. One line naming the phase, the
+    # number and the key to lower, exit 2; the head phase's best.keras is kept; no
+    # model.keras or metrics.json claims a finished run.
+    workdir = tmp_path / "run"
+    result = run_tool("finetune.py", "--config=configs/smoke.py:large_similar",
+                      f"--dataset={shared_images}", f"--workdir={workdir}",
+                      "--config.finetune_learning_rate=1e30", "--config.augment=false",
+                      "--config.verbose=0", "--config.clipnorm=0")
+    assert result.returncode == 2, result.stderr
+    line = result.last_line()
+    assert line.startswith("finetune.py: error: training diverged in phase 'finetune' at ")
+    assert "finetune_learning_rate=1e+30" in line and "try a lower finetune_learning_rate" in line
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "model.keras").exists() and not (workdir / "metrics.json").exists()
+    best = keras.saving.load_model(workdir / "best.keras")
+    assert all(np.isfinite(w).all() for w in best.get_weights())

@@ -314,7 +314,7 @@ def _step_function(model, strategy, step):
     @tf.function(reduce_retracing=True)  # a last, smaller validation batch
     def run(batch):
         logs = strategy.run(step, args=(batch,))
-        # For the progress bar and TerminateOnNaN: the replicas' running means
+        # For the progress bar and the divergence guard: the replicas' running means
         # over full batches (epoch logs: `_results`).
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
     return run

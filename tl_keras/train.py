@@ -471,16 +471,17 @@ def describe(recipe):
 
 
 def phase_callbacks(run, phase, inputs):
-    """NaN stop, backup (not on cached features), history.csv, TensorBoard, the recipe's
-    (weight averaging, early stopping), best.keras."""
+    """The divergence guard, backup (not on cached features), history.csv, TensorBoard,
+    the recipe's (weight averaging, early stopping), best.keras."""
     dist, workdir = run.dist, run.workdir
-    callbacks = [keras.callbacks.TerminateOnNaN()]
+    # First: a diverged epoch stops the run before anything saves its weights.
+    callbacks = [_DivergenceGuard(phase, run.plan.config)]
     if not inputs.cached:
         # Resumes a killed phase at its last finished epoch. A head phase on
         # cached features is not backed up each epoch (0.07 s a save, its
         # epochs ~0.2 s): killed, it runs again from its first epoch, in
         # seconds, on features that must be computed again anyway.
-        callbacks.insert(0, dist.backup(os.path.join(workdir, "backup", phase.name)))
+        callbacks.append(dist.backup(os.path.join(workdir, "backup", phase.name)))
     if dist.chief:  # a multi-worker run's other workers write nothing
         callbacks.append(
             keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True))
@@ -501,16 +502,12 @@ def phase_callbacks(run, phase, inputs):
 def fit_phase(run, phase, inputs, callbacks):
     """`fit` from the phase's first epoch to its last; returns its `_BestModel` or None."""
     class_weight = run.final.class_weight
-    fit = run.dist.fit(inputs.model, inputs.train, inputs.val,
-                       initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
-                       verbose=run.verbose, callbacks=callbacks,
-                       validation_freq=int(run.plan.config.validation_freq),
-                       **({"class_weight": class_weight} if class_weight else {}),
-                       **({"validation_batch_size": FEATURE_BATCH} if inputs.cached else {}))
-    if inputs.model.stop_training and any(
-            v != v for v in fit.history.get("loss", [])):  # NaN: TerminateOnNaN
-        raise FloatingPointError(f"loss became NaN in phase {phase.name!r}; "
-                                 "try a lower learning rate")
+    run.dist.fit(inputs.model, inputs.train, inputs.val,
+                 initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
+                 verbose=run.verbose, callbacks=callbacks,
+                 validation_freq=int(run.plan.config.validation_freq),
+                 **({"class_weight": class_weight} if class_weight else {}),
+                 **({"validation_batch_size": FEATURE_BATCH} if inputs.cached else {}))
     return next((c for c in callbacks if isinstance(c, _BestModel)), None)
 
 
@@ -553,6 +550,45 @@ def _has_tensorflow():
         return importlib.util.find_spec("tensorflow") is not None
     except ImportError:
         return False
+
+
+class Diverged(ValueError):
+    """The loss or the validation loss stopped being a finite number: the run stops,
+    nothing is saved as finished, and what was saved before stays."""
+
+
+class _DivergenceGuard(keras.callbacks.Callback):
+    """Raises `Diverged` at the first batch whose loss, or the first epoch whose loss or
+    validation loss, is not finite: before any later callback saves those weights, so
+    best.keras and the backup keep the last good ones, and no model.keras or
+    metrics.json is written as if the run had finished."""
+
+    def __init__(self, phase, config):
+        super().__init__()
+        self.phase, self.config, self.epoch = phase, config, phase.first_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, ("loss",), f"batch {batch + 1} of epoch {self.epoch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, ("loss", "val_loss"), f"epoch {epoch + 1}")
+
+    def _check(self, logs, keys, where):
+        for key in keys:
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                from tl_keras import lr_find
+
+                rate_key = lr_find.rate_key(self.phase)
+                raise Diverged(
+                    f"training diverged in phase {self.phase.name!r} at {where}: the "
+                    f"{key.replace('_', ' ')} became {float(value)} at {rate_key}="
+                    f"{self.config[rate_key]:g}; nothing was saved as finished (best.keras "
+                    f"and the backup keep the last good weights): try a lower {rate_key} "
+                    "(tools/lr_find.py suggests one) or clipnorm")
 
 
 class _BestModel(keras.callbacks.Callback):
