@@ -63,6 +63,22 @@ def test_cli_bad_config_files_are_one_line(tmp_path, run_tool):
             assert "Traceback" not in result.stderr
 
 
+def test_a_config_file_with_some_keys_takes_the_others_from_base(tmp_path, run_tool):
+    # The probe's file: a bare ConfigDict with two keys (was a KeyError traceback). The
+    # rest comes from configs/base.py, so the run goes on to read its data: here a
+    # folder that does not exist, whose one-line error proves it got that far.
+    (tmp_path / "partial.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n    c.regime = 'small_similar'\n"
+        "    c.backbone = 'mobilenet_v3_small'\n    return c\n")
+    result = run_tool("finetune.py", f"--config={tmp_path / 'partial.py'}",
+                      f"--dataset={tmp_path / 'no_images'}", "--weights=none",
+                      f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "no_images" in result.last_line() and "KeyError" not in result.last_line()
+
+
 def test_a_finished_run_is_refused_before_the_data_is_read(tmp_path, run_tool, monkeypatch):
     from tl_keras import data
 

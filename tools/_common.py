@@ -181,9 +181,10 @@ def _flag_value(argv, name):
 def flags_config(folder, prefix=None):
     """FLAGS.config with the plain flags applied; with no workdir set, a new
     `folder/<prefix or regime>_<backbone>_<time>`. Resolve it once with `plan.resolve`."""
-    from tl_keras import api
+    from tl_keras import api, plan
 
-    config = FLAGS.config
+    # A config file may set only some keys: the others take configs/base.py's defaults.
+    config = plan.with_defaults(FLAGS.config)
     for name in CONFIG_FLAGS:
         value = getattr(FLAGS, name)
         if value is not None:
