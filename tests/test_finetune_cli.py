@@ -28,6 +28,11 @@ from conftest import ROOT
      "points: early, middle, late, top; nearest layer names: "),
     (["--regime=small_similar", "--batch_size=0"],
      "finetune.py: error: batch_size must be at least 1, got 0"),
+    (["--flagfile=/nonexistent.flags"],
+     "finetune.py: error: Unable to open flagfile: [Errno 2] No such file or directory: "
+     "'/nonexistent.flags'"),
+    (["--regime=auto", "--config.advisor.scratch_margin=-1"],
+     "finetune.py: error: advisor.scratch_margin must be 0 or more, got -1"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool, args, message):
     args = [a.replace("IMAGES", str(shared_images)) for a in args]

@@ -133,9 +133,9 @@ def _check_numbers(config):
     if not 0 <= config.scratch_batchnorm_momentum < 1:
         raise ValueError("scratch_batchnorm_momentum must be in [0, 1), got "
                          f"{config.scratch_batchnorm_momentum}")
-    if not config.advisor.similar_margin >= 0:
-        raise ValueError("advisor.similar_margin must be 0 or more, got "
-                         f"{config.advisor.similar_margin}")
+    for key in ("similar_margin", "scratch_margin"):
+        if not config.advisor[key] >= 0:
+            raise ValueError(f"advisor.{key} must be 0 or more, got {config.advisor[key]}")
     if not config.advisor.pilot_passes > 0:
         raise ValueError(f"advisor.pilot_passes must be above 0, got {config.advisor.pilot_passes}")
     if not 0 < config.advisor.pilot_held_out < 1:

@@ -118,7 +118,11 @@ def first_line(text):
 def define_config_flags(workdir_help=None):
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/large_similar.py.")
+    try:  # ml_collections reads the command line's --flagfile files here already
+        config_flags.DEFINE_config_file("config", None,
+                                        "A config file, e.g. configs/large_similar.py.")
+    except flags.Error as e:
+        fail(first_line(str(e).replace("ERROR:: ", "")))
     for name, (kind, help_) in CONFIG_FLAGS.items():
         _DEFINE[kind](name, None, workdir_help if name == "workdir" and workdir_help else help_)
 
