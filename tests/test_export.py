@@ -296,6 +296,15 @@ def test_predict_request_bad_input_is_one_line(tmp_path, run_tool):
         "predict_request.py: error: image 1 cannot be decoded: Unknown image file format. "
         "One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.")
     assert "Traceback" not in result.stderr
+    # Bounded before any image is decoded (was an out-of-memory traceback after 16 s).
+    result = run_tool("predict_request.py", str(text), "--signature=serving_default",
+                      "--image_size=100000", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line() == ("predict_request.py: error: --image_size must be 1 to 2048 "
+                                  "(a model tl_keras builds takes at most that), got 100000")
+    from tl_keras import plan as plan_lib
+
+    assert predict_request.MAX_IMAGE_SIZE == plan_lib.MAX_IMAGE_SIZE
 
 
 def digest(folder):

@@ -30,6 +30,7 @@ from absl import app, flags
 from _common import fail, first_line
 
 FLAGS = flags.FLAGS
+MAX_IMAGE_SIZE = 2048  # tl_keras.plan.MAX_IMAGE_SIZE (not imported: REST needs no Keras)
 
 
 def define_flags():
@@ -138,6 +139,9 @@ def main(argv):
             fail(first_line(e))
     if FLAGS.signature == "serving_default" and not FLAGS.image_size:
         fail("--signature=serving_default needs --image_size (the model's input size)")
+    if FLAGS.image_size is not None and not 1 <= FLAGS.image_size <= MAX_IMAGE_SIZE:
+        fail(f"--image_size must be 1 to {MAX_IMAGE_SIZE} (a model tl_keras builds takes "
+             f"at most that), got {FLAGS.image_size}")
     try:
         images = read_images(paths)
         if FLAGS.format == "rest":
