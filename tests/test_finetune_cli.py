@@ -282,6 +282,23 @@ def test_ctrl_c_and_sigterm_stop_in_one_line_and_the_run_resumes(tmp_path):
     ("benchmark.py", ["--out=OUT"], "benchmark.py: error: --out='OUT' is a folder; name the "
                                     "results file"),
     ("benchmark.py", ["--epochs=-1"], "benchmark.py: error: --epochs must be 0 or more, got -1"),
+    ("benchmark.py", ["--dataset=bogus"],
+     "benchmark.py: error: unknown dataset 'bogus'; valid: fashion_mnist, digits"),
+    ("benchmark.py", ["--weights=bogus"],
+     "benchmark.py: error: unknown weights 'bogus'; valid: imagenet, none"),
+    ("benchmark.py", ["--batch_size=0"], "benchmark.py: error: --batch_size must be at least 1, "
+                                         "got 0"),
+    ("benchmark.py", ["--epochs=0"], "benchmark.py: error: --epochs must be at least 1, got 0"),
+    ("benchmark.py", ["--out=/etc/passwd/x.json"],
+     "benchmark.py: error: out '/etc/passwd' is a file, not a folder; choose another --out"),
+    ("study.py", ["--quick", "--out=/etc/passwd"],
+     "study.py: error: out '/etc/passwd' is a file, not a folder; choose another --out"),
+    ("study.py", ["--quick", "--out=/etc/passwd/x"],
+     "study.py: error: cannot create out '/etc/passwd/x': '/etc/passwd' is a file; "
+     "choose another --out"),
+    ("study.py", ["--advisor", "--out=OUT/none"],
+     "study.py: error: --advisor judges a finished study, and 'OUT/none' holds no study.json: "
+     "run python tools/study.py first, or name its results folder with --out"),
     ("export.py", ["--workdir=OUT", "--export_dir=OUT/e", "--format=litert",
                    "--calibration_images=-5"],
      "export.py: error: --calibration_images must be at least 1, got -5"),
@@ -293,6 +310,14 @@ def test_tool_settings_are_checked_before_the_work(tmp_path, run_tool, tool, arg
     result = run_tool(tool, *args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.last_line() == message.replace("OUT", str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unknown_benchmark_backbone_is_one_line_before_the_work(tmp_path, run_tool):
+    result = run_tool("benchmark.py", "--backbone=resnet9000", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.last_line().startswith(
+        "benchmark.py: error: unknown backbone 'resnet9000'; valid backbones: efficientnet_lite0")
     assert os.listdir(tmp_path) == []
 
 

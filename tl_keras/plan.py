@@ -177,23 +177,27 @@ def _numbers(config, prefix=""):
 
 def _workdir(workdir):
     """`workdir` normalised (a trailing slash resumes the same run), checked writable."""
-    if not workdir:
-        return workdir
-    workdir = os.path.normpath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"workdir {workdir!r} is a file, not a folder; choose another --workdir")
-    parent = workdir
+    return writable_folder(workdir, "workdir") if workdir else workdir
+
+
+def writable_folder(path, flag="workdir"):
+    """`path` normalised, after checking that it is a folder or can become one and that
+    files can be made there; else a one-line `ValueError` naming `--flag`."""
+    path = os.path.normpath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder; choose another --{flag}")
+    parent = path
     while not os.path.exists(parent):  # the nearest folder that exists must take new ones
         parent = os.path.dirname(parent) or "."
     if not os.path.isdir(parent):
-        raise ValueError(f"cannot create workdir {workdir!r}: {parent!r} is a file; "
-                         "choose another --workdir")
+        raise ValueError(f"cannot create {flag} {path!r}: {parent!r} is a file; "
+                         f"choose another --{flag}")
     try:  # a real try, as root passes every permission check yet cannot write in /proc
         tempfile.TemporaryDirectory(dir=parent, prefix=".tl_keras-check-").cleanup()
     except OSError as e:
-        raise ValueError(f"cannot create the run folder in {parent!r}: {e.strerror}; "
-                         "choose another --workdir") from None
-    return workdir
+        raise ValueError(f"cannot create the {'run folder' if flag == 'workdir' else flag} in "
+                         f"{parent!r}: {e.strerror}; choose another --{flag}") from None
+    return path
 
 
 def editable(config):

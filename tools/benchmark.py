@@ -46,9 +46,13 @@ def main(argv):
             _common.fail(f"--{f.name} must be 0 or more, got {value}")
     if os.path.isdir(FLAGS.out):
         _common.fail(f"--out={FLAGS.out!r} is a folder; name the results file")
-    folder = os.path.dirname(os.path.abspath(FLAGS.out))
-    if os.path.exists(folder) and not os.access(folder, os.W_OK):
-        _common.fail(f"cannot write {FLAGS.out!r}: its folder is not writable")
+    from tl_keras import plan
+
+    try:
+        benchmark.check(settings)
+        plan.writable_folder(os.path.dirname(os.path.abspath(FLAGS.out)), "out")
+    except ValueError as e:
+        _common.fail(_common.first_line(e))
     results = benchmark.run(settings, command=" ".join(["python"] + sys.argv))
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

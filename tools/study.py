@@ -15,6 +15,7 @@ resumes where it stopped.
 """
 
 import dataclasses
+import os
 import sys
 
 from absl import flags
@@ -48,6 +49,17 @@ def main(argv):
     settings = study.QUICK if FLAGS.quick else study.FULL
     if FLAGS.recipe == "defaults":
         settings = dataclasses.replace(settings, recipe=study.RECIPE_DEFAULTS)
+    from tl_keras import plan
+
+    out = FLAGS.out or f"benchmarks/study{suffix}"
+    try:  # both folders checked before the study's half hour, not after
+        plan.writable_folder(out, "out")
+        plan.writable_folder(FLAGS.workdir or f"runs/study{suffix}", "workdir")
+    except ValueError as e:
+        fail(_common.first_line(e))
+    if FLAGS.advisor and not os.path.isfile(os.path.join(out, "study.json")):
+        fail(f"--advisor judges a finished study, and {out!r} holds no study.json: run "
+             "python tools/study.py first, or name its results folder with --out")
     try:
         if FLAGS.advisor:
             study.advisor_check(settings,

@@ -78,6 +78,26 @@ class Settings:
                                     "efficientnet_lite0 at 96 px, whatever the settings.")
 
 
+DATASETS = ("fashion_mnist", "digits")
+
+
+def check(settings):
+    """A one-line `ValueError` for a setting the benchmark cannot run, before any work."""
+    from tl_keras import backbones, plan
+
+    backbones.get_backbone(settings.backbone)
+    for name, valid in (("dataset", DATASETS), ("weights", ("imagenet", "none"))):
+        if getattr(settings, name) not in valid:
+            raise ValueError(f"unknown {name} {getattr(settings, name)!r}; valid: "
+                             f"{', '.join(valid)}")
+    for name in ("batch_size", "epochs", "image_size"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(settings, name)}")
+    if settings.image_size > plan.MAX_IMAGE_SIZE:
+        raise ValueError(f"--image_size must be at most {plan.MAX_IMAGE_SIZE}, "
+                         f"got {settings.image_size}")
+
+
 def run(settings, command=""):
     """Runs every part; returns the results as a JSON-ready dict."""
     import keras
