@@ -291,6 +291,13 @@ def test_ctrl_c_and_sigterm_stop_in_one_line_and_the_run_resumes(tmp_path):
     ("benchmark.py", ["--epochs=0"], "benchmark.py: error: --epochs must be at least 1, got 0"),
     ("benchmark.py", ["--out=/etc/passwd/x.json"],
      "benchmark.py: error: out '/etc/passwd' is a file, not a folder; choose another --out"),
+    ("lr_find.py", ["--max_rate=inf"], "lr_find.py: error: max_rate must be a finite number, "
+                                       "got inf"),
+    ("lr_find.py", ["--max_rate=1e30", "--steps=10"],
+     "lr_find.py: error: 10 steps over 37.0 decades (1e-07 to 1e+30) try 0.3 rates per factor "
+     "of 10; give at least 4: --steps=148 or a narrower --min_rate/--max_rate"),
+    ("lr_find.py", ["--min_rate=1", "--max_rate=0.5"],
+     "lr_find.py: error: need 0 < min_rate < max_rate, got 1.0 and 0.5"),
     ("study.py", ["--quick", "--out=/etc/passwd"],
      "study.py: error: out '/etc/passwd' is a file, not a folder; choose another --out"),
     ("study.py", ["--quick", "--out=/etc/passwd/x"],

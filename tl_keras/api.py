@@ -385,6 +385,7 @@ def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_
     if config.regime == advise.AUTO:
         raise ValueError("the range test needs a regime; --regime=auto decides one while "
                          "training (run tools/advise.py first)")
+    lr_find.check_range(steps, min_rate, max_rate)  # before the data is read
     plan = plan_lib.resolve(config)
     names = [p.name for p in plan.phases]
     if phase is None:

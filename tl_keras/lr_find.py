@@ -34,6 +34,29 @@ class RangeTest:
         return dataclasses.asdict(self)
 
 
+PER_DECADE = 4  # rates tried per factor of 10 at least: coarser, the lowest loss is a guess
+
+
+def check_range(steps, min_rate, max_rate):
+    """A one-line `ValueError` unless `steps` rates from `min_rate` to `max_rate` make a
+    test: a whole number of at least 5 steps, finite rates, 0 < min_rate < max_rate,
+    and at least `PER_DECADE` rates per factor of 10."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 5:
+        raise ValueError(f"steps must be a whole number, at least 5, got {steps!r}")
+    for name, value in (("min_rate", min_rate), ("max_rate", max_rate)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not 0 < min_rate < max_rate:
+        raise ValueError(f"need 0 < min_rate < max_rate, got {min_rate} and {max_rate}")
+    decades = math.log10(max_rate / min_rate)
+    if steps < PER_DECADE * decades:
+        raise ValueError(
+            f"{steps} steps over {decades:.1f} decades ({min_rate:g} to {max_rate:g}) try "
+            f"{steps / decades:.1f} rates per factor of 10; give at least {PER_DECADE}: "
+            f"--steps={math.ceil(PER_DECADE * decades)} or a narrower --min_rate/--max_rate")
+
+
 def range_test(model, phase, batches, loss, steps=100, min_rate=1e-7, max_rate=1.0,
                smoothing=0.98, stop_factor=4.0):
     """Runs the range test of `phase` on `model`, reading (images, labels) `batches`.
@@ -49,10 +72,7 @@ def range_test(model, phase, batches, loss, steps=100, min_rate=1e-7, max_rate=1
     Returns:
       `RangeTest`.
     """
-    if steps < 5:
-        raise ValueError(f"steps must be at least 5, got {steps}")
-    if not 0 < min_rate < max_rate:
-        raise ValueError(f"need 0 < min_rate < max_rate, got {min_rate} and {max_rate}")
+    check_range(steps, min_rate, max_rate)
     saved = model.get_weights()
     try:
         return _run(model, phase, batches, loss, steps, min_rate, max_rate, smoothing,
