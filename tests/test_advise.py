@@ -409,6 +409,12 @@ def test_advise_tool_names_the_best_of_several_backbones(run_tool, tmp_path):
         assert f"Backbone {list(rows).index(name) + 1}/2: {name}" in result.stdout
         assert f"{name} " in result.stdout.split("measured by")[-1]
     assert f"--backbone={saved['backbone']}" in result.stdout.split("Train it:")[-1]
+    # The printed command trains what was measured (it dropped these before).
+    command = result.stdout.split("Train it: ")[-1].split(" (or --regime=auto")[0]
+    for flag in ("--weights=none", "--image_size=32", "--dataset=digits", "--max_examples=100",
+                 f"--regime={saved['regime']}", f"--cut={saved['cut']}"):
+        assert flag in command.split(), (flag, command)
+    assert "--cuts" not in command and "--workdir" not in command
     bad = run_tool("advise.py", "--backbone=seed_cnn,nosuch", "--dataset=digits",
                    f"--workdir={tmp_path / 'x'}")
     assert bad.returncode == 2 and "nosuch" in bad.last_line() and "seed_cnn" in bad.last_line()

@@ -14,6 +14,9 @@ advisor and then the advised regime. Errors: one line, exit 2. From Python:
 `tl_keras.advise_regime(dataset, **config)` (tl_keras/api.py).
 """
 
+import shlex
+import sys
+
 from absl import flags
 
 import _common
@@ -39,9 +42,30 @@ def main(argv):
         fail(first_line(e))
     advice = result.advice
     print("Wrote " + " and ".join(result.paths))
-    flags_ = " ".join(f"--{k}={v}" for k, v in advice.config_overrides().items())
-    print(f"Train it: python tools/finetune.py {flags_} --dataset={FLAGS.config.dataset}"
-          " (or --regime=auto, which measures again)")
+    print(f"Train it: {train_command(sys.argv, advice)} (or --regime=auto, which measures again)")
+
+
+# Flags the advice decides (or that only the advice takes): replaced in the command it prints.
+_ADVISED = {"regime", "cut", "init", "pool_grid", "backbone", "workdir", "cuts"}
+
+
+def train_command(argv, advice):
+    """The tools/finetune.py command that trains what was measured: this command's own
+    flags (dataset, weights, image size, subsets, config file and keys), with the ones
+    the advice decides replaced by its decision and the backbone it advised on."""
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name in _ADVISED:
+            skip = "=" not in arg  # --flag VALUE: its value goes too
+            continue
+        kept.append(arg)
+    decided = {**advice.config_overrides(), "backbone": advice.backbone}
+    return " ".join(["python", "tools/finetune.py", *map(shlex.quote, kept),
+                     *(f"--{k}={shlex.quote(str(v))}" for k, v in decided.items())])
 
 
 if __name__ == "__main__":
