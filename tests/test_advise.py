@@ -206,6 +206,16 @@ def test_advise_tool_refuses_data_it_cannot_score(run_tool, tmp_path):
     assert result.returncode == 2
     assert "too few images to score: the sample of" in result.last_line()
     assert "fewer than 2 of" in result.last_line()
+    # A sample too small for the classes, and a backbone named twice: refused up front.
+    result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28", "--weights=none",
+                      "--dataset=digits", "--max_examples=100", "--config.advisor.sample=2",
+                      f"--workdir={tmp_path / 'c'}")
+    assert result.last_line() == ("advise.py: error: advisor.sample=2 cannot hold 2 images of "
+                                  "each of 10 classes: give at least 20")
+    result = run_tool("advise.py", "--backbone=seed_cnn,seed_cnn", "--dataset=digits",
+                      f"--workdir={tmp_path / 'd'}")
+    assert result.last_line() == ("advise.py: error: --backbone=seed_cnn,seed_cnn names seed_cnn "
+                                  "more than once")
 
 
 def test_finetune_auto_runs_the_advised_regime_and_records_the_advice(run_tool, tmp_path):

@@ -643,6 +643,10 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
         raise ValueError(f"none of the cuts {', '.join(cuts)} exists in {config.backbone}")
     if len(data.class_names) < 2:
         raise ValueError(f"the advisor needs at least 2 classes, found {len(data.class_names)}")
+    if int(sample) < MIN_PER_CLASS * len(data.class_names):
+        raise ValueError(f"advisor.sample={sample} cannot hold {MIN_PER_CLASS} images of each of "
+                         f"{len(data.class_names)} classes: give at least "
+                         f"{MIN_PER_CLASS * len(data.class_names)}")
     weights = "none" if config.init == "scratch" else plan.weights
     pretrained = weights not in (None, "none")
     measured = extract(data, config.backbone, weights, plan.image_size, layers,
@@ -652,9 +656,11 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
     few = [f"{data.class_names[i]} ({counts[i]})" for i in range(len(counts))
            if counts[i] < MIN_PER_CLASS]
     if few:
-        raise ValueError(f"too few images to score: the sample of {len(measured.labels)} holds "
-                         f"fewer than {MIN_PER_CLASS} of {len(few)} classes: "
-                         f"{', '.join(few[:5])}{' ...' if len(few) > 5 else ''}")
+        raise ValueError(f"too few images to score: the sample of "
+                         f"{len(measured.labels)} images holds fewer than {MIN_PER_CLASS} of "
+                         f"{len(few)} classes: {', '.join(few[:5])}"
+                         f"{' ...' if len(few) > 5 else ''}; give more images of "
+                         f"{'them' if len(few) > 1 else 'it'} or a larger advisor.sample")
     scores = score(measured)
     if "top" not in scores:
         notes.append("the top cut was not scored: the data counts as different")
@@ -758,6 +764,9 @@ def backbone_names(value):
     names = [n.strip() for n in str(value).split(",") if n.strip()]
     if not names:
         raise ValueError("--backbone names no backbone")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--backbone={value} names {', '.join(twice)} more than once")
     for name in names:
         backbones.get_backbone(name)  # an unknown name: one line listing the valid ones
     return names
