@@ -128,6 +128,10 @@ def test_split_is_stratified_seeded_and_disjoint():
     assert not np.array_equal(val, arrays.split_indices(labels, 0.2, seed=1)[1])
     capped, _ = arrays.split_indices(labels, 0.2, seed=0, max_examples=5)
     assert len(capped) == 5 and set(capped) <= set(train)
+    # A cap below the number of classes trained on one image of one class, silently.
+    with pytest.raises(ValueError, match="max_examples=3 cannot give each of the 4 classes a "
+                                         "training image: give at least 4"):
+        arrays.split_indices(labels, 0.2, seed=0, max_examples=3)
 
 
 def test_pipeline_resizes_batches_and_augments_only_training(tmp_path):

@@ -28,6 +28,10 @@ from conftest import ROOT
      "points: early, middle, late, top; nearest layer names: "),
     (["--regime=small_similar", "--batch_size=0"],
      "finetune.py: error: batch_size must be at least 1, got 0"),
+    (["--regime=small_similar", "--config.early_stopping=1", "--config.layer_decay=0.5"],
+     "finetune.py: error: layer_decay, early_stopping set how phases that train the backbone "
+     "train, and regime 'small_similar' trains only the head; leave those keys unset, or "
+     "choose large_similar or large_different"),
     (["--flagfile=/nonexistent.flags"],
      "finetune.py: error: Unable to open flagfile: [Errno 2] No such file or directory: "
      "'/nonexistent.flags'"),

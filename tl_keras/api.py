@@ -171,6 +171,8 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         config = advise.probe_config(config, given or ())
         config.backbone = names[0]
     plan = plan_lib.resolve(config)
+    if not auto:
+        plan_lib.refuse_unused_recipe(plan)
     strategy = make_strategy(plan)  # before any other TensorFlow work
     workdir = plan.config.workdir
     if distribute.writes(strategy):  # a finished run, another run's folder: refused now
@@ -187,6 +189,8 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if auto:
             plan, datasets, first_view, advice = _advised(config, plan, datasets, names,
                                                           strategy, given)
+            if plan_lib.unused_recipe(plan):
+                print(f"Note: {plan_lib.unused_recipe(plan)}: not used.")
         metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
     except Exception as e:
         if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):

@@ -63,9 +63,13 @@ def split_indices(labels, val_fraction, seed, max_examples=None, examples_per_cl
     Example:
       train, val = split_indices(labels, 0.2, seed=0, examples_per_class=200)
     """
+    classes = np.unique(labels)
+    if max_examples and max_examples < len(classes):
+        raise ValueError(f"max_examples={max_examples} cannot give each of the {len(classes)} "
+                         f"classes a training image: give at least {len(classes)}")
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for c in np.unique(labels):
+    for c in classes:
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_val = 0
         if val_fraction > 0 and len(idx) >= 2:

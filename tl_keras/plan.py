@@ -160,6 +160,36 @@ def _check_numbers(config):
             raise ValueError(f"unknown {key} {_at(config, key)!r}; valid: {', '.join(valid)}")
 
 
+# How a phase that trains the backbone trains (recipe.for_phase(config, "all")); a head
+# phase reads none of them.
+BACKBONE_RECIPE_KEYS = ("optimizer", "schedule", "warmup", "clipnorm", "layer_decay", "ema",
+                        "early_stopping", "batch_augment", "mix_alpha", "accumulate", "lora_rank")
+
+
+def unused_recipe(plan):
+    """A sentence naming the keys of BACKBONE_RECIPE_KEYS that `plan` sets (other than
+    configs/base.py) although none of its phases trains the backbone, else None: a run
+    refuses them (api.finetune_config), as they would do nothing."""
+    if any(phase.train == "all" for phase in plan.phases):
+        return None
+    from tl_keras.configs import base
+
+    defaults = base.get_config()
+    unused = [key for key in BACKBONE_RECIPE_KEYS if plan.config[key] != defaults[key]]
+    if not unused:
+        return None
+    return (f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} how phases that "
+            f"train the backbone train, and regime {plan.config.regime!r} trains only the head")
+
+
+def refuse_unused_recipe(plan):
+    """A one-line `ValueError` when `unused_recipe(plan)` names keys (a run, a sweep)."""
+    unused = unused_recipe(plan)
+    if unused:
+        raise ValueError(f"{unused}; leave those keys unset, or choose large_similar or "
+                         "large_different")
+
+
 def _at(config, dotted):
     for part in dotted.split("."):
         config = config[part]

@@ -261,6 +261,7 @@ def check_sweep(name, plan, max_trials, workdir):
         raise ValueError(f"unknown tuner {name!r}; valid tuners: {', '.join(TUNERS)}")
     if max_trials < 1:
         raise ValueError(f"max_trials must be at least 1, got {max_trials}")
+    plan_lib.refuse_unused_recipe(plan)
     run_folder.prepare(workdir, {"tuner": name, "config": plan.to_dict()},
                        name="sweep.json", kind="sweep")
 
