@@ -94,6 +94,13 @@ def test_evaluate_and_classify_from_python(python_run, images):
     (dict(regime="auto", cut="late"),
      "--regime=auto decides cut, init, pool_grid; drop cut or name a regime"),
     (dict(regime="medium"), "unknown regime 'medium'; valid regimes: small_similar, "),
+    # A notebook user's slips (issue 38): each was trained on, or a deep error, before.
+    (dict(batch_size=True), "bad value for batch_size: takes a whole number, got True"),
+    (dict(augment=1), "bad value for augment: takes True or False, got 1"),
+    (dict(export_format="onnx"), "unknown export_format 'onnx'; valid: saved_model, litert"),
+    (dict(config={"epochs": 1, "epoch": 2}), "unknown config key 'epoch'"),
+    (dict(config=5), "config takes an ml_collections.ConfigDict or a dict of config keys, "
+                     "got int"),
 ])
 def test_bad_settings_are_one_line_before_any_work(tmp_path, overrides, message):
     overrides.setdefault("regime", "small_similar")
@@ -102,6 +109,21 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, overrides, message)
     assert str(error.value).startswith(message), str(error.value)
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_paths_dicts_and_comma_lists_are_taken_as_the_tools_take_them(monkeypatch):
+    import pathlib
+
+    from tl_keras import api
+
+    config, _ = api.make_config("small_similar", dataset=pathlib.Path("some/images"))
+    assert config.dataset == "some/images"
+    config, given = api.make_config("small_similar", config={"epochs": 3, "seed": 4})
+    assert (config.epochs, config.seed, config.batch_size, given) == (3, 4, 32, None)
+    seen = {}
+    monkeypatch.setattr(api, "advise_config", lambda config, cuts: seen.setdefault("cuts", cuts))
+    tl_keras.advise_regime("digits", cuts="early, late")
+    assert seen["cuts"] == ["early", "late"]  # not e, a, r, l, y
 
 
 def test_advise_regime_writes_an_advice_folder(images, tmp_path, monkeypatch):

@@ -48,6 +48,11 @@ def make_config(regime="small_similar", config=None, folder="runs", prefix=None,
         name = regime if regime != advise.AUTO else "small_similar"
         config = importlib.import_module(f"tl_keras.configs.{name}").get_config()
         given = set(overrides)
+    elif isinstance(config, dict):  # keys over configs/base.py's defaults
+        config, given = apply_overrides(plan_lib.with_defaults({}), config), None
+    elif not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config takes an ml_collections.ConfigDict or a dict of config keys, "
+                         f"got {type(config).__name__}")
     else:
         given = None
     config = plan_lib.editable(config)
@@ -74,10 +79,33 @@ def apply_overrides(config, overrides):
             config[key].update(value)
         else:
             try:
-                config[key] = value
+                config[key] = checked_value(key, known[key], value)
             except TypeError as e:  # ml_collections refuses another type
                 raise ValueError(f"bad value for {key}: {e}") from None
     return config
+
+
+def checked_value(key, default, value):
+    """`value` for config key `key` (whose default is `default`), or a `TypeError`
+    when it is of another kind: a bool for a number, a number for a
+    switch, a word for a number. A path (`pathlib.Path`) is taken as its string."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if default is None or isinstance(default, str):  # str keys, and placeholders (cut)
+        ok = value is None or isinstance(value, str)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = True
+    if not ok:
+        kind = {bool: "True or False", int: "a whole number", float: "a number",
+                str: "a string"}.get(type(default), "a string")
+        raise TypeError(f"takes {kind}, got {value!r}")
+    return value
 
 
 def with_workdir(config, folder, prefix=None):
@@ -155,8 +183,24 @@ def finetune(dataset=None, regime="small_similar", *, config=None, export_dir=No
     """
     if dataset is not None:
         overrides["dataset"] = dataset
+    check_export(export_format, export_quantize)
     config, given = make_config(regime, config, **overrides)
     return finetune_config(config, given, export_dir, export_format, export_quantize)
+
+
+EXPORT_FORMATS = ("saved_model", "litert")
+
+
+def check_export(export_format, export_quantize):
+    """A one-line `ValueError` for an export that cannot be made, before training."""
+    from tl_keras import litert
+
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export_format {export_format!r}; valid: "
+                         f"{', '.join(EXPORT_FORMATS)}")
+    if export_quantize not in litert.QUANTIZE:
+        raise ValueError(f"unknown export_quantize {export_quantize!r}; valid: "
+                         f"{', '.join(litert.QUANTIZE)}")
 
 
 def finetune_config(config, given=None, export_dir=None, export_format="saved_model",
@@ -310,6 +354,8 @@ def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
     """
     if dataset is not None:
         overrides["dataset"] = dataset
+    if isinstance(cuts, str):  # "early,late" as the tool's --cuts takes it
+        cuts = [c.strip() for c in cuts.split(",") if c.strip()]
     config, _ = make_config("small_similar", config, prefix="advice", **overrides)
     return advise_config(config, cuts)
 
