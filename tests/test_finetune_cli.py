@@ -239,6 +239,33 @@ def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_colle
     assert gc.get_freeze_count() == 0
 
 
+def test_ctrl_c_masked_by_a_context_managers_error_still_stops_in_one_line(monkeypatch,
+                                                                            capsys):
+    # Ctrl-C during the advisor's pilots: TensorFlow's variable_creator_scope raised its
+    # own RuntimeError while unwinding, a traceback with exit 1. The interrupt behind it
+    # now stops the tool as any Ctrl-C does.
+    import sys
+
+    from conftest import TOOLS
+
+    monkeypatch.syspath_prepend(TOOLS)
+    import _common
+
+    def main(argv):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("Exiting variable_creator_scope without proper nesting")
+
+    monkeypatch.setattr(sys, "argv", ["advise.py"])
+    with pytest.raises(SystemExit) as e:
+        _common.run(main)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "advise.py: stopped by SIGINT"
+    with pytest.raises(RuntimeError, match="an error of its own"):  # others go on as they are
+        _common.run(lambda argv: (_ for _ in ()).throw(RuntimeError("an error of its own")))
+
+
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_in_one_line_and_the_run_resumes(tmp_path):
     import signal

@@ -86,7 +86,16 @@ def run(main, flags_parser=None, resumable=False):
         gc.freeze()
         previous = signal.signal(signal.SIGTERM, _stop)
         try:
-            return main(argv)
+            try:
+                return main(argv)
+            except Exception as e:  # noqa: BLE001
+                # Ctrl-C inside a TensorFlow context manager: its exit may raise its own
+                # error ("Exiting variable_creator_scope without proper nesting") over
+                # the KeyboardInterrupt, which stays in the chain.
+                interrupt = _interrupt_behind(e)
+                if interrupt is None:
+                    raise
+                raise interrupt from None
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
             resume = "; nothing is half-written, and the same command resumes the run"
@@ -100,6 +109,18 @@ def run(main, flags_parser=None, resumable=False):
     atexit.unregister(gc.freeze)  # once, however often a process runs a tool
     atexit.register(gc.freeze)  # atexit runs before the interpreter's last collections
     app.run(frozen, **({"flags_parser": flags_parser} if flags_parser else {}))
+
+
+def _interrupt_behind(error):
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM as `_Stopped`) that `error` was raised
+    while handling, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def require_backend():
