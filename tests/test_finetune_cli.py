@@ -374,12 +374,24 @@ def test_a_full_disk_during_export_is_one_line(tmp_path, run_tool, monkeypatch):
 
     from tl_keras import export
 
-    def fill_the_disk(*args, **kwargs):
-        raise tf.errors.ResourceExhaustedError(None, None, "/e/1/variables: No space left")
+    def fill_the_disk(*args, **kwargs):  # TensorFlow's own words, as a full disk gives them
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2_dtypes_1_device_/job:localhost}} "
+                        "/e/1/variables/variables_temp/part-00000-of-00001.data-00000-of-00001."
+                        "tempstate123; No space left on device [Op:SaveV2]")
 
     monkeypatch.setattr(export, "export_run", fill_the_disk)
     result = run_tool("export.py", f"--workdir={tmp_path}", f"--export_dir={tmp_path}/e",
                       cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.last_line() == ("export.py: error: ResourceExhaustedError: /e/1/variables: "
-                                  "No space left (no version was published)")
+    assert result.last_line() == (f"export.py: error: no space left on device writing "
+                                  f"{tmp_path}/e (no version was published)")
+
+    def other_error(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(export, "export_run", other_error)
+    result = run_tool("export.py", f"--workdir={tmp_path}", f"--export_dir={tmp_path}/e",
+                      cwd=tmp_path)
+    assert result.last_line() == ("export.py: error: ResourceExhaustedError: OOM when "
+                                  "allocating tensor (no version was published)")

@@ -74,6 +74,9 @@ def main(argv):
     except (ValueError, OSError) as e:
         fail(first_line(e))
     except tf.errors.OpError as e:  # e.g. a full disk while TensorFlow writes the SavedModel
+        if "No space left" in str(e.message):  # TensorFlow's text names its own temp files
+            fail(f"no space left on device writing {FLAGS.export_dir} (no version was "
+                 "published)")
         fail(f"{type(e).__name__}: {first_line(e.message)} (no version was published)")
 
 
