@@ -159,3 +159,21 @@ def test_editable_copies_are_independent(tmp_path):
     second.epochs, second.advisor.sample = 99, 7
     assert (first.epochs, first.advisor.sample) == (frozen.epochs, frozen.advisor.sample) == (
         2, 2000)
+
+
+def test_a_resumed_run_with_another_config_names_a_few_of_the_keys_that_differ(tmp_path):
+    # The probe's case: a config.json that differs in many nested keys listed all of them
+    # (~900 characters). Eight at most, and how many more.
+    from tl_keras import run_folder
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    old = {"epochs": 1, "advice": {f"score_{i}": i for i in range(30)}}
+    (workdir / "config.json").write_text(json.dumps(old))
+    new = {"epochs": 2, "advice": {f"score_{i}": -i for i in range(30)}}
+    with pytest.raises(run_folder.RunFolderError) as error:
+        run_folder.check(str(workdir), new)
+    message = str(error.value)
+    assert "(differs in: epochs, score_1, score_10, score_11, score_12, score_13, score_14, " \
+           "score_15 and 22 more)" in message
+    assert len(message) < 300

@@ -125,7 +125,7 @@ def check(workdir, settings, name="config.json", kind="run"):
             holds = ("an unfinished run with another config" if kind == "run"
                      else f"a {kind} with other settings")
             raise RunFolderError(
-                f"workdir {workdir!r} holds {holds} (differs in: {', '.join(changed)}); "
+                f"workdir {workdir!r} holds {holds} (differs in: {_few(changed)}); "
                 "re-run it with the same settings to resume, or choose another --workdir")
         return True
     if os.path.isdir(workdir) and set(os.listdir(workdir)) - {".lock"}:
@@ -133,6 +133,12 @@ def check(workdir, settings, name="config.json", kind="run"):
             f"workdir {workdir!r} is not empty and holds no tl_keras {kind}; "
             "choose another --workdir")
     return False
+
+
+def _few(names, most=8):
+    """`names` joined, at most `most` of them and how many more."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def differing_keys(old, new):
