@@ -152,4 +152,28 @@ def test_finetune_tool_on_a_hub_preset(presets, shared_images, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "val_accuracy" in result.stdout
-    assert os.path.exists(tmp_path / "run" / "model.keras")
+    # The run exports as any run does: the SavedModel's probabilities are the model's.
+    import tensorflow as tf
+
+    from tl_keras import export
+
+    version = export.export_run(str(tmp_path / "run"), str(tmp_path / "export"), verbose=False)
+    model = model_lib.load_model(str(tmp_path / "run" / "model.keras"))
+    x = np.random.default_rng(3).uniform(0, 255, (2, DINO_SIZE, DINO_SIZE, 3)).astype("float32")
+    served = tf.saved_model.load(version).signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(served["probabilities"].numpy(), model.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_the_advisor_scores_a_transformers_cuts(presets, shared_images, tmp_path):
+    from tl_keras import advise, plan as plan_lib
+
+    config = tiny_config(tmp_path, backbone="hub:" + presets["dinov2"], weights="imagenet",
+                         dataset=str(shared_images), image_size=DINO_SIZE)
+    plan = plan_lib.resolve(config)
+    advice, sample = advise.advise(plan, data.load(plan.config, image_size=DINO_SIZE),
+                                   verbose=0)
+    assert set(advice.scores) == {"early", "middle", "late", "top"}
+    # Each cut's features: the class token and the patch mean of that block (2 x 16).
+    assert sample.features["pretrained/early"].shape[1] == 2 * 16
+    assert not np.allclose(sample.features["pretrained/early"], sample.features["pretrained/late"])

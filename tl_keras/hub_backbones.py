@@ -150,4 +150,7 @@ def _build(preset, name, weights, size):
     model = load(preset, load_weights=weights == "imagenet", image_size=size)
     if weights not in ("imagenet", "none", None):
         backbones.load_weights(model, name, weights)
+    for variable in model.weights:  # used only for masked-image pretraining (DINOv2, BEiT)
+        if variable.path.endswith("mask_token"):
+            variable.trainable = False
     return model
