@@ -71,6 +71,24 @@ def test_cnn_cuts_are_its_pyramid_levels_named_by_layer(presets):
         backbones.build_backbone(name, weights="none", image_size=64, cut="P9")
 
 
+def test_a_transformer_with_its_blocks_as_layers_is_cut_at_them(tmp_path):
+    # SigLIP's vision encoder publishes no stages; its blocks are its own layers, and
+    # its output is the pooled vector of its attention-pooling head.
+    keras_hub.models.SigLIPVisionEncoder(
+        patch_size=14, hidden_dim=16, num_layers=4, num_heads=2, intermediate_dim=32,
+        image_shape=(DINO_SIZE, DINO_SIZE, 3)).save_to_preset(str(tmp_path / "siglip"))
+    name = f"hub:{tmp_path / 'siglip'}"
+    entry = backbones.get_backbone(name)
+    prefix = "sig_lip_vision_encoder_"  # KerasHub names a preset's layers after the model
+    assert entry.cuts == {"early": prefix + "encoder_block_0", "middle": prefix + "encoder_block_1",
+                          "late": prefix + "encoder_block_2", "top": prefix + "head"}
+    assert entry.prefix_tokens == 0  # no class token: the mean of the patch tokens
+    cut = backbones.build_backbone(name, weights="none", cut="middle")
+    model = model_lib.build_classifier(cut.model, name, 3)
+    assert model.get_layer("feature_norm").input.shape[-1] == 16
+    assert "class_token" not in [layer.name for layer in model.layers]
+
+
 def test_preprocessing_is_the_presets_image_converter(presets):
     x = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
     kernel, bias = backbones.preprocess_affine("hub:" + presets["dinov2"])

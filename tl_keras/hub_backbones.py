@@ -119,21 +119,35 @@ def named_cuts(model, stages):
     """
     levels = [s for s in stages if s.startswith("P") and s[1:].isdigit()]
     blocks = [s for s in stages if s.startswith("stage") and s[5:].isdigit()]
+    if not stages:  # no published stages: a transformer whose blocks are its own layers
+        blocks = numbered_blocks(model)
     if levels:
         levels.sort(key=lambda s: int(s[1:]))
         chosen = [f"P{n}" if f"P{n}" in levels else levels[min(i, len(levels) - 1)]
                   for i, n in enumerate((2, 3, 4))]
     elif blocks:
-        blocks.sort(key=lambda s: int(s[5:]))
+        blocks.sort(key=lambda s: int(s.rpartition("_")[2] if "_" in s else s[5:]))
         n = len(blocks)
         chosen = [blocks[max(1, math.ceil(n * f)) - 1] for f in (0.25, 0.5, 0.75)]
     else:
         chosen = []
     top = model.layers[-1].name
-    named = [_layer_of(model, s) for s in chosen]
+    named = [_layer_of(model, s) if s in stages else s for s in chosen]
     cuts = dict(zip(backbones.CUT_POINTS[:-1], named))
     cuts["top"] = top
     return cuts
+
+
+def numbered_blocks(model):
+    """The names of `model`'s top-level layers `<prefix>_0`, `<prefix>_1`, ... in order,
+    for the prefix most of them share (SigLIP's encoder_block_k), or []."""
+    numbered = {}
+    for layer in model.layers:
+        prefix, _, number = layer.name.rpartition("_")
+        if prefix and number.isdigit():
+            numbered.setdefault(prefix, []).append(layer.name)
+    longest = max(numbered.values(), key=len, default=[])
+    return longest if len(longest) >= 2 else []
 
 
 def _layer_of(model, stage):
