@@ -23,7 +23,7 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 @pytest.fixture(scope="session")
 def presets(tmp_path_factory):
-    """{"dinov2": folder, "resnet": folder}: tiny random-weight presets, with an image
+    """{"dinov2", "resnet", "vit": folder}: tiny random-weight presets, with an image
     converter (DINOv2's ImageNet mean and std) for DINOv2 only."""
     root = tmp_path_factory.mktemp("presets")
     keras.utils.set_random_seed(0)
@@ -39,7 +39,11 @@ def presets(tmp_path_factory):
         stackwise_num_blocks=[1] * 4, stackwise_num_strides=[1, 2, 2, 2],
         block_type="basic_block", image_shape=(32, 32, 3))
     resnet.save_to_preset(str(root / "resnet"))
-    return {"dinov2": str(root / "dinov2"), "resnet": str(root / "resnet")}
+    keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=4,
+                                 num_heads=2, hidden_dim=16, mlp_dim=32
+                                 ).save_to_preset(str(root / "vit"))
+    return {"dinov2": str(root / "dinov2"), "resnet": str(root / "resnet"),
+            "vit": str(root / "vit")}
 
 
 def test_transformer_cuts_are_its_blocks_at_quarters(presets):
@@ -69,6 +73,25 @@ def test_cnn_cuts_are_its_pyramid_levels_named_by_layer(presets):
         assert built.model.output.shape[1] == 64 // stride, cut
     with pytest.raises(ValueError, match="unknown cut 'P9'.*nearest layer names: P"):
         backbones.build_backbone(name, weights="none", image_size=64, cut="P9")
+
+
+def test_a_vit_is_cut_at_its_encoder_blocks_and_its_model_loads_again(presets, tmp_path):
+    # ViTBackbone keeps its blocks inside one encoder layer and publishes no stages: they
+    # are called one by one as the encoder calls them, the same layers and weights.
+    name = "hub:" + presets["vit"]
+    entry = backbones.get_backbone(name)
+    assert entry.cuts == {"early": "transformer_block_1", "middle": "transformer_block_2",
+                          "late": "transformer_block_3", "top": "ln"}
+    reference = keras_hub.models.Backbone.from_preset(presets["vit"])
+    x = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype("float32")
+    top = backbones.build_backbone(name, weights="imagenet", cut="top")
+    np.testing.assert_allclose(top.model(x), reference(x), atol=1e-5)
+    # KerasHub 0.32 cannot deserialise its ViT layers outside a ViTBackbone; ours loads.
+    cut = backbones.build_backbone(name, weights="imagenet", cut="middle")
+    model = model_lib.build_classifier(cut.model, name, 3)
+    model.save(tmp_path / "vit.keras")
+    loaded = model_lib.load_model(str(tmp_path / "vit.keras"))
+    np.testing.assert_allclose(loaded(x * 255), model(x * 255), atol=1e-6)
 
 
 def test_a_transformer_with_its_blocks_as_layers_is_cut_at_them(tmp_path):

@@ -28,6 +28,7 @@ import functools
 import math
 import os
 
+import keras
 import numpy as np
 
 from tl_keras import backbones
@@ -48,9 +49,11 @@ def keras_hub():
 @functools.cache
 def entry(preset):
     """The `backbones.Backbone` entry of KerasHub `preset` (built once per process)."""
-    probe = load(preset, load_weights=False)
+    original = load(preset, load_weights=False)
+    image_size = _image_size(original)
+    tokens = prefix_tokens(original, image_size)
+    probe = staged(original)
     stages = list(getattr(probe, "pyramid_outputs", None) or {})
-    image_size = _image_size(probe)
     scale, offset = converter(preset)
 
     def preprocess_input(x, data_format=None):
@@ -61,8 +64,7 @@ def entry(preset):
         return _build(preset, name, weights, size)
 
     return backbones.Backbone(build, preprocess_input, image_size, named_cuts(probe, stages),
-                              offline=os.path.isdir(preset),
-                              prefix_tokens=prefix_tokens(probe, image_size))
+                              offline=os.path.isdir(preset), prefix_tokens=tokens)
 
 
 def load(preset, load_weights=True, image_size=None):
@@ -167,4 +169,50 @@ def _build(preset, name, weights, size):
     for variable in model.weights:  # used only for masked-image pretraining (DINOv2, BEiT)
         if variable.path.endswith("mask_token"):
             variable.trainable = False
-    return model
+    return staged(model)
+
+
+def staged(model):
+    """`model` with its encoder's blocks as its own layers and published as stages
+    (`pyramid_outputs` stage1..stageN), where KerasHub keeps them inside one layer and
+    publishes none (ViT); other models as they are.
+
+    The same layers and weights, called one by one as the encoder calls them
+    (dropout, the blocks, the final LayerNormalization), so the output is the
+    model's own.
+    """
+    encoder = next((layer for layer in model.layers if type(layer).__name__ == "ViTEncoder"),
+                   None)
+    if encoder is None or getattr(model, "pyramid_outputs", None):
+        return model
+    x = encoder.dropout(encoder.input)
+    stages = {}
+    for i, block in enumerate(encoder.encoder_layers, start=1):
+        x = stages[f"stage{i}"] = block(x)
+    out = keras.Model(backbones.image_input(model), encoder.layer_norm(x), name=model.name)
+    out.pyramid_outputs = stages
+    return out
+
+
+# KerasHub 0.32 layers whose get_config() returns keys their constructor refuses: outside
+# their backbone (whose own config rebuilds them) they cannot be deserialised.
+_EXTRA_CONFIG_KEYS = {"ViTPatchingAndEmbedding": ("num_patches", "num_positions"),
+                      "ViTEncoderBlock": ("key_dim",)}
+
+
+def load_fixes():
+    """custom_objects that let a model holding KerasHub layers load again (model.load_model):
+    each layer of `_EXTRA_CONFIG_KEYS` deserialised without those keys (derived from the
+    others)."""
+    from keras_hub.src.models.vit import vit_layers
+
+    def tolerant(cls, extra):
+        class Tolerant(cls):
+            @classmethod
+            def from_config(klass, config):
+                return cls.from_config({k: v for k, v in config.items() if k not in extra})
+
+        return Tolerant
+
+    return {name: tolerant(getattr(vit_layers, name), extra)
+            for name, extra in _EXTRA_CONFIG_KEYS.items()}

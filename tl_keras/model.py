@@ -172,9 +172,12 @@ def load_model(path, compile=False):
             needs_hub = b"keras_hub" in archive.read("config.json")
     except (OSError, KeyError, zipfile.BadZipFile):
         needs_hub = False  # not a .keras archive: Keras says what it is
+    custom_objects = None
     if needs_hub and importlib.util.find_spec("keras_hub") is not None:
-        import keras_hub  # noqa: F401
-    return keras.saving.load_model(path, compile=compile)
+        from tl_keras import hub_backbones  # imports keras_hub: its classes register
+
+        custom_objects = hub_backbones.load_fixes()
+    return keras.saving.load_model(path, compile=compile, custom_objects=custom_objects)
 
 
 def save_model(model, path):
