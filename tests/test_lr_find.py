@@ -41,7 +41,7 @@ def test_lr_find_tool_writes_its_picture_and_names_the_key_to_set(run_tool, shar
     result = run_tool("lr_find.py", "--regime=large_similar", f"--dataset={shared_images}",
                       f"--backbone={TINY_BACKBONE}", "--weights=none",
                       f"--image_size={TINY_SIZE}", "--batch_size=4", "--steps=6",
-                      f"--workdir={workdir}")
+                      "--min_rate=1e-3", "--max_rate=0.03", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr
     saved = json.loads((workdir / "lr_find.json").read_text())
     assert saved["phase"] == "finetune" and saved["key"] == "finetune_learning_rate"

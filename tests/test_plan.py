@@ -176,4 +176,4 @@ def test_a_resumed_run_with_another_config_names_a_few_of_the_keys_that_differ(t
     message = str(error.value)
     assert "(differs in: epochs, score_1, score_10, score_11, score_12, score_13, score_14, " \
            "score_15 and 22 more)" in message
-    assert len(message) < 300
+    assert len(message.replace(str(workdir), "")) < 250

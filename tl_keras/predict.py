@@ -144,8 +144,10 @@ def write_csv(rows, top_k, stream):
                                     for v in row[1:]])
 
 
-def report_skipped(skipped, total, stream=sys.stderr, shown=5):
+def report_skipped(skipped, total, stream=None, shown=5):
+    """Names the files that could not be decoded, on `stream` (default: sys.stderr as it is
+    when called, not as it was at import: a caller may have redirected it since)."""
     if skipped:
         print(data.listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
                             "(--strict fails instead)", [f"{p}: {r}" for p, r in skipped],
-                            shown), file=stream)
+                            shown), file=stream or sys.stderr)

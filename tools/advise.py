@@ -64,8 +64,9 @@ def train_command(argv, advice):
             continue
         kept.append(arg)
     decided = {**advice.config_overrides(), "backbone": advice.backbone}
-    return " ".join(["python", "tools/finetune.py", *map(shlex.quote, kept),
-                     *(f"--{k}={shlex.quote(str(v))}" for k, v in decided.items())])
+    return " ".join(["python", "tools/finetune.py",
+                     *(f"--{k}={shlex.quote(str(v))}" for k, v in decided.items()),
+                     *map(shlex.quote, kept)])
 
 
 if __name__ == "__main__":
