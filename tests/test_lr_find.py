@@ -51,7 +51,8 @@ def test_lr_find_tool_writes_its_picture_and_names_the_key_to_set(run_tool, shar
     # The same workdir again: refused, nothing overwritten.
     again = run_tool("lr_find.py", "--regime=large_similar", f"--dataset={shared_images}",
                      f"--backbone={TINY_BACKBONE}", "--weights=none",
-                     f"--image_size={TINY_SIZE}", "--steps=6", f"--workdir={workdir}")
+                     f"--image_size={TINY_SIZE}", "--steps=6", "--min_rate=1e-3",
+                     "--max_rate=0.03", f"--workdir={workdir}")
     assert again.returncode == 2
     assert again.last_line().endswith("is not empty; choose another --workdir")
 
