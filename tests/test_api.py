@@ -42,6 +42,7 @@ def test_import_brings_no_keras_and_lists_the_public_calls():
     assert out[2] == "True"
 
 
+@pytest.mark.slow
 def test_finetune_from_python_is_the_tools_run(python_run, images, tmp_path, run_tool):
     flags = [f"--{k}={v}" for k, v in SMALL.items() if k not in ("epochs", "head_epochs",
                                                                    "verbose", "augment")]

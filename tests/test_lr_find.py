@@ -35,6 +35,7 @@ def test_the_range_test_puts_every_weight_back_and_suggests_a_tenth_of_the_lowes
     assert test.losses[-1] > test.losses[lowest]  # the loss rose again at high rates
 
 
+@pytest.mark.slow
 def test_lr_find_tool_writes_its_picture_and_names_the_key_to_set(run_tool, shared_images,
                                                                   tmp_path):
     workdir = tmp_path / "lr"

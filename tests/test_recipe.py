@@ -188,6 +188,7 @@ def test_the_recipe_applies_to_phases_that_train_the_backbone(tmp_path):
             finetune.recipe.optimizer) == ("cosine", 0.2, 0.7, "sgd")
 
 
+@pytest.mark.slow
 def test_a_large_run_with_the_whole_recipe(tmp_path, shared_images, capsys):
     """Cosine with warm-up, layer decay, clipping, EMA, early stopping and CutMix in one
     run: BatchNorm stays frozen, the rate ends at 0, validation reads integer labels."""

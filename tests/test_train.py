@@ -150,6 +150,7 @@ class Worse(keras.callbacks.Callback):
         logs["val_accuracy"] = 0.0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_images, monkeypatch,
                                                          capsys):
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images),

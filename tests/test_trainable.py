@@ -89,6 +89,7 @@ def test_large_similar_phase_two_trains_everything_but_batchnorm(tmp_path):
     assert not np.array_equal(before["head"], after["head"])
 
 
+@pytest.mark.slow
 def test_scratch_starts_from_random_weights_and_trains_batchnorm(tmp_path):
     keras.utils.set_random_seed(123)
     pretrained = train.build(plan_lib.resolve(tiny_config(tmp_path, "large_different")), 3, 3)[0]
@@ -170,6 +171,7 @@ def test_unfreeze_is_for_phase_two_only(tmp_path):
         trainable.plan_phases(tiny_config(tmp_path, "large_similar", unfreeze=-1))
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_alone_and_saves_them_merged(tmp_path, shared_images):
     from tl_keras import data, model as model_lib, train
 
