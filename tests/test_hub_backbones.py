@@ -218,3 +218,27 @@ def test_the_advisor_scores_a_transformers_cuts(presets, shared_images, tmp_path
     # Each cut's features: the class token and the patch mean of that block (2 x 16).
     assert sample.features["pretrained/early"].shape[1] == 2 * 16
     assert not np.allclose(sample.features["pretrained/early"], sample.features["pretrained/late"])
+
+
+@pytest.mark.parametrize("cut, drawn_names, states", [
+    ("top", ["stem .. top"], ["frozen"]),
+    ("middle", ["stem .. middle", "middle .. late", "late .. top"],
+     ["frozen", "removed", "removed"]),
+])
+def test_the_regime_picture_draws_a_transformers_encoder_as_one_stage(presets, tmp_path, cut,
+                                                                     drawn_names, states):
+    # DINOv2's blocks live inside one encoder layer: its stages were drawn as "removed".
+    from tl_keras import plan as plan_lib, report, trainable
+
+    config = tiny_config(tmp_path, "small_similar" if cut == "top" else "small_different",
+                         backbone="hub:" + presets["dinov2"], weights="none", cut=cut,
+                         image_size=DINO_SIZE)
+    plan = plan_lib.resolve(config)
+    model, _ = train.build(plan, 3, 3)
+    for phase in plan.phases:
+        trainable.apply_phase(model, phase)
+    drawn = report.stages(model, plan.to_dict())[:-1]
+    assert [name for name, _, _ in drawn] == drawn_names
+    assert [state for _, state, _ in drawn] == states
+    kept = sum(params for _, state, params in drawn if state != "removed")
+    assert kept == sum(int(np.prod(w.shape)) for w in model.get_layer("backbone").weights)

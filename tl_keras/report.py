@@ -102,7 +102,8 @@ def stages(model, config):
     """The backbone's stages and the head as drawn: [(name, state, params)].
 
     State per stage: "removed" (above the cut), "trained" (any weight of it
-    trained in the last phase, BatchNorm aside), or "frozen".
+    trained in the last phase, BatchNorm aside), or "frozen". Stages that end
+    inside one layer are drawn as one ("stem .. top" for DINOv2's encoder).
     """
     import keras
 
@@ -111,8 +112,19 @@ def stages(model, config):
     index = {layer.name: i for i, layer in enumerate(layers)}
     ends = [index.get(name) for name in backbones.stage_ends(config["backbone"])]
     ends.append(len(layers) - 1)
-    out, start = [], 0
-    for name, end in zip(STAGES, ends):
+    # A stage that ends inside one layer (a KerasHub transformer's encoder) has no
+    # boundary to draw below the cut: it is drawn with the next; the cut's own ends there.
+    cut = config.get("cut")
+    rank = backbones.CUT_POINTS.index(cut) if cut in backbones.CUT_POINTS else len(STAGES)
+    out, start, first = [], 0, None
+    for i, (name, end) in enumerate(zip(STAGES, ends)):
+        if end is None and i < rank:
+            first = first or name.split(" .. ")[0]
+            continue
+        if end is None and i == rank:
+            end = len(layers) - 1
+        if first:
+            name, first = f"{first} .. {name.split(' .. ')[1]}", None
         if end is None or start > len(layers) - 1:
             out.append((name, "removed", None))
             continue
