@@ -39,6 +39,9 @@ JOBS = {
 VARIANTS = {  # name: (jobs, overrides)
     "small_similar": (("readme", "large"), dict(regime="small_similar")),
     "small_different": (("readme",), dict(regime="small_different")),
+    # What tools/advise.py --backbone=efficientnet_lite0,mobilenet_v2 advises on the README
+    # job (both: small_different at late): do its pilots rank the two as the runs do?
+    "small_different_late": (("readme",), dict(regime="small_different", cut="late")),
     "large_similar": (("large",), dict(regime="large_similar")),
     "large_different_scratch": (("large",), dict(regime="large_different", init="scratch")),
     "large_similar_lora8": (("large",), dict(regime="large_similar", lora_rank=8)),
