@@ -805,6 +805,14 @@ def format_backbones(best):
 # --- --regime=auto: the advice, then a run of the advised regime --------------------------
 
 AUTO = "auto"  # config.regime: the advisor decides (tl_keras.finetune, tools/finetune.py)
+# Until the advisor has decided, a config with regime=auto reads this regime's config file
+# and resolves as it (any regime would do: the advisor needs only the backbone and the data).
+STAND_IN = "small_similar"
+
+
+def config_file_regime(regime):
+    """The regime whose configs/<regime>.py a config of `regime` starts from."""
+    return STAND_IN if regime == AUTO else regime
 ADVISED = ("cut", "init", "pool_grid")  # what the advisor decides besides the regime
 
 
@@ -818,7 +826,7 @@ def probe_config(config, given=()):
     from tl_keras import plan as plan_lib
 
     config = plan_lib.editable(config)
-    config.regime = "small_similar"
+    config.regime = STAND_IN
     return config
 
 

@@ -44,8 +44,7 @@ def make_config(regime="small_similar", config=None, folder="runs", prefix=None,
         raise ValueError(f"unknown regime {regime!r}; valid regimes: "
                          f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
     if config is None:
-        # regime=auto: any regime's file until the advisor has decided
-        name = regime if regime != advise.AUTO else "small_similar"
+        name = advise.config_file_regime(regime)
         config = importlib.import_module(f"tl_keras.configs.{name}").get_config()
         given = set(overrides)
     elif isinstance(config, dict):  # keys over configs/base.py's defaults
@@ -356,7 +355,7 @@ def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
         overrides["dataset"] = dataset
     if isinstance(cuts, str):  # "early,late" as the tool's --cuts takes it
         cuts = [c.strip() for c in cuts.split(",") if c.strip()]
-    config, _ = make_config("small_similar", config, prefix="advice", **overrides)
+    config, _ = make_config(advise.STAND_IN, config, prefix="advice", **overrides)
     return advise_config(config, cuts)
 
 
@@ -365,7 +364,7 @@ def advise_config(config, cuts=None):
     `backbone="a,b,c"` each backbone is advised on and the best one's advice written."""
 
     config = plan_lib.editable(config)
-    config.regime = "small_similar"  # any: the advisor only needs the backbone and data
+    config.regime = advise.STAND_IN
     names = advise.backbone_names(config.backbone)
     advices, loaded = [], {}
     for i, name in enumerate(names):

@@ -161,10 +161,9 @@ def parse_config_flags(argv):
         if regime not in (*trainable.REGIMES, advise.AUTO):
             fail(f"unknown regime {regime!r}; valid regimes: "
                  f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
-        # --regime=auto: any regime's file to parse the flags with; the advised
+        # --regime=auto: the stand-in's file to parse the flags with; the advised
         # regime's own file is read once the advisor has decided (advise.advised_plan).
-        path = os.path.join(CONFIGS, (regime if regime != advise.AUTO else "small_similar")
-                            + ".py")
+        path = os.path.join(CONFIGS, advise.config_file_regime(regime) + ".py")
         argv.insert(1, f"--config={path}")
     path = path.split(":", 1)[0]  # FILE[:ARG]
     if not os.path.isfile(path):
