@@ -93,6 +93,18 @@ def resized_photos(size):
                            for i in (skimage_data.coffee(), skimage_data.chelsea())])
 
 
+def assert_espresso_and_cat(model, preprocess_input):
+    """`model` (an ImageNet classifier at 224 px) ranks espresso first for coffee() and a
+    domestic cat first for chelsea(), the coffee at over 0.5; returns its probabilities."""
+    labels = imagenet_labels()
+    probs = model.predict(preprocess_input(resized_photos(224)), verbose=0)
+    top1 = [labels[i] for i in probs.argmax(-1)]
+    assert top1[0] == ESPRESSO, top1
+    assert top1[1] in IMAGENET_CATS, top1
+    assert probs[0].max() > 0.5
+    return probs
+
+
 @pytest.fixture
 def keras_home(tmp_path, monkeypatch):
     """An empty Keras cache for the test: converted weights are written there."""

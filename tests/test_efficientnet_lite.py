@@ -6,18 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ESPRESSO, IMAGENET_CATS, imagenet_labels, resized_photos
+from conftest import assert_espresso_and_cat
 from tl_keras import backbones, efficientnet_lite as lite, torch_state_dict
 
 
 def test_imagenet_weights_rank_espresso_and_cat_first(keras_home):
-    labels = imagenet_labels()
-    model = lite.EfficientNetLite0(weights="imagenet")
-    probs = model.predict(lite.preprocess_input(resized_photos(224)), verbose=0)
-    top1 = [labels[i] for i in probs.argmax(-1)]
-    assert top1[0] == ESPRESSO, top1
-    assert top1[1] in IMAGENET_CATS, top1
-    assert probs[0].max() > 0.5
+    assert_espresso_and_cat(lite.EfficientNetLite0(weights="imagenet"), lite.preprocess_input)
 
 
 def test_converted_once_then_read_from_the_keras_cache(keras_home, monkeypatch):

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from conftest import ESPRESSO, IMAGENET_CATS, imagenet_labels, resized_photos
+from conftest import assert_espresso_and_cat, resized_photos
 from tl_keras import backbones, mobilenet_v2, torch_state_dict
 
 
@@ -13,13 +13,8 @@ def torchvision_arrays():
 
 
 def test_imagenet_weights_rank_espresso_and_cat_first(keras_home):
-    labels = imagenet_labels()
     model = mobilenet_v2.MobileNetV2(weights="imagenet")
-    probs = model.predict(mobilenet_v2.preprocess_input(resized_photos(224)), verbose=0)
-    top1 = [labels[i] for i in probs.argmax(-1)]
-    assert top1[0] == ESPRESSO, top1
-    assert top1[1] in IMAGENET_CATS, top1
-    assert probs[0].max() > 0.5
+    probs = assert_espresso_and_cat(model, mobilenet_v2.preprocess_input)
     # torchvision pads stride-2 convolutions on both sides: the same weights with Keras'
     # right-and-bottom padding compute other features (the reason for this port).
     keras_padded = keras.applications.MobileNetV2(weights=None)
