@@ -45,6 +45,9 @@ VARIANTS = {  # name: (jobs, overrides)
     "large_similar": (("large",), dict(regime="large_similar")),
     "large_different_scratch": (("large",), dict(regime="large_different", init="scratch")),
     "large_similar_lora8": (("large",), dict(regime="large_similar", lora_rank=8)),
+    # LoRA's adapters start at zero and are few: the field trains them at a higher rate.
+    "large_similar_lora8_1e-3": (("large",), dict(regime="large_similar", lora_rank=8,
+                                                  finetune_learning_rate=1e-3)),
 }
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
 
