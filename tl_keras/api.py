@@ -232,8 +232,9 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if auto:
             plan, datasets, first_view, advice = _advised(config, plan, datasets, names,
                                                           strategy, given)
-            if plan_lib.unused_recipe(plan):
-                print(f"Note: {plan_lib.unused_recipe(plan)}: not used.")
+            unused = plan_lib.unused_recipe(plan)
+            if unused:
+                print(f"Note: {unused}: not used.")
         metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
     except Exception as e:
         if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):

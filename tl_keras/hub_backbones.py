@@ -31,7 +31,7 @@ import os
 import keras
 import numpy as np
 
-from tl_keras import backbones
+from tl_keras import backbones, keras_internals
 
 INSTALL = ('pip install --no-deps "keras-hub==0.32.0" && pip install -e ".[hub]" '
            "(keras-hub's own requirements would install a second TensorFlow; README)")
@@ -154,7 +154,7 @@ def numbered_blocks(model):
 
 def _layer_of(model, stage):
     tensor = model.pyramid_outputs[stage]
-    operation = tensor._keras_history.operation  # the layer that made the stage's tensor
+    operation = keras_internals.producer(tensor)
     if operation in model.layers and not isinstance(operation.output, (list, tuple, dict)):
         return operation.name
     return stage

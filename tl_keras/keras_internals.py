@@ -16,6 +16,7 @@ TensorFlow.)
     seeded_rand_augment(**kwargs)    RandAugment._get_seed_generator: draws from a batch's seed
     save_best_epoch_class()          keras_tuner.src...tuner_utils.SaveBestEpoch
     leaf_layers(layer)               Layer._flatten_layers: the layers inside a Layer too
+    producer(tensor)                 KerasTensor._keras_history: the operation that made it
 
 Example:
     keras_internals.symbolic_build(model, dataset.element_spec)
@@ -58,6 +59,13 @@ def leaf_layers(layer):
     _keras("Layer._flatten_layers")
     return [sub for sub in layer._flatten_layers(include_self=False, recursive=True)
             if not any(True for _ in sub._flatten_layers(include_self=False, recursive=False))]
+
+
+def producer(tensor):
+    """The layer or operation whose output the symbolic `tensor` is (a KerasHub model's
+    published stage, named by the layer that makes it)."""
+    _keras("KerasTensor._keras_history")
+    return tensor._keras_history.operation
 
 
 # --- keras.Model ------------------------------------------------------------------
