@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--advisor.pilot_passes", dest="passes", type=float, default=None)
     args = parser.parse_args()
     from tl_keras import plan as plan_lib
-    from tl_keras.experiments import benchmark
+    from experiments import benchmark
 
     settings = benchmark.Settings()
     plan, datasets = benchmark.frozen_regime_data(settings)

@@ -1,7 +1,7 @@
 """Run: python benchmarks/augmentation_speed.py (prints the median seconds per pass).
 
 Augmented training pipeline of the README's main job (2,000 Fashion-MNIST images at 96 px):
-Keras' stateful layers (before) against data.Augmentation (now), passes alternated."""
+Keras' stateful layers (before) against augment.Augmentation (now), passes alternated."""
 import time, numpy as np, tensorflow as tf, keras
 from tl_keras import data
 from tl_keras.configs import small_similar

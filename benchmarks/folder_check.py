@@ -4,7 +4,7 @@ Run:  python benchmarks/folder_check.py --n=100000 [--root=/tmp/folder_check]
 
 Writes `n` Fashion-MNIST training images (28 px PNGs, cycled) into 10 class folders once,
 then times `data.from_folder` in fresh processes: the first with no manifest of checked
-files (every file decoded), then twice with it (data.CheckedFiles). Prints seconds and
+files (every file decoded), then twice with it (image_files.CheckedFiles). Prints seconds and
 peak memory of each; the manifest goes to a temporary TL_KERAS_CACHE.
 """
 

@@ -50,7 +50,7 @@ def write_study_folders(work):
     import numpy as np
     from PIL import Image
 
-    from tl_keras.experiments import study
+    from experiments import study
 
     settings = study.Settings(characters_train=1000, characters_val=1000)
     _, similar = study.fashion_halves()

@@ -7,7 +7,7 @@ The job (issue "The large regimes, trained the way the field trains them"):
 EfficientNet-Lite0 with its ImageNet weights, 5,000 Fashion-MNIST training
 images, 64 px, augmentation off, 4 epochs (1 head-only), validated on all
 10,000 test images. `--job=characters`: the same on the regime study's printed
-characters (tl_keras/experiments/study.py, unlike ImageNet), 6,250 drawn once into
+characters (experiments/study.py, unlike ImageNet), 6,250 drawn once into
 a folder, 1,250 of them held out by seed. `--job=digits --variants=cached,fit`:
 sklearn's digits at 96 px, 10 epochs of `small_similar`, the head trained on cached
 features against plain `fit` through the frozen backbone. Each run appends one JSON line (job, variant, seed, overrides,
@@ -86,7 +86,8 @@ def characters_folder(root=os.path.join(tempfile.gettempdir(), "tl_keras_charact
         return root
     from PIL import Image
 
-    from tl_keras.experiments import study
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import study
 
     x, y = study.printed_characters(n, seed=1)
     for i, (image, label) in enumerate(zip(x, y)):

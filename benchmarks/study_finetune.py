@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/study_finetune.py [--out=benchmarks/results_study_finetune.json]
 
-Each cell as tools/study.py --recipe=defaults runs it (tl_keras/experiments/study.py:
+Each cell as tools/study.py --recipe=defaults runs it (experiments/study.py:
 30,000 Fashion-MNIST 5-9 images, 2 epochs, batch 256, the source network of
 benchmarks/study_recipe/), alone in a fresh feature store, with the overrides below.
 R4 (scratch) in that study: 0.945 +- 0.002. About 2 minutes on 2 CPU cores.
@@ -34,7 +34,7 @@ def main():
     import keras
 
     from tl_keras import data, features
-    from tl_keras.experiments import study
+    from experiments import study
 
     settings = study.Settings(recipe=study.RECIPE_DEFAULTS)
     weights = os.path.join(ROOT, "benchmarks", "study_recipe", "seed_cnn_fashion0-4.weights.h5")

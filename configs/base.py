@@ -79,7 +79,7 @@ def get_config():
     config.seed = 0
     config.verbose = "auto"              # Keras fit verbosity: auto (bar on a terminal) | 0 | 1 | 2
 
-    # --- The regime advisor (--regime=auto, tools/advise.py; tl_keras/advise.py, docs/advisor.md) ---
+    # --- The regime advisor (--regime=auto, tools/advise.py; advise.py, pilots.py; docs/advisor.md) ---
     config.advisor = ml_collections.ConfigDict()
     config.advisor.sample = 2000         # training images scored (seeded: the pipeline's first read)
     config.advisor.large_examples = 10_000  # training images from which a dataset is "large"

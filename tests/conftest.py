@@ -1,9 +1,10 @@
 """Shared fixtures: tiny configs, tiny image folders, tiny pretend-pretrained weights."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Manifests of checked image folders (data.CheckedFiles) go here, not into ~/.cache.
+# Manifests of checked image folders (image_files.CheckedFiles) go here, not into ~/.cache.
 import tempfile  # noqa: E402
 
 os.environ.setdefault("TL_KERAS_CACHE", tempfile.mkdtemp(prefix="tl_keras_cache_"))
@@ -103,6 +104,43 @@ def assert_espresso_and_cat(model, preprocess_input):
     assert top1[1] in IMAGENET_CATS, top1
     assert probs[0].max() > 0.5
     return probs
+
+
+# --- TensorFlow functions: eager in the fast suite ---------------------------------------
+# Tracing a tiny model's train, test and predict functions costs more than the few steps
+# most tests run (docs/testing.md): the fast suite runs TensorFlow's functions eagerly.
+# Tests marked `graph` (many steps: tracing once is cheaper) or `slow`, every tool run in
+# a new process, and users' runs trace them. What a test asserts holds either way:
+# TL_KERAS_TEST_TRACED=1 traces them in every test, as before.
+TRACE_ALL = os.environ.get("TL_KERAS_TEST_TRACED") == "1"
+
+
+def eager_functions(on):
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(on and not TRACE_ALL)
+
+
+@contextlib.contextmanager
+def traced():
+    """TensorFlow's functions traced meanwhile, as in a user's run (a shared fixture's
+    many steps)."""
+    eager_functions(False)
+    try:
+        yield
+    finally:
+        eager_functions(True)
+
+
+@pytest.fixture(autouse=True)
+def _functions_eager_unless_graph(request):
+    traced_here = any(request.node.get_closest_marker(m) for m in ("graph", "slow"))
+    eager_functions(not traced_here)
+    yield
+    eager_functions(True)
+
+
+eager_functions(True)  # shared fixtures too, unless they train inside `traced()`
 
 
 @pytest.fixture

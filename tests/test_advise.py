@@ -9,9 +9,10 @@ import types
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, write_image_folder
+from conftest import ROOT, tiny_config, traced, write_image_folder
 
-from tl_keras import advise, data, features, plan as plan_lib, train
+from tl_keras import advise, data, features, pilots as pilots_lib, plan as plan_lib, train
+from tl_keras import transferability
 
 SEED_WEIGHTS = os.path.join(ROOT, "benchmarks", "study", "seed_cnn_fashion0-4.weights.h5")
 
@@ -31,15 +32,15 @@ def test_logme_is_the_maximum_evidence_of_the_linear_model(n, d):
     y = (f[:, 0] + 0.5 * rng.normal(size=n) > 0).astype("float64")
     u, s, _ = np.linalg.svd(f, full_matrices=False)
     x2 = (u.T @ y) ** 2
-    alpha, beta = advise._fit(s ** 2, x2, float(y @ y - x2.sum()), n)
-    evidence = advise._evidence(s ** 2, x2, float(y @ y - x2.sum()), n, d)
+    alpha, beta = transferability._fit(s ** 2, x2, float(y @ y - x2.sum()), n)
+    evidence = transferability._evidence(s ** 2, x2, float(y @ y - x2.sum()), n, d)
     assert evidence == pytest.approx(_log_evidence(f, y, alpha, beta), abs=1e-6)
     for a, b in ((alpha * 1.2, beta), (alpha / 1.2, beta), (alpha, beta * 1.2),
                  (alpha, beta / 1.2)):  # a maximum: any other alpha, beta gives less
         assert _log_evidence(f, y, a, b) < evidence
     labels = y.astype("int32")
-    assert advise.logme(f, labels) == pytest.approx(
-        np.mean([advise._evidence(s ** 2, (u.T @ (labels == c)) ** 2,
+    assert transferability.logme(f, labels) == pytest.approx(
+        np.mean([transferability._evidence(s ** 2, (u.T @ (labels == c)) ** 2,
                                   float((labels == c).sum() - ((u.T @ (labels == c)) ** 2).sum()),
                                   n, d) for c in (0, 1)]) / n)
 
@@ -50,7 +51,7 @@ def test_scores_rank_informative_features_above_noise():
     informative = np.eye(3)[labels] + 0.3 * rng.normal(size=(300, 3))
     informative = np.concatenate([informative, rng.normal(size=(300, 5))], axis=1)
     noise = rng.normal(size=(300, 8))
-    for score, margin in ((advise.logme, 0.2), (advise.h_score, 1.0)):
+    for score, margin in ((transferability.logme, 0.2), (transferability.h_score, 1.0)):
         assert score(advise.standardise(informative), labels) > score(
             advise.standardise(noise), labels) + margin
 
@@ -64,17 +65,17 @@ def test_knn_accuracy_leaves_each_image_out_and_votes_its_neighbours():
     # Points on a line, labels alternating: each point's nearest others have the other label.
     line = np.arange(10.0)[:, None]
     alternating = np.arange(10) % 2
-    assert advise.knn_accuracy(line, alternating, k=1) == 0.0  # itself never counted
+    assert transferability.knn_accuracy(line, alternating, k=1) == 0.0  # itself never counted
     apart = np.concatenate([np.arange(5.0), 100 + np.arange(5.0)])[:, None]
-    assert advise.knn_accuracy(apart, np.arange(10) >= 5, k=3) == 1.0
+    assert transferability.knn_accuracy(apart, np.arange(10) >= 5, k=3) == 1.0
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 50)
     clusters = rng.normal(size=(4, 16))[labels] * 5 + rng.normal(size=(200, 16))
-    assert advise.knn_accuracy(clusters, labels) == 1.0
+    assert transferability.knn_accuracy(clusters, labels) == 1.0
     noise = rng.normal(size=(200, 16))
-    assert advise.knn_accuracy(noise, labels) < 0.45  # chance is 0.25
+    assert transferability.knn_accuracy(noise, labels) < 0.45  # chance is 0.25
     # Chunks of rows give what one block gives.
-    assert advise.knn_accuracy(noise, labels, chunk=7) == advise.knn_accuracy(noise, labels)
+    assert transferability.knn_accuracy(noise, labels, chunk=7) == transferability.knn_accuracy(noise, labels)
 
 
 def test_the_decision_rule():
@@ -111,14 +112,14 @@ def digits_setup(tmp_path_factory):
 
 def test_advice_scores_every_cut_reproducibly_from_features_equal_to_a_runs(digits_setup):
     plan, datasets = digits_setup
-    advice, sample = advise.advise(plan, datasets, verbose=0)
+    advice, sample = pilots_lib.advise(plan, datasets, verbose=0)
     assert list(advice.scores) == ["early", "middle", "late", "top"]
     assert all({"pretrained", "random", "gain", "h_pretrained", "h_random", "knn_pretrained",
                 "knn_random"} <= set(row)
                for row in advice.scores.values())
     assert advice.sample == sum(advice.per_class.values()) == 200 and sample.whole_view
     assert advice.regime in plan_lib.trainable.REGIMES and advice.reasons
-    again, _ = advise.advise(plan, datasets, verbose=0)
+    again, _ = pilots_lib.advise(plan, datasets, verbose=0)
     assert again.scores == advice.scores  # seeded sample, no augmentation, seeded random init
 
     # The advisor's features at a cut are what the run's frozen part computes there.
@@ -156,6 +157,7 @@ def test_a_run_takes_the_advisors_features_as_its_first_view(digits_setup, tmp_p
         features.compute(model, counted, views=1, first_view=(given[0][:3], given[1][:3]))
 
 
+@pytest.mark.graph
 def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tmp_path):
     out = tmp_path / "advice"
     result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28",
@@ -218,6 +220,7 @@ def test_advise_tool_refuses_data_it_cannot_score(run_tool, tmp_path):
                                   "more than once")
 
 
+@pytest.mark.graph
 def test_finetune_auto_runs_the_advised_regime_and_records_the_advice(run_tool, tmp_path):
     work = tmp_path / "run"
     args = ("--backbone=seed_cnn", "--image_size=28", f"--weights={SEED_WEIGHTS}",
@@ -263,7 +266,7 @@ def test_tune_auto_sweeps_the_advised_regime(run_tool, tmp_path):
 
 def _pilot(strategy, cut, correct):
     correct = np.asarray(correct, bool)
-    return advise.Pilot(strategy, cut, float(correct.mean()), correct, 0.0)
+    return pilots_lib.Pilot(strategy, cut, float(correct.mean()), correct, 0.0)
 
 
 def _pilots(**correct):
@@ -277,23 +280,23 @@ def _pilots(**correct):
 
 
 def test_pilot_budget_and_noise():
-    settings = advise.PilotSettings(passes=1.5, max_epochs=10)
+    settings = pilots_lib.PilotSettings(passes=1.5, max_epochs=10)
     assert settings.epochs(1000, 700) == 2       # small data: 1.5 training sets' worth
     assert settings.epochs(30_000, 1400) == 10   # large data: capped
-    assert advise.PilotSettings(passes=0.1).epochs(1000, 700) == 1  # at least one epoch
+    assert pilots_lib.PilotSettings(passes=0.1).epochs(1000, 700) == 1  # at least one epoch
     # A from-scratch pilot on large data only, unless asked for always or never.
-    assert [advise.PilotSettings(scratch=when).runs_scratch(size)
+    assert [pilots_lib.PilotSettings(scratch=when).runs_scratch(size)
             for when in ("large", "always", "never") for size in ("small", "large")] == [
         False, True, True, True, False, False]
     base = np.arange(200) < 150                  # 150 of 200 right
     same = _pilot("frozen", "top", base)
-    assert advise.lower_bound(same, same) == 0.0
+    assert pilots_lib.lower_bound(same, same) == 0.0
     better = _pilot("scratch", "", np.arange(200) < 180)  # right wherever `same` is, and on 30 more
-    assert advise.lower_bound(better, same) > 0.1
+    assert pilots_lib.lower_bound(better, same) > 0.1
     one_more = _pilot("scratch", "", np.arange(200) < 151)
-    assert advise.lower_bound(one_more, same) <= 0  # one image: noise
+    assert pilots_lib.lower_bound(one_more, same) <= 0  # one image: noise
     swapped = _pilot("scratch", "", np.roll(base, 25))  # as many right, on other images
-    assert advise.lower_bound(swapped, same) < 0 < advise.lower_bound(better, swapped) + 0.2
+    assert pilots_lib.lower_bound(swapped, same) < 0 < pilots_lib.lower_bound(better, swapped) + 0.2
 
 
 def test_the_pilots_override_the_scores_and_the_table_only_outside_their_noise():
@@ -303,7 +306,7 @@ def test_the_pilots_override_the_scores_and_the_table_only_outside_their_noise()
     frozen = dict(frozen_early=idx < 100, frozen_top=idx < 140, frozen_late=idx < 170)
     # The scores chose top; frozen@late beats it by 30 images: the pilots move the cut.
     pilots = _pilots(**frozen, finetuned_late=idx < 172, scratch=idx < 60)
-    regime, cut, init, size, similarity, reasons = advise.decide_by_pilots(
+    regime, cut, init, size, similarity, reasons = pilots_lib.decide_by_pilots(
         pilots, "top", 500, sizes, t)
     assert (regime, cut, init, size, similarity) == (
         "small_different", "late", "pretrained", "small", "different")
@@ -311,15 +314,15 @@ def test_the_pilots_override_the_scores_and_the_table_only_outside_their_noise()
     assert "no other pilot beat it outside noise (the next best, finetuned@late 0.860, " \
            "1.0 points above it, within noise)" in reasons
     # Large data: the table's choice is the fine-tuned pilot at that cut.
-    assert advise.decide_by_pilots(pilots, "top", 5000, sizes, t)[:3] == (
+    assert pilots_lib.decide_by_pilots(pilots, "top", 5000, sizes, t)[:3] == (
         "large_different", "late", "pretrained")
     # Within noise of the scores' cut, the scores' cut stays: the data counts as similar.
     close = _pilots(frozen_top=idx < 169, frozen_late=idx < 170, finetuned_top=idx < 169,
                     scratch=idx < 60)
-    assert advise.decide_by_pilots(close, "top", 500, sizes, t)[:2] == ("small_similar", "top")
+    assert pilots_lib.decide_by_pilots(close, "top", 500, sizes, t)[:2] == ("small_similar", "top")
     # Training from scratch wins outside noise on small data: the measurement overrides.
     wins = _pilots(**frozen, finetuned_late=idx < 171, scratch=idx < 195)
-    regime, cut, init, *_, reasons = advise.decide_by_pilots(wins, "top", 500, sizes, t)
+    regime, cut, init, *_, reasons = pilots_lib.decide_by_pilots(wins, "top", 500, sizes, t)
     assert (regime, cut, init) == ("large_different", "top", "scratch")
     assert "scratch 0.975 beat frozen@late 0.850 by 12.5 points" in reasons
     assert reasons.endswith("so the measurement overrides the table")
@@ -331,12 +334,12 @@ LARGE = advise.Thresholds(large_examples=100)  # 200 digits count as large: a sc
 @pytest.fixture(scope="module")
 def piloted(digits_setup):
     plan, datasets = digits_setup
-    return advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings(),
-                         thresholds=LARGE)
+    with traced():  # many short fits: tracing each once is cheaper than running them eagerly
+        return pilots_lib.advise(plan, datasets, verbose=0, pilots=pilots_lib.PilotSettings(),
+                                 thresholds=LARGE)
 
 
-def test_pilots_are_short_real_runs_scored_on_held_out_images(digits_setup,
-                                                                           piloted):
+def test_pilots_are_short_real_runs_scored_on_held_out_images(digits_setup, piloted):
     plan, datasets = digits_setup
     advice, sample = piloted
     frozen_cut = next(n for n in advice.pilots if n.startswith("finetuned@")).split("@")[1]
@@ -350,7 +353,7 @@ def test_pilots_are_short_real_runs_scored_on_held_out_images(digits_setup,
     assert images["held_out"] == sum(held_per_class)
     assert images["epochs"] == round(2 * 200 / images["train"])  # 2 training sets' worth
     # The pilots' split: stratified, disjoint, by seed.
-    train, held = advise.pilot_split(sample.labels, 0.3, plan.config.seed)
+    train, held = pilots_lib.pilot_split(sample.labels, 0.3, plan.config.seed)
     assert not set(train) & set(held) and len(train) + len(held) == 200
     assert np.bincount(sample.labels[held]).tolist() == held_per_class
 
@@ -359,23 +362,24 @@ def test_pilots_are_short_real_runs_scored_on_held_out_images(digits_setup,
 def test_pilots_give_the_same_result_with_the_same_seed(digits_setup, piloted):
     plan, datasets = digits_setup
     advice, _ = piloted
-    again, _ = advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings(),
+    again, _ = pilots_lib.advise(plan, datasets, verbose=0, pilots=pilots_lib.PilotSettings(),
                              thresholds=LARGE)
     assert again.pilots.keys() == advice.pilots.keys()
     assert all(again.pilots[n]["accuracy"] == p["accuracy"] for n, p in advice.pilots.items())
     assert (again.regime, again.cut, again.init) == (advice.regime, advice.cut, advice.init)
 
 
+@pytest.mark.graph
 def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, piloted):
     plan, datasets = digits_setup
     _, sample = piloted
-    split = advise.pilot_split(sample.labels, 0.3, plan.config.seed)
+    split = pilots_lib.pilot_split(sample.labels, 0.3, plan.config.seed)
     features_late = sample.features["pretrained/late"]
-    accuracy, correct, head = advise.frozen_pilot(features_late, sample.labels, split,
+    accuracy, correct, head = pilots_lib.frozen_pilot(features_late, sample.labels, split,
                                                   plan.config, 10)
     config = plan_lib.editable(plan.config)
     config.finetune_learning_rate = 1e-12  # everything trains, but nothing moves
-    _, same = advise.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
+    _, same = pilots_lib.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
                                    "late", 1, head)
     np.testing.assert_array_equal(same, correct)  # a new random head would not be
     assert accuracy > 0.5                         # (10 classes: chance is 0.1)
@@ -397,7 +401,7 @@ def test_the_advisor_calls_the_pretraining_task_itself_similar():
                   workdir="")
     plan = plan_lib.resolve(config)
     datasets = data.make_datasets(examples, plan.config, plan.image_size)
-    advice, _ = advise.advise(plan, datasets, verbose=0, pilots=advise.PilotSettings())
+    advice, _ = pilots_lib.advise(plan, datasets, verbose=0, pilots=pilots_lib.PilotSettings())
     assert (advice.regime, advice.cut, advice.similarity) == (
         "small_similar", "top", "similar"), advice.reasons
     assert advise.decide(advice.scores, advice.train_examples)[:2] == (  # the scores alone

@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import tiny_arrays, tiny_config
-from tl_keras import arrays, data
+from tl_keras import arrays, augment as augment_lib, data, image_files
 
 
 def test_folder_reads_every_format_and_class(shared_images):
@@ -276,16 +276,16 @@ def test_augmentation_draws_keras_zoom_and_rotation_from_a_seed():
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 9, 9, 3)).astype("float32")
     ones, zeros = tf.ones([2]), tf.zeros([2])
-    np.testing.assert_array_equal(data.zoom_and_rotate(x, ones, zeros).numpy(), x)
+    np.testing.assert_array_equal(augment_lib.zoom_and_rotate(x, ones, zeros).numpy(), x)
     # Keras' own layers at a fixed draw: a quarter turn, and 20% zoomed out.
-    turned = data.zoom_and_rotate(x, ones, tf.fill([2], np.pi / 2)).numpy()
+    turned = augment_lib.zoom_and_rotate(x, ones, tf.fill([2], np.pi / 2)).numpy()
     keras_turned = keras.layers.RandomRotation((0.25, 0.25), fill_mode="reflect")(x)
     np.testing.assert_allclose(turned, keras.ops.convert_to_numpy(keras_turned), atol=1e-3)
-    zoomed = data.zoom_and_rotate(x, tf.fill([2], 1.2), zeros).numpy()
+    zoomed = augment_lib.zoom_and_rotate(x, tf.fill([2], 1.2), zeros).numpy()
     keras_zoomed = keras.layers.RandomZoom((0.2, 0.2), fill_mode="reflect")(x)
     np.testing.assert_allclose(zoomed, keras.ops.convert_to_numpy(keras_zoomed), atol=1e-3)
     # A seed alone decides: eagerly and inside tf.data.map, the same images.
-    augment = data.Augmentation("horizontal", 0.1, 0.05)
+    augment = augment_lib.Augmentation("horizontal", 0.1, 0.05)
     seed = tf.constant([3, 4], tf.int64)
     eager = augment(x, seed).numpy()
     mapped = next(iter(tf.data.Dataset.from_tensors(x).map(lambda b: augment(b, seed))))
@@ -329,7 +329,7 @@ def test_rand_augment_is_keras_layer_drawn_from_each_batchs_seed(tmp_path):
     assert not np.array_equal(two_epochs(rand_augment=2, rand_augment_magnitude=1.0)[0],
                               first[0])  # another strength, other images
     rgb = np.random.default_rng(0).uniform(0, 255, (4, 9, 9, 3)).astype("float32")
-    augment = data.augmentation(tiny_config(tmp_path, augment=True, rand_augment=1,
+    augment = augment_lib.augmentation(tiny_config(tmp_path, augment=True, rand_augment=1,
                                             augment_flip="none", augment_zoom=0.0,
                                             augment_rotation=0.0))
     seed = tf.constant([3, 4], tf.int64)
@@ -340,8 +340,8 @@ def test_rand_augment_is_keras_layer_drawn_from_each_batchs_seed(tmp_path):
 
 def test_a_folder_is_checked_once_and_a_changed_file_again(image_folder, monkeypatch, capfd):
     decoded = []
-    check = data._check_file
-    monkeypatch.setattr(data, "_check_file", lambda path: decoded.append(path) or check(path))
+    check = image_files._check_file
+    monkeypatch.setattr(image_files, "_check_file", lambda path: decoded.append(path) or check(path))
     first = data.from_folder(str(image_folder), val_fraction=0.25, seed=0)
     assert len(decoded) == 20  # every file, once
     decoded.clear()
@@ -370,7 +370,7 @@ def _mixed(kind, seed=(0, 1), in_dataset=False):
 
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 3], "int32")
     images = np.broadcast_to((40.0 * labels)[:, None, None, None], (8, 16, 16, 3)).copy()
-    mix = data.Mix(kind, alpha=1.0, num_classes=4)
+    mix = augment_lib.Mix(kind, alpha=1.0, num_classes=4)
     seed = tf.constant(seed, tf.int64)
     if not in_dataset:
         x, y = mix(images, labels, seed)
@@ -405,10 +405,10 @@ def test_mixed_batches_are_the_same_each_build_and_new_each_epoch():
     import tensorflow as tf
 
     x, y = tiny_arrays(16)
-    mix = data.Mix("mixup", 0.4, 3)
+    mix = augment_lib.Mix("mixup", 0.4, 3)
 
     def epochs(seed):
-        ds = data.mix_batches(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), mix, seed)
+        ds = augment_lib.mix_batches(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), mix, seed)
         return [np.concatenate([b.numpy() for _, b in ds]) for _ in range(2)]
 
     first, again, other = epochs(0), epochs(0), epochs(1)

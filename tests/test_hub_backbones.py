@@ -16,6 +16,7 @@ keras_hub = pytest.importorskip("keras_hub")
 import keras  # noqa: E402
 
 from tl_keras import backbones, data, hub_backbones, model as model_lib, train  # noqa: E402
+from tl_keras import pilots as pilots_lib  # noqa: E402
 
 DINO_SIZE = 28  # 2 x 2 patches of 14 px
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -207,12 +208,12 @@ def test_finetune_tool_on_a_hub_preset(presets, shared_images, tmp_path):
 
 
 def test_the_advisor_scores_a_transformers_cuts(presets, shared_images, tmp_path):
-    from tl_keras import advise, plan as plan_lib
+    from tl_keras import plan as plan_lib
 
     config = tiny_config(tmp_path, backbone="hub:" + presets["dinov2"], weights="imagenet",
                          dataset=str(shared_images), image_size=DINO_SIZE)
     plan = plan_lib.resolve(config)
-    advice, sample = advise.advise(plan, data.load(plan.config, image_size=DINO_SIZE),
+    advice, sample = pilots_lib.advise(plan, data.load(plan.config, image_size=DINO_SIZE),
                                    verbose=0)
     assert set(advice.scores) == {"early", "middle", "late", "top"}
     # Each cut's features: the class token and the patch mean of that block (2 x 16).

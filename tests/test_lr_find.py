@@ -15,6 +15,7 @@ def _model():
     return model_lib.build_classifier(cut.model, TINY_BACKBONE, 3, seed=0)
 
 
+@pytest.mark.graph  # 100 steps: tracing once is cheaper
 def test_the_range_test_puts_every_weight_back_and_suggests_a_tenth_of_the_lowest():
     x, y = tiny_arrays(32)
     batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]

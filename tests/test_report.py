@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config, write_image_folder
 
-from tl_keras import data, evaluate, plan as plan_lib, report, run_folder, train, trainable
+from tl_keras import data, evaluate, image_files, plan as plan_lib, report, run_folder, train
+from tl_keras import trainable
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -152,7 +153,7 @@ def test_predict_tool_classifies_files_and_folders_as_csv(finished_run, run_tool
         assert float(row[2]) >= float(row[4]) and row[1] in ("cat", "dog", "fox")
     # The same probabilities as the run's model on the images training read.
     model, _, _ = evaluate.load_run(str(run))
-    image = data._decode(str(images / "dog" / "0.png")).numpy()
+    image = image_files.decode(str(images / "dog" / "0.png")).numpy()
     import tensorflow as tf
     size = model.input.shape[1:3]
     resized = np.clip(np.round(tf.image.resize(image, size, antialias=True)), 0, 255)

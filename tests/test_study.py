@@ -1,4 +1,4 @@
-"""The study (tl_keras/experiments/study.py): its data, and the quick study end to end."""
+"""The study (experiments/study.py): its data, and the quick study end to end."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tl_keras import train
-from tl_keras.experiments import study
+from experiments import study
 
 
 def test_printed_characters_are_balanced_reproducible_and_varied():

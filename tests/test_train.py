@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from tl_keras import data, features, losses, plan as plan_lib, run_folder, train, trainable
+from tl_keras import callbacks as callbacks_lib, data, features, losses, plan as plan_lib, run_folder
+from tl_keras import train, trainable
 
 
 def tiny_data(config):
@@ -155,7 +156,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
                                                          capsys):
     config = tiny_config(tmp_path, "large_similar", dataset=str(shared_images),
                          epochs=4, head_epochs=1)
-    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: Crash())
+    monkeypatch.setattr(callbacks_lib, "DivergenceGuard", lambda *args: Crash())
     with pytest.raises(KeyboardInterrupt):
         train.finetune(config, tiny_data(config))  # dies in epoch 3, phase 2
     assert not os.path.exists(os.path.join(config.workdir, "metrics.json"))
@@ -176,7 +177,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, shared_image
     monkeypatch.setattr(features, "compute", no_features_pass)
     # Every epoch after the resume is worse than the best before the crash:
     # best.keras must keep the model it holds.
-    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: Worse())
+    monkeypatch.setattr(callbacks_lib, "DivergenceGuard", lambda *args: Worse())
     metrics = train.finetune(config, tiny_data(config))
     out = capsys.readouterr().out
     assert "Phase 'head' finished in an earlier attempt" in out
@@ -201,7 +202,7 @@ def test_a_killed_head_phase_on_cached_features_runs_again_from_its_first_epoch(
             if epoch == 1:
                 raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(train, "_DivergenceGuard", lambda *args: CrashInEpoch2())
+    monkeypatch.setattr(callbacks_lib, "DivergenceGuard", lambda *args: CrashInEpoch2())
     with pytest.raises(KeyboardInterrupt):
         train.finetune(config, tiny_data(config))
     assert not os.path.exists(os.path.join(config.workdir, "backup", "head"))
@@ -241,7 +242,7 @@ def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(
     head = keras.Model(head_inputs, model.get_layer("d")(head_inputs))
     frozen = model.get_layer("frozen").kernel.numpy()
     workdir = str(tmp_path)
-    best = train._BestModel(model, workdir, defer=True, changing=head)
+    best = callbacks_lib.BestModel(model, workdir, defer=True, changing=head)
     kernel = model.get_layer("d").kernel
     path = os.path.join(workdir, "best.keras")
     for epoch, accuracy in enumerate([0.5, 0.75, 0.6]):
@@ -260,7 +261,7 @@ def test_a_cached_heads_best_model_is_written_once_with_the_best_epochs_weights(
 
     # Best in the last epoch: best.keras holds the final weights, and says so
     # (finetune then copies it to model.keras instead of saving again).
-    later = train._BestModel(model, workdir, defer=True)
+    later = callbacks_lib.BestModel(model, workdir, defer=True)
     later.on_epoch_begin(3)
     kernel.assign(np.full((4, 2), 3.0, "float32"))
     later.on_epoch_end(3, {"val_accuracy": 0.8})
@@ -296,10 +297,12 @@ def test_model_and_training_code_import_no_tensorflow():
 # backbone standing in for a pretrained one, its BatchNorm frozen at initial
 # statistics, shrinks activations until they underflow float16 to 0 (measured),
 # so its gradients are never finite. Compiling a whole backbone's train step
-# with XLA takes about a minute and a half here, hence `slow`.
+# with XLA takes about a minute and a half here, hence `slow`. (Slow and `graph` tests
+# trace TensorFlow's functions, as XLA needs: tests/conftest.py.)
 @pytest.mark.parametrize("regime, policy, init, jit_compile", [
     pytest.param("small_similar", "mixed_bfloat16", "pretrained", True, marks=pytest.mark.slow),
-    ("small_different", "mixed_float16", "pretrained", True),
+    pytest.param("small_different", "mixed_float16", "pretrained", True,
+                 marks=pytest.mark.graph),  # XLA compiles only traced functions
     pytest.param("large_similar", "mixed_bfloat16", "pretrained", True, marks=pytest.mark.slow),
     pytest.param("large_different", "mixed_float16", "scratch", False, marks=pytest.mark.slow)])
 def test_mixed_precision_and_xla_keep_every_regime(tmp_path, shared_images, monkeypatch,

@@ -11,6 +11,7 @@ Modules, in the order data flows:
     plan        a config resolved once: regime, backbone, cut, image size, phases, loss
     arrays      built-in datasets and the seeded split as numpy arrays (no TensorFlow)
     data        tf.data pipelines from folders, TFDS, built-in datasets, arrays
+                (image_files: every file checked once; augment: flips to CutMix)
     backbones   Keras Applications backbones (and efficientnet_lite, read from
                 torch_state_dict files), their preprocessing, named cut points
     model       raw pixels -> preprocessing -> cut backbone -> new Dense head
@@ -20,19 +21,22 @@ Modules, in the order data flows:
     recipe      how a phase trains: optimizer, schedule, layer-wise rates, EMA, early stopping
     losses      the training loss (label smoothing)
     train       phases with model.fit (distribute: tf.distribute); writes the run folder
+                (callbacks: the divergence guard, best.keras)
     run_folder  what a run folder holds; starting, resuming and refusing one
     tune        Keras Tuner sweeps whose trials train as `train` does
     report      a finished run's curves.png, regime.png, report.html
     evaluate, predict  a finished run measured, and used on new images
     export, litert     a finished model as a SavedModel for TF Serving, or for LiteRT
-    advise      the regime advisor (regime="auto")
+    advise      the regime advisor's measurement and decision (transferability: LogME,
+                H-score, k-NN); pilots: its short real runs (above train)
+    prepare     the one path every run starts from: plan, strategy, data, advice
     lr_find     the learning-rate range test (tools/lr_find.py)
     api         the calls above, one each; tools/*.py are thin callers of them
     keras_internals  every private Keras / Keras Tuner API used, version-checked
     tf_internals     the same for TensorFlow's (folded's constant conversion)
 
-configs/ installs as `tl_keras.configs` (setup.cfg); experiments/ holds the drivers
-of tools/study.py and tools/benchmark.py.
+configs/ installs as `tl_keras.configs` (setup.cfg); experiments/ beside tools/ holds
+the drivers of tools/study.py and tools/benchmark.py (not installed).
 
 `import tl_keras` imports neither Keras nor TensorFlow: the calls load on first use,
 so `missing_backend` can say in one line that TensorFlow is missing.
@@ -57,19 +61,15 @@ def __getattr__(name):  # PEP 562: tl_keras.finetune imports api.py (and Keras) 
         from tl_keras import api
 
         return getattr(api, name)
+    if name == "interactive":
+        from tl_keras import plan
+
+        return plan.interactive
     raise AttributeError(f"module 'tl_keras' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | _API)
-
-
-def interactive():
-    """Whether output goes to a person: a terminal, or a Jupyter kernel (whose output
-    is no terminal, yet renders Keras' progress bars)."""
-    import sys
-
-    return sys.stdout.isatty() or "ipykernel" in sys.modules
+    return sorted(set(globals()) | _API | {"interactive"})
 
 
 def missing_backend():

@@ -7,13 +7,12 @@ pretraining data, picks the regime, the cut and the initialisation, and says why
       --> pilot runs on the sample (a frozen head per cut, a short fine-tune, on large
           data a short run from scratch; scored on held-out images) --> `Advice`
 
-Similarity is measured, not guessed, with LogME (You et al., "LogME: Practical
-Assessment of Pre-trained Models for Transfer Learning", ICML 2021): the
-evidence (marginal likelihood per example) of a Bayesian linear model from the
-features to the one-hot labels -- no training, one SVD per cut. The features
+Similarity is measured, not guessed, with LogME (transferability.py): the evidence
+of a Bayesian linear model from the features to the one-hot labels -- no
+training, one eigendecomposition per cut. The features
 are scored as the new head would see them: pooled as the regime pools them (a
 3 x 3 grid of averages below `top`) and standardised. H-score (Bao et al.,
-ICIP 2019) is the cheap cross-check printed beside it.
+ICIP 2019) and k-NN accuracy are printed beside it.
 
 How it decides (`decide`; the margins are `Thresholds`, justified in docs/advisor.md):
 
@@ -25,14 +24,13 @@ How it decides (`decide`; the margins are `Thresholds`, justified in docs/adviso
   when pretraining adds less than `scratch_margin` to the score at the cut;
   small data keeps the pretrained weights frozen, as the table says.
 
-With pilots (`PilotSettings`; `decide_by_pilots`) the measurement decides where
-it disagrees outside its noise: another cut's frozen head, a fine-tuned
-backbone, or a network trained from scratch replaces the scores' and the
-table's choice only when its pilot beats that choice's pilot on the held-out
-images (a paired bootstrap's 95% lower bound above 0).
+The pilots (pilots.py) can decide after the scores: short real runs on the sample,
+scored on held-out images. This module measures and decides without training
+(transferability.py holds the scores' arithmetic); the whole advisor, pilots
+included, is `pilots.advise`, and `--regime=auto` is carried out by prepare.py.
 
 Example:
-    advice, _ = advise(plan, datasets, pilots=PilotSettings())
+    advice, sample = measure(plan, datasets)
     advice.regime, advice.cut, advice.init, advice.reasons
 """
 
@@ -45,6 +43,7 @@ import keras
 import numpy as np
 
 from tl_keras import backbones, features as features_lib, folded, model as model_lib, run_folder
+from tl_keras.transferability import h_score, knn_accuracy, logme
 
 SAMPLE = 2000          # training images scored, by default
 MIN_PER_CLASS = 2      # fewer images of a class in the sample: it cannot be scored
@@ -65,107 +64,6 @@ class Thresholds:
                    scratch_margin=advisor.scratch_margin)
 
 
-# --- Scores ------------------------------------------------------------------------
-
-def logme(features, labels):
-    """LogME of `features` [N, D] for integer `labels` [N]: the log evidence per example.
-
-    For each class c, the evidence of y_c (1 where the label is c, else 0)
-    under y = F w + noise, w ~ N(0, 1/alpha), noise ~ N(0, 1/beta), with
-    alpha and beta set to their maximum-evidence values by MacKay's
-    fixed-point updates; the mean over classes, divided by N. Higher is
-    better; comparable across feature sets of different dimension.
-    """
-    f = np.asarray(features, "float64")
-    labels = np.asarray(labels).reshape(-1)
-    n, d = f.shape
-    sigma, project = _spectrum(f)
-    evidences = []
-    for c in np.unique(labels):
-        y = (labels == c).astype("float64")
-        x2 = project(y) ** 2                         # y in the basis of F's left vectors
-        outside = max(float(y @ y - x2.sum()), 0.0)  # the part of y no weights reach
-        evidences.append(_evidence(sigma, x2, outside, n, d))
-    return float(np.mean(evidences)) / n
-
-
-def _spectrum(f):
-    """(sigma, project): the nonzero eigenvalues of F^T F (squared singular values of F)
-    and y -> U^T y for F's left singular vectors U, from the smaller of the two Gram
-    matrices (an eigendecomposition of min(N, D) x min(N, D): faster than an SVD)."""
-    n, d = f.shape
-    gram = f @ f.T if n <= d else f.T @ f
-    sigma, vectors = np.linalg.eigh(gram)
-    keep = sigma > max(sigma.max(), 0) * 1e-10 * max(n, d)
-    sigma, vectors = sigma[keep], vectors[:, keep]
-    if n <= d:  # the eigenvectors of F F^T are U
-        return sigma, lambda y: vectors.T @ y
-    scale = 1 / np.sqrt(sigma)  # U = F V / s
-    return sigma, lambda y: (vectors.T @ (f.T @ y)) * scale
-
-
-def _fit(sigma, x2, outside, n, iterations=100):
-    """(alpha, beta) of maximum evidence: MacKay's fixed point, from 1, 1."""
-    alpha, beta = 1.0, 1.0
-    for _ in range(iterations):
-        t = alpha / beta
-        gamma = float((sigma / (sigma + t)).sum())
-        m2 = float((sigma * x2 / (sigma + t) ** 2).sum())           # |m|^2
-        res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + outside  # |F m - y|^2
-        alpha = gamma / (m2 + 1e-12)
-        beta = (n - gamma) / (res2 + 1e-12)
-        if abs(alpha / beta - t) <= 1e-6 * t:
-            break
-    return alpha, beta
-
-
-def _evidence(sigma, x2, outside, n, d):
-    """log p(y | alpha, beta) at the maximum-evidence alpha, beta (You et al., eq. 2)."""
-    alpha, beta = _fit(sigma, x2, outside, n)
-    t = alpha / beta
-    m2 = float((sigma * x2 / (sigma + t) ** 2).sum())
-    res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + outside
-    log_det = float(np.log(alpha + beta * sigma).sum()) + (d - len(sigma)) * math.log(alpha)
-    return (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - alpha / 2 * m2
-            - beta / 2 * res2 - log_det / 2 - n / 2 * math.log(2 * math.pi))
-
-
-def h_score(features, labels, shrinkage=1e-3):
-    """H-score (Bao et al. 2019): tr(cov(f)^-1 cov(E[f | y])), f standardised;
-    `shrinkage` x the mean variance is added to cov(f)'s diagonal for stability."""
-    f = np.asarray(features, "float64")
-    labels = np.asarray(labels).reshape(-1)
-    f = f - f.mean(axis=0)
-    cov = f.T @ f / len(f)
-    cov += shrinkage * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
-    means = np.zeros_like(f)
-    for c in np.unique(labels):
-        means[labels == c] = f[labels == c].mean(axis=0)
-    between = means.T @ means / len(f)
-    return float(np.trace(np.linalg.solve(cov, between)))
-
-
-def knn_accuracy(features, labels, k=5, chunk=1024):
-    """Leave-one-out k-NN accuracy of `features` (each image classified by the majority of
-    its `k` nearest other images, Euclidean; a tie goes to the lowest class): a plain,
-    strong score of frozen features (arXiv 2503.18528), beside LogME and H-score."""
-    f = np.asarray(features, "float64")
-    labels = np.asarray(labels).reshape(-1).astype(int)
-    n = len(f)
-    if n < 2:
-        return float("nan")
-    k = min(k, n - 1)
-    squares = (f ** 2).sum(axis=1)
-    correct = 0
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        distance = squares[rows, None] - 2 * f[rows] @ f.T + squares[None, :]
-        distance[np.arange(distance.shape[0]), np.arange(start, rows.stop)] = np.inf  # not itself
-        nearest = np.argpartition(distance, k - 1, axis=1)[:, :k]
-        votes = np.zeros((distance.shape[0], labels.max() + 1))
-        np.add.at(votes, (np.repeat(np.arange(distance.shape[0]), k), labels[nearest].ravel()), 1)
-        correct += int((votes.argmax(axis=1) == labels[rows]).sum())
-    return correct / n
 
 
 def standardise(features):
@@ -273,238 +171,6 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
     whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
     return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,
                   time.time() - start, images=source[0] if keep_images else None)
-
-
-# --- Pilot runs: what the scores cannot see ------------------------------------------------
-
-PILOT_BATCH = 16     # a pilot's batch at most: a short run on a sample takes enough steps
-HEAD_EPOCHS = 20     # a frozen pilot's head trains at least this long (configs/small_*.py's)
-BOOTSTRAP = 1000     # resamples of the held-out images for a pilot's noise
-CONFIDENCE = 0.95    # a pilot beats another when its gain's one-sided lower bound is above 0
-
-
-@dataclasses.dataclass(frozen=True)
-class PilotSettings:
-    """How long the pilots train and what they are scored on (configs/base.py's
-    `advisor.pilot_*` keys, whose defaults these are)."""
-    passes: float = 2.0       # a trained pilot trains on this many training sets' worth of images
-    max_epochs: int = 10      # ... but at most this many epochs of its pilot-train images
-    held_out: float = 0.3     # of the sample, stratified by seed: what the pilots are scored on
-    scratch: str = "large"    # a from-scratch pilot: on large data | always | never
-
-    @classmethod
-    def from_config(cls, advisor):
-        """The pilots `config.advisor` asks for; None when `advisor.pilots` is off."""
-        if not advisor.pilots:
-            return None
-        return cls(passes=float(advisor.pilot_passes), max_epochs=int(advisor.pilot_epochs),
-                   held_out=float(advisor.pilot_held_out), scratch=str(advisor.scratch_pilot))
-
-    def runs_scratch(self, size):
-        """Whether a from-scratch pilot runs for data of `size` (small | large). By default
-        on large data only: on small data the table trains no backbone, and within the
-        pilots' budget a from-scratch run stays far below what it reaches in a full run
-        while it costs the most (docs/advisor.md)."""
-        return self.scratch == "always" or (self.scratch == "large" and size == "large")
-
-    def epochs(self, train_examples, pilot_train):
-        """Epochs of a trained pilot on `pilot_train` images for a dataset of
-        `train_examples`: `passes` x the training set in images, 1 to `max_epochs`.
-        A large run trains (epochs - head_epochs) passes through the backbone (8 by
-        configs/base.py): on small data the fine-tuned pilot costs about a quarter of
-        one such run; on large data, where it is capped, far less."""
-        return int(min(self.max_epochs, max(1, round(self.passes * train_examples / pilot_train))))
-
-
-@dataclasses.dataclass
-class Pilot:
-    """One pilot: a strategy trained on the pilot-train images, scored on the held-out ones."""
-    strategy: str          # frozen | finetuned | scratch
-    cut: str
-    accuracy: float
-    correct: np.ndarray    # [held-out images] bool
-    seconds: float
-    head: list = None      # a frozen pilot's Dense weights: the fine-tuned pilot starts there
-
-    @property
-    def name(self):
-        return "scratch" if self.strategy == "scratch" else f"{self.strategy}@{self.cut}"
-
-
-def pilot_split(labels, held_out, seed):
-    """(pilot-train, held-out) indices of the sample: stratified, seeded."""
-    from tl_keras import arrays
-
-    return arrays.split_indices(labels, held_out, seed=seed)
-
-
-def frozen_pilot(features, labels, split, config, num_classes):
-    """A new head on a cut's frozen features (the sample's: no forward pass), trained as a
-    run's head phase trains (standardised, dropout, AdamW at `learning_rate`; the run's
-    `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs are few steps on a sample),
-    scored on the held-out images. Returns (accuracy, correct [held-out], Dense weights)."""
-    train, held = split
-    mean, variance = features_lib.norm_statistics(features[train])
-    keras.utils.set_random_seed(config.seed)
-    head = keras.Sequential([
-        keras.Input(features.shape[1:]),
-        keras.layers.Normalization(mean=mean, variance=variance),
-        keras.layers.Dropout(config.dropout, seed=config.seed),
-        keras.layers.Dense(num_classes, activation="softmax")])
-    head.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-                 "sparse_categorical_crossentropy",
-                 steps_per_execution=config.head_steps_per_execution)
-    head.fit(features[train], labels[train], batch_size=min(config.batch_size, PILOT_BATCH),
-             epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)
-    # A call, not `predict`: a new head per cut would retrace predict's function each time.
-    predicted = keras.ops.convert_to_numpy(head(features[held])).argmax(axis=-1)
-    correct = predicted == labels[held]
-    return float(correct.mean()), correct, head.layers[-1].get_weights()
-
-
-def pilot_config(config, strategy, cut, epochs):
-    """The config of a short real run of `strategy` ("finetuned" at `cut`, or "scratch"):
-    the caller's config (its recipe and rates) for `epochs`, without augmentation (as
-    the frozen pilots' features), one device, quiet. The fine-tuned pilot has no head
-    phase: its head starts as the frozen pilot's at that cut ended."""
-    from tl_keras import plan as plan_lib
-
-    config = plan_lib.editable(config)
-    config.update(epochs=epochs, batch_size=min(config.batch_size, PILOT_BATCH), verbose="0",
-                  report=False, validation_freq=epochs + 1, early_stopping=0, augment=False,
-                  cached_views=1, distribution="none", workdir="")
-    if strategy == "finetuned":
-        config.update(regime="large_similar" if cut == "top" else "large_different", cut=cut,
-                      init="pretrained", pool_grid=pool_grid_for(cut), head_epochs=0)
-    else:
-        config.update(regime="large_different", cut="top", init="scratch", pool_grid=1)
-    return config
-
-
-def trained_pilot(config, sample, split, class_names, strategy, cut, epochs, head=None):
-    """A real tl_keras run (`train.finetune`) of `strategy` on the pilot-train images, in a
-    temporary folder, its head starting from `head` (Dense weights) when given; returns
-    (accuracy, correct [held-out]) on the held-out images."""
-    import contextlib
-    import io
-    import tempfile
-
-    from tl_keras import data as data_lib, plan as plan_lib, train
-
-    config = pilot_config(config, strategy, cut, epochs)
-    train_idx, held = split
-    images, labels = sample.images, sample.labels
-    examples = data_lib.from_arrays(images[train_idx], labels[train_idx], class_names,
-                                    x_val=images[held], y_val=labels[held], seed=config.seed)
-    with tempfile.TemporaryDirectory(prefix="tl_keras_pilot_") as folder:
-        config.workdir = os.path.join(folder, "run")
-        plan = plan_lib.resolve(config)
-        datasets = data_lib.make_datasets(examples, plan.config, plan.image_size)
-        keras.utils.set_random_seed(plan.config.seed)  # as train.finetune before it builds
-        model, _ = train.build(plan, len(class_names), datasets.channels)
-        if head is not None:
-            model.get_layer(features_lib.HEAD_LAYERS[-1]).set_weights(head)
-        with contextlib.redirect_stdout(io.StringIO()):
-            train.finetune(plan, datasets, model=model, save_models=False)
-    probabilities, _ = folded.predict(model, (images[held], labels[held]),
-                                      features_lib.INFERENCE_BATCH)
-    correct = np.asarray(probabilities).argmax(axis=-1) == labels[held]
-    return float(correct.mean()), correct
-
-
-def run_pilots(config, sample, class_names, train_examples, settings, cuts, scored_cut,
-               scratch=True, verbose=1):
-    """The pilots: a frozen head at every cut in `cuts` (cheap: the sample's features),
-    then short runs fine-tuned at the frozen choice's cut (`frozen_choice`: the scores'
-    `scored_cut` unless a pilot beats it) and, with `scratch`, from scratch, for
-    `settings.epochs(...)` epochs. One progress line each. Returns (pilots by name,
-    {"train", "held_out", "epochs"})."""
-    split = pilot_split(sample.labels, settings.held_out, config.seed)
-    epochs = settings.epochs(train_examples, len(split[0]))
-    trained = [("finetuned", None)] + ([("scratch", "top")] if scratch else [])
-    total = len(cuts) + len(trained)
-    pilots = {}
-
-    def done(pilot):
-        pilots[pilot.name] = pilot
-        if verbose:
-            print(f"Pilot {len(pilots)}/{total}: {pilot.name:<18} held-out accuracy "
-                  f"{pilot.accuracy:.3f} ({pilot.seconds:.0f} s)", flush=True)
-
-    for cut in cuts:
-        start = time.time()
-        accuracy, correct, head = frozen_pilot(sample.features[f"pretrained/{cut}"],
-                                               sample.labels, split, config, len(class_names))
-        done(Pilot("frozen", cut, accuracy, correct, time.time() - start, head))
-    frozen = frozen_choice(pilots, scored_cut, config.seed)
-    for strategy, cut in trained:
-        cut, head = (frozen.cut, frozen.head) if strategy == "finetuned" else (cut, None)
-        start = time.time()
-        accuracy, correct = trained_pilot(config, sample, split, class_names, strategy, cut,
-                                          epochs, head)
-        done(Pilot(strategy, "" if strategy == "scratch" else cut, accuracy, correct,
-                   time.time() - start))
-    return pilots, {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
-
-
-def lower_bound(a, b, seed=0, resamples=BOOTSTRAP, confidence=CONFIDENCE):
-    """The one-sided `confidence` lower bound of pilot `a`'s accuracy minus pilot `b`'s:
-    a paired bootstrap over the held-out images both were scored on."""
-    gain = a.correct.astype("float64") - b.correct.astype("float64")
-    rng = np.random.default_rng(seed)
-    means = gain[rng.integers(0, len(gain), (resamples, len(gain)))].mean(axis=1)
-    return float(np.quantile(means, 1 - confidence))
-
-
-def frozen_choice(pilots, scored_cut, seed=0):
-    """The frozen pilot at the cut the scores chose (`decide`), unless the best frozen
-    pilot beats it outside noise: a measurement overrides a prediction only then."""
-    chosen = pilots[f"frozen@{scored_cut}"]
-    best = max((p for p in pilots.values() if p.strategy == "frozen"), key=lambda p: p.accuracy)
-    return best if lower_bound(best, chosen, seed) > 0 else chosen
-
-
-def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed=0):
-    """(regime, cut, init, size, similarity, reasons) from the pilots.
-
-    The table's choice for the data's size is kept -- small: the frozen head
-    at `frozen_choice`'s cut; large: fine-tuned at that cut -- unless another
-    pilot beats it outside the held-out images' noise (`lower_bound` > 0); then
-    the best of those that do.
-    """
-    size = "large" if train_examples >= thresholds.large_examples else "small"
-    frozen = frozen_choice(pilots, scored_cut, seed)
-    table = frozen if size == "small" else next(
-        p for p in pilots.values() if p.strategy == "finetuned")
-    bounds = {name: lower_bound(p, table, seed) for name, p in pilots.items() if p is not table}
-    winners = [pilots[name] for name, bound in bounds.items() if bound > 0]
-    chosen = max(winners, key=lambda p: p.accuracy) if winners else table
-    cut = "top" if chosen.strategy == "scratch" else chosen.cut
-    similarity = "similar" if cut == "top" and chosen.strategy != "scratch" else "different"
-    if chosen.strategy == "frozen":
-        regime, init = f"small_{similarity}", "pretrained"
-    elif chosen.strategy == "finetuned":
-        regime, init = f"large_{similarity}", "pretrained"
-    else:
-        regime, init = "large_different", "scratch"
-    ran = (f"pilots on {sizes['train']:,} of the {sizes['train'] + sizes['held_out']:,} "
-           f"sampled images, scored on the {sizes['held_out']:,} held out: ")
-    size_reason = (f"{train_examples:,} training images are "
-                   f"{'at least' if size == 'large' else 'fewer than'} "
-                   f"{thresholds.large_examples:,}, so the table says {table.name}")
-    if chosen is table:
-        other = pilots[max(bounds, key=lambda n: pilots[n].accuracy)]
-        gap = round(100 * (other.accuracy - table.accuracy), 1)
-        how = (f"{gap:.1f} points above it, within noise" if gap > 0 else
-               f"{-gap:.1f} points below" if gap < 0 else "as accurate")
-        why = (f"{ran}{table.name} {table.accuracy:.3f}; no other pilot beat it outside noise "
-               f"(the next best, {other.name} {other.accuracy:.3f}, {how})")
-    else:
-        why = (f"{ran}{chosen.name} {chosen.accuracy:.3f} beat {table.name} "
-               f"{table.accuracy:.3f} by {100 * (chosen.accuracy - table.accuracy):.1f} points "
-               f"(95% lower bound {100 * bounds[chosen.name]:+.1f}), so the measurement "
-               "overrides the table")
-    return regime, cut, init, size, similarity, f"{size_reason}; {why}"
 
 
 # --- The decision ----------------------------------------------------------------------
@@ -621,18 +287,23 @@ def decide(scores, train_examples, thresholds=Thresholds()):
             f"{size_reason}; {why}; pretraining adds {gain:.3f} at {cut!r}, so {action}")
 
 
-def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CUT_POINTS,
-           verbose=1, pilots=None):
-    """Measures `data` (a `data.Datasets`) with the plan's backbone; returns (`Advice`, `Sample`).
+def scored_weights(plan):
+    """The weights the advisor scores as pretrained: "none" (random init alone) when the
+    plan has none or trains from scratch."""
+    weights = "none" if plan.config.init == "scratch" else plan.weights
+    return "none" if weights is None else weights
 
-    `pilots` (`PilotSettings`, or None for the scores alone): short real runs on
-    the sample decide (`run_pilots`, `decide_by_pilots`) where there are
-    pretrained weights to compare with.
+
+def measure(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CUT_POINTS,
+            verbose=1, keep_images=False):
+    """Scores `data` (a `data.Datasets`) with the plan's backbone at every cut and decides
+    by the scores (`decide`); returns (`Advice`, `Sample`). The pilots
+    (pilots.py) can decide after it.
 
     When the sample is the whole training set, a run of the advised regime
     takes its features at the advised cut as its first cached view
     (`train.finetune(..., first_view=...)`): un-augmented, beside the
-    augmented views it computes.
+    augmented views it computes. `keep_images`: see `extract`.
     """
     start = time.time()
     config = plan.config
@@ -647,11 +318,9 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
         raise ValueError(f"advisor.sample={sample} cannot hold {MIN_PER_CLASS} images of each of "
                          f"{len(data.class_names)} classes: give at least "
                          f"{MIN_PER_CLASS * len(data.class_names)}")
-    weights = "none" if config.init == "scratch" else plan.weights
-    pretrained = weights not in (None, "none")
-    measured = extract(data, config.backbone, weights, plan.image_size, layers,
+    measured = extract(data, config.backbone, scored_weights(plan), plan.image_size, layers,
                        sample=sample, seed=config.seed, verbose=verbose,
-                       keep_images=pilots is not None and pretrained)
+                       keep_images=keep_images)
     counts = np.bincount(measured.labels, minlength=len(data.class_names))
     few = [f"{data.class_names[i]} ({counts[i]})" for i in range(len(counts))
            if counts[i] < MIN_PER_CLASS]
@@ -666,28 +335,13 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
         notes.append("the top cut was not scored: the data counts as different")
     regime, cut, init, size, similarity, reasons = decide(
         scores, int(data.train_examples), thresholds)
-    ran, sizes = {}, {}
-    if pilots is not None and pretrained:
-        scratch = pilots.runs_scratch(size)
-        print("Pilot runs on the sample: a frozen head at each cut, then short runs "
-              f"fine-tuned{' and from scratch' if scratch else ''}", flush=True)
-        ran, sizes = run_pilots(config, measured, data.class_names, int(data.train_examples),
-                                pilots, [c for c in scores if "pretrained" in scores[c]], cut,
-                                scratch=scratch)
-        regime, cut, init, size, similarity, reasons = decide_by_pilots(
-            ran, cut, int(data.train_examples), sizes, thresholds, config.seed)
     advice = Advice(
         backbone=config.backbone, regime=regime, cut=cut, init=init,
         pool_grid=pool_grid_for(cut), size=size, similarity=similarity, reasons=reasons,
-        scores=scores,
-        train_examples=int(data.train_examples),
+        scores=scores, train_examples=int(data.train_examples),
         per_class={name: int(c) for name, c in zip(data.class_names, counts)},
         sample=len(measured.labels), thresholds=dataclasses.asdict(thresholds), notes=notes,
-        seconds=round(time.time() - start, 2),
-        pilots={name: {"accuracy": round(p.accuracy, 4), "seconds": round(p.seconds, 1)}
-                for name, p in ran.items()},
-        pilot_images=dict(sizes),
-        decided_by="pilots" if ran else "scores")
+        seconds=round(time.time() - start, 2))
     return advice, measured
 
 
@@ -800,71 +454,3 @@ def format_backbones(best):
         mark = "  <- best" if name == best.backbone else ""
         lines.append(f"{name:<{width}} {advice:<34} {what.replace('_', ' ')} {value:.3f}{mark}")
     return "\n".join(lines)
-
-
-# --- --regime=auto: the advice, then a run of the advised regime --------------------------
-
-AUTO = "auto"  # config.regime: the advisor decides (tl_keras.finetune, tools/finetune.py)
-# Until the advisor has decided, a config with regime=auto reads this regime's config file
-# and resolves as it (any regime would do: the advisor needs only the backbone and the data).
-STAND_IN = "small_similar"
-
-
-def config_file_regime(regime):
-    """The regime whose configs/<regime>.py a config of `regime` starts from."""
-    return STAND_IN if regime == AUTO else regime
-ADVISED = ("cut", "init", "pool_grid")  # what the advisor decides besides the regime
-
-
-def probe_config(config, given=()):
-    """`config` with a placeholder regime, to resolve and load data with before the
-    advisor decides; the keys it decides may not be `given` (set by the caller)."""
-    taken = sorted(set(given) & set(ADVISED))
-    if taken:
-        raise ValueError(f"--regime=auto decides {', '.join(ADVISED)}; drop {', '.join(taken)} "
-                         "or name a regime")
-    from tl_keras import plan as plan_lib
-
-    config = plan_lib.editable(config)
-    config.regime = STAND_IN
-    return config
-
-
-def advised_plan(plan, datasets, strategy=None, given=None, verbose=0):
-    """Runs the advisor on `datasets` with `plan`'s backbone, prints its table, and
-    returns (the plan of the advised regime, the advisor's features to reuse as the
-    first cached view or None, the `Advice`).
-
-    `given`: the keys the caller set over a regime's config file (None: the
-    config is the caller's own, e.g. `--config=FILE`). With `given`, the advised
-    regime's own config file is read and takes those keys from `plan`; else
-    `plan`'s config is kept. Either way `config.advice` records the decision.
-    """
-    import importlib
-
-    import ml_collections
-
-    from tl_keras import plan as plan_lib
-
-    config = plan_lib.editable(plan.config)
-    knobs = config.advisor
-    print(f"Regime advisor: scoring {config.backbone} at every cut on up to "
-          f"{knobs.sample} training images, pretrained and at random init")
-    advice, sample = advise(plan, datasets, sample=knobs.sample,
-                            thresholds=Thresholds.from_config(knobs), verbose=verbose,
-                            pilots=PilotSettings.from_config(knobs))
-    print(format_table(advice))
-    if given is not None:  # the advised regime's own defaults, then the caller's
-        final = importlib.import_module(f"tl_keras.configs.{advice.regime}").get_config()
-        for key in given:
-            final[key] = config[key]
-        final.workdir = config.workdir
-    else:
-        final = config
-    final.update(advice.config_overrides())
-    final.advice = ml_collections.ConfigDict(advice.decision())
-    plan = plan_lib.resolve(final)
-    key = f"pretrained/{advice.cut}"
-    reusable = (sample.whole_view and key in sample.features and strategy is None
-                and not plan.config.mixed_precision.startswith("mixed"))
-    return plan, ((sample.features[key], sample.labels) if reusable else None), advice

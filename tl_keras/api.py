@@ -26,8 +26,7 @@ import time
 
 import ml_collections
 
-import tl_keras
-from tl_keras import advise, backbones, plan as plan_lib, run_folder, trainable
+from tl_keras import advise, backbones, plan as plan_lib, prepare, run_folder
 
 
 # --- Configs -----------------------------------------------------------------------------
@@ -38,13 +37,11 @@ def make_config(regime="small_similar", config=None, folder="runs", prefix=None,
     workdir set, a new `folder/<prefix or regime>_<backbone>_<time>`.
 
     Returns (config, given): `given` is the keys set over a regime's config file,
-    or None when `config` was your own (`advise.advised_plan` reads them).
+    or None when `config` was your own (`prepare.prepare` reads them).
     """
-    if regime not in (*trainable.REGIMES, advise.AUTO):
-        raise ValueError(f"unknown regime {regime!r}; valid regimes: "
-                         f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
+    prepare.check_regime(regime)
     if config is None:
-        name = advise.config_file_regime(regime)
+        name = prepare.config_file_regime(regime)
         config = importlib.import_module(f"tl_keras.configs.{name}").get_config()
         given = set(overrides)
     elif isinstance(config, dict):  # keys over configs/base.py's defaults
@@ -124,34 +121,6 @@ def refuse_nonempty(workdir):
         raise ValueError(f"workdir {workdir!r} is not empty; choose another --workdir")
 
 
-def make_strategy(plan):
-    """The tf.distribute strategy `plan.distribution` names (None: one device), announced."""
-    from tl_keras import distribute
-
-    strategy = distribute.get_strategy(plan.distribution, plan.config.peer_timeout)
-    if strategy is not None:
-        print(f"Distribution: {distribute.name_of(strategy)}, "
-              f"{distribute.replicas(strategy)} replicas, global batch "
-              f"{distribute.global_batch(plan.config, strategy)} "
-              f"({plan.config.batch_size} per replica)")
-    return strategy
-
-
-def load_data(plan, strategy=None):
-    """`data.load` at the strategy's global batch, announced; the backbone's cut
-    and weights are checked first, as reading a real dataset takes minutes."""
-    from tl_keras import data, distribute
-
-    config = plan.config
-    backbones.check_buildable(config.backbone, plan.weights, plan.image_size, plan.cut)
-    datasets = data.load(config, image_size=plan.image_size,
-                         batch_size=distribute.global_batch(config, strategy),
-                         drop_remainder=distribute.replicas(strategy) > 1)
-    print(f"Data: {datasets.train_examples} training and {datasets.val_examples} "
-          f"validation images, {len(datasets.class_names)} classes, {config.image_size}px")
-    return datasets
-
-
 # --- Fine-tune ---------------------------------------------------------------------------
 
 class PeerFailure(RuntimeError):
@@ -207,71 +176,33 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
     """`finetune` of a config made already (`make_config`; tools/finetune.py's flags)."""
     from tl_keras import distribute, export, train
 
-    auto = config.regime == advise.AUTO
-    names = [config.backbone]
-    if auto:  # --backbone=a,b,c: each is advised on, the best one runs
-        names = advise.backbone_names(config.backbone)
-        config = advise.probe_config(config, given or ())
-        config.backbone = names[0]
-    plan = plan_lib.resolve(config)
-    if not auto:
-        plan_lib.refuse_unused_recipe(plan)
-    strategy = make_strategy(plan)  # before any other TensorFlow work
-    workdir = plan.config.workdir
-    if distribute.writes(strategy):  # a finished run, another run's folder: refused now
-        if auto:  # its config is known once the advisor has decided
-            run_folder.refuse_finished(workdir)
-        else:
-            run_folder.check(workdir, plan.to_dict())
-    if export_dir:  # checked before training, not after
-        export.check_export_dir(export_dir)
-    print(f"Run folder: {workdir}")
+    def check_folder(plan, strategy):  # a finished run, another run's folder: refused now
+        if distribute.writes(strategy):
+            run_folder.check(plan.config.workdir, plan.to_dict())
+
+    def before_data(plan, strategy):
+        if distribute.writes(strategy):
+            run_folder.refuse_finished(plan.config.workdir)
+        if export_dir:  # checked before training, not after
+            export.check_export_dir(export_dir)
+        print(f"Run folder: {plan.config.workdir}")
+
+    strategy = None
     try:
-        datasets = load_data(plan, strategy)
-        first_view = advice = None
-        if auto:
-            plan, datasets, first_view, advice = _advised(config, plan, datasets, names,
-                                                          strategy, given)
-            unused = plan_lib.unused_recipe(plan)
-            if unused:
-                print(f"Note: {unused}: not used.")
-        metrics = train.finetune(plan, datasets, strategy=strategy, first_view=first_view)
+        ready = prepare.prepare(config, given, on_plan=check_folder, before_data=before_data)
+        strategy = ready.strategy
+        metrics = train.finetune(ready.plan, ready.datasets, strategy=strategy,
+                                 first_view=ready.first_view)
     except Exception as e:
         if distribute.uses_loop(strategy) and distribute.is_peer_failure(e):
             raise PeerFailure(str(e)) from e
         raise
-    run = Run(workdir=workdir, metrics=metrics, advice=advice, plan=plan,
+    workdir = ready.plan.config.workdir
+    run = Run(workdir=workdir, metrics=metrics, advice=ready.advice, plan=ready.plan,
               chief=distribute.writes(strategy))
     if export_dir and run.chief:
         run.export = _export(workdir, export_dir, export_format, export_quantize)
     return run
-
-
-def _advised(config, plan, datasets, names, strategy, given):
-    """`advise.advised_plan` for each backbone in `names` (`plan`, resolved from the probe
-    `config`, has the first); returns the best one's (plan, datasets, first view, advice)."""
-    results, loaded = [], {plan.image_size: datasets}
-    for i, name in enumerate(names):
-        if len(names) > 1:
-            print(f"Backbone {i + 1}/{len(names)}: {name}")
-        if i:
-            config = plan_lib.editable(config)
-            config.backbone = name
-            plan = plan_lib.resolve(config)  # image_size 0: this backbone's own
-        if plan.image_size not in loaded:
-            loaded[plan.image_size] = load_data(plan, strategy)
-        advised, first_view, advice = advise.advised_plan(
-            plan, loaded[plan.image_size], strategy, given, verbose=int(tl_keras.interactive()))
-        results.append((advised, loaded[plan.image_size], first_view, advice))
-    if len(results) == 1:
-        return results[0]
-    best = advise.choose_backbone([r[3] for r in results])
-    print(advise.format_backbones(best))
-    advised, datasets, first_view, _ = results[[r[3].backbone for r in results].index(
-        best.backbone)]
-    final = plan_lib.editable(advised.config)
-    final.advice = ml_collections.ConfigDict(best.decision())
-    return plan_lib.resolve(final), datasets, first_view, best
 
 
 def _export(workdir, export_dir, export_format, quantize):
@@ -356,41 +287,22 @@ def advise_regime(dataset=None, *, cuts=None, config=None, **overrides):
         overrides["dataset"] = dataset
     if isinstance(cuts, str):  # "early,late" as the tool's --cuts takes it
         cuts = [c.strip() for c in cuts.split(",") if c.strip()]
-    config, _ = make_config(advise.STAND_IN, config, prefix="advice", **overrides)
+    config, _ = make_config(prepare.AUTO, config, prefix="advice", **overrides)
     return advise_config(config, cuts)
 
 
 def advise_config(config, cuts=None):
     """`advise_regime` of a config made already (tools/advise.py's flags). With
     `backbone="a,b,c"` each backbone is advised on and the best one's advice written."""
+    folder = []
 
-    config = plan_lib.editable(config)
-    config.regime = advise.STAND_IN
-    names = advise.backbone_names(config.backbone)
-    advices, loaded = [], {}
-    for i, name in enumerate(names):
-        config.backbone = name
-        plan = plan_lib.resolve(config)
-        if not i:
-            refuse_nonempty(plan.config.workdir)
-        if len(names) > 1:
-            print(f"Backbone {i + 1}/{len(names)}: {name}")
-        if plan.image_size not in loaded:
-            loaded[plan.image_size] = load_data(plan)
-        knobs = plan.config.advisor
-        advice, _ = advise.advise(
-            plan, loaded[plan.image_size], sample=knobs.sample,
-            cuts=tuple(cuts or backbones.CUT_POINTS),
-            thresholds=advise.Thresholds.from_config(knobs),
-            verbose=int(tl_keras.interactive()), pilots=advise.PilotSettings.from_config(knobs))
-        print(advise.format_table(advice))
-        advices.append(advice)
-    advice = advices[0]
-    if len(advices) > 1:
-        advice = advise.choose_backbone(advices)
-        print(advise.format_backbones(advice))
-    workdir = plan.config.workdir
-    return AdviceRun(advice, tuple(advise.write(advice, workdir)), workdir)
+    def before_data(plan, strategy):
+        folder.append(plan.config.workdir)  # normalised by the plan
+        refuse_nonempty(folder[0])
+
+    ready = prepare.prepare(config, before_data=before_data, cuts=cuts, decide=False)
+    workdir = folder[0]
+    return AdviceRun(ready.advice, tuple(advise.write(ready.advice, workdir)), workdir)
 
 
 @dataclasses.dataclass
@@ -432,7 +344,7 @@ def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_
     """`find_learning_rate` of a config made already (tools/lr_find.py's flags)."""
     from tl_keras import features, lr_find, train
 
-    if config.regime == advise.AUTO:
+    if config.regime == prepare.AUTO:
         raise ValueError("the range test needs a regime; --regime=auto decides one while "
                          "training (run tools/advise.py first)")
     lr_find.check_range(steps, min_rate, max_rate)  # before the data is read
@@ -445,7 +357,7 @@ def find_learning_rate_config(config, phase=None, steps=100, min_rate=1e-7, max_
                          f"{', '.join(names)}")
     workdir = plan.config.workdir
     refuse_nonempty(workdir)
-    datasets = load_data(plan)
+    datasets = prepare.load_data(plan)
     with train.dtype_policy(plan):
         model, _ = train.build(plan, len(datasets.class_names), datasets.channels)
         if plan.config.init == "pretrained":  # as a run's first phase starts
@@ -495,7 +407,7 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model"):
     from tl_keras import evaluate
 
     result = evaluate.evaluate_run(workdir, dataset=dataset, tta=tta, top_k=top_k,
-                                   which=which, verbose=int(tl_keras.interactive()))
+                                   which=which, verbose=int(plan_lib.interactive()))
     return Evaluation(workdir, result)
 
 

@@ -8,32 +8,28 @@ prefetches:
     source -> Examples -> resize (uint8) -> cache -> shuffle -> batch
            -> augment (train only) -> prefetch
 
+A folder's files are checked once before any of this (image_files.py); the
+augmentation is augment.py's.
+
 Example:
     data = load(config)          # config.dataset: a folder, "tfds:NAME", "digits", ...
     model.fit(data.train, validation_data=data.val)
 """
 
-import concurrent.futures
-import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import os
-import re
 import socket
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import run_folder
+from tl_keras import augment as augment_lib
 from tl_keras.arrays import BUILTIN, load_builtin, split_indices
+from tl_keras.image_files import (IMAGE_EXTENSIONS, CheckedFiles, check_images, decode, listdir,
+                                  listing)
 
 AUTOTUNE = tf.data.AUTOTUNE
-RAND_AUGMENT_STREAM = 7  # Augmentation: RandAugment's seed, folded from the batch's
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass
@@ -133,8 +129,20 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
     """
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist")
+    class_names = _class_folders(root)
+    paths, labels = _class_files(root, class_names)
+    paths, labels, bad = readable_files(paths, labels, root, strict)
+    for label, name in enumerate(class_names):
+        if label not in labels:
+            raise ValueError(f"class folder {name!r} has no readable images left")
+    return from_paths(paths, labels, class_names, val_fraction, seed, max_examples,
+                      examples_per_class, skipped=[p for p, _ in bad])
+
+
+def _class_folders(root):
+    """The class names of `root`: its subfolders, at least 2, each name one printable line."""
     class_names = sorted(
-        d for d in _listdir(root, "dataset folder")
+        d for d in listdir(root, "dataset folder")
         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     unlisted = [d for d in class_names if not d.isprintable()]
     if unlisted:  # labels.txt holds one class per line: a name must be one printable line
@@ -144,10 +152,16 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         raise ValueError(
             f"dataset folder {root!r} needs one subfolder per class and at least "
             f"2 classes; found {len(class_names)}: {class_names}")
+    return class_names
+
+
+def _class_files(root, class_names):
+    """(paths, labels) of the image files in each class folder; what else a class folder
+    holds is named on stderr, not read."""
     paths, labels, ignored = [], [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        entries = sorted(f for f in _listdir(folder, "class folder") if not f.startswith("."))
+        entries = sorted(f for f in listdir(folder, "class folder") if not f.startswith("."))
         files = [f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)
                  and os.path.isfile(os.path.join(folder, f))]
         ignored += [os.path.join(folder, f) for f in sorted(set(entries) - set(files))]
@@ -160,7 +174,13 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         print(listing(f"Not read: {len(ignored)} entries of class folders that are not "
                        f"{'/'.join(IMAGE_EXTENSIONS)} files (nested folders are not read either)",
                        [p + ("/" if os.path.isdir(p) else "") for p in ignored]), file=sys.stderr)
+    return paths, labels
 
+
+def readable_files(paths, labels, root, strict=False):
+    """(paths, labels, bad) without the files TensorFlow cannot decode (`bad`: their
+    (path, reason), named on stderr), checked once per file (`CheckedFiles` of `root`);
+    with `strict`, the first bad file is a `ValueError` instead."""
     bad = check_images(paths, CheckedFiles(root))
     if bad and strict:
         path, reason = bad[0]
@@ -172,10 +192,13 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
         bad_paths = {p for p, _ in bad}
         kept = [(p, l) for p, l in zip(paths, labels) if p not in bad_paths]
         paths, labels = [p for p, _ in kept], [l for _, l in kept]
-        for label, name in enumerate(class_names):
-            if label not in labels:
-                raise ValueError(f"class folder {name!r} has no readable images left")
+    return paths, labels, bad
 
+
+def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_examples=None,
+               examples_per_class=None, skipped=()):
+    """`Examples` of image files at `paths` (checked: `readable_files`) with integer
+    `labels`, split by seed, decoded as training reads them."""
     train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples,
                                        examples_per_class)
     train_idx = _seeded_order(train_idx, seed)
@@ -183,154 +206,11 @@ def from_folder(root, val_fraction=0.2, seed=0, max_examples=None, examples_per_
 
     def dataset(idx):
         ds = tf.data.Dataset.from_tensor_slices((paths[idx], labels[idx]))
-        return ds.map(lambda p, y: (_decode(p), y), num_parallel_calls=AUTOTUNE)
+        return ds.map(lambda p, y: (decode(p), y), num_parallel_calls=AUTOTUNE)
 
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
-                    len(train_idx), len(val_idx), channels=3,
-                    skipped=[p for p, _ in bad],
+                    len(train_idx), len(val_idx), channels=3, skipped=list(skipped),
                     train_label_counts=np.bincount(labels[train_idx], minlength=len(class_names)))
-
-
-def listing(title, lines, shown=5):
-    """`title:` and the first `shown` lines, indented, then how many more."""
-    more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
-    return "\n  ".join([title + ":", *lines[:shown], *more])
-
-
-def _listdir(folder, what):
-    """`os.listdir(folder)`; a folder that cannot be read is a one-line `ValueError`."""
-    try:
-        return os.listdir(folder)
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {folder!r}: {e.strerror}") from None
-
-
-def _decode(path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                               expand_animations=False)  # a GIF's first frame
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _check_file(path):
-    """Why TensorFlow cannot decode the file at `path`, or None when it can."""
-    try:
-        image = _decode(tf.constant(path))
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            return "empty image"
-    except (tf.errors.OpError, ValueError) as e:
-        return _short_reason(e.message if hasattr(e, "message") else str(e))
-    return None
-
-
-def check_images(paths, manifest=None):
-    """[(path, reason)] for each file TensorFlow cannot decode, in order.
-
-    With a `CheckedFiles` manifest, a file it holds unchanged (same size and
-    modification time) is not decoded again; the others are, and are recorded.
-    """
-    known = manifest.known(paths) if manifest is not None else {}
-    todo = [p for p in paths if p not in known]
-    progress = keras.utils.Progbar(len(todo), unit_name="file") if len(todo) > 2000 else None
-    found = {}
-    with _native_stderr_dropped(), \
-            concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for i, (path, reason) in enumerate(zip(todo, pool.map(_check_file, todo))):
-            found[path] = reason
-            if progress and (i + 1) % 500 == 0:
-                progress.update(i + 1)
-    if progress:
-        progress.update(len(todo), finalize=True)
-    if manifest is not None and todo:
-        manifest.save(found)
-    reasons = {**known, **found}
-    return [(p, reasons[p]) for p in paths if reasons[p]]
-
-
-class CheckedFiles:
-    """What decoding each file of an image folder found, kept between starts:
-    relative path -> [size, mtime_ns, reason or None], in one JSON file per folder
-    under `$TL_KERAS_CACHE` (default ~/.cache/tl_keras) `/checked/`, written whole.
-
-    A second start on an unchanged folder decodes nothing to check it; a file
-    whose size or modification time changed is decoded again. The dataset
-    folder itself is never written to.
-    """
-
-    def __init__(self, root):
-        self.root = os.path.realpath(root)
-        cache = os.environ.get("TL_KERAS_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "tl_keras")
-        digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
-        self.path = os.path.join(cache, "checked", f"{digest}.json")
-        self.entries, self.stats = {}, {}
-        try:
-            with open(self.path) as f:
-                saved = json.load(f)
-            if saved.get("root") == self.root:
-                self.entries = saved["files"]
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass  # none yet, or unreadable: every file is checked
-
-    def _key(self, path):
-        return os.path.relpath(os.path.realpath(path), self.root)
-
-    def known(self, paths):
-        """{path: reason or None} of `paths` the manifest holds unchanged."""
-        out = {}
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # checked (and reported) by decoding
-            self.stats[path] = [st.st_size, st.st_mtime_ns]
-            entry = self.entries.get(self._key(path))
-            if entry is not None and entry[:2] == self.stats[path]:
-                out[path] = entry[2]
-        return out
-
-    def save(self, found):
-        """Records `found` {path: reason or None}; a cache that cannot be written is skipped."""
-        for path, reason in found.items():
-            if path in self.stats:
-                self.entries[self._key(path)] = [*self.stats[path], reason]
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            run_folder.write_json(self.path, {"root": self.root, "files": self.entries},
-                                  indent=None)
-        except OSError as e:
-            print(f"warning: cannot keep the checked-files manifest {self.path!r} "
-                  f"({e.strerror}); the next start checks every file again", file=sys.stderr)
-
-
-def _short_reason(message):
-    """TensorFlow's decode error without its op names: "Input is empty."."""
-    line = (message.strip().splitlines() or ["cannot be decoded"])[0]
-    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
-    return re.sub(r"\s*\[Op:\w+\].*$", "", line) or "cannot be decoded"
-
-
-@contextlib.contextmanager
-def _native_stderr_dropped():
-    """Drops what native code writes to file descriptor 2 meanwhile.
-
-    libjpeg and TensorFlow's logging print a line of their own for each bad
-    file ("Premature end of JPEG data"); `check_images` reports each bad file
-    once, with its reason, instead.
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _seeded_order(indices, seed):
@@ -394,21 +274,7 @@ def from_tfds(spec, config):
     Without network, a dataset that is not prepared in the data directory
     fails at once instead of waiting out TFDS' download timeouts.
     """
-    import tensorflow_datasets as tfds
-
-    data_dir = config.tfds_data_dir or None
-    try:
-        builder = tfds.builder(spec, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends
-        raise ValueError(f"unknown TFDS dataset {spec!r}: {str(e).splitlines()[0]}") from e
-    if not builder.is_prepared():
-        if not network_available():
-            raise ValueError(
-                f"TFDS dataset {spec!r} is not prepared in {builder.data_dir} and there "
-                "is no network to download it; prepare it where there is network "
-                "(`tfds build`) and pass --config.tfds_data_dir")
-        builder.download_and_prepare()
-
+    builder = _tfds_builder(spec, config.tfds_data_dir or None)
     info = builder.info
     splits = set(info.splits.keys()) if info.splits else set()
     train_split = config.train_split or "train"
@@ -446,6 +312,25 @@ def from_tfds(spec, config):
     return Examples(train, val, class_names, _count(train), _count(val), channels)
 
 
+def _tfds_builder(spec, data_dir):
+    """The prepared TFDS builder of `spec`, downloaded and prepared first when there
+    is network; without, a one-line `ValueError` at once."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends
+        raise ValueError(f"unknown TFDS dataset {spec!r}: {str(e).splitlines()[0]}") from e
+    if not builder.is_prepared():
+        if not network_available():
+            raise ValueError(
+                f"TFDS dataset {spec!r} is not prepared in {builder.data_dir} and there "
+                "is no network to download it; prepare it where there is network "
+                "(`tfds build`) and pass --config.tfds_data_dir")
+        builder.download_and_prepare()
+    return builder
+
+
 def _count(ds):
     n = int(ds.cardinality())
     if n < 0:  # unknown: count once
@@ -476,7 +361,7 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
     def resize_example(image, y):
         return tf.cast(resize(image, size), tf.uint8), y
 
-    augment = augmentation(config)
+    augment = augment_lib.augmentation(config)
     cache_limit = config.image_cache_bytes
     # TensorFlow combines an op's seed with the global seed, and uses a default one
     # when none is set: without this the shuffle order depended on whether anything
@@ -494,7 +379,7 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
             ds = ds.shuffle(min(n, 10_000), seed=config.seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=training and drop_remainder)
         if training and augment is not None:
-            ds = augment_batches(ds, augment, config.seed)
+            ds = augment_lib.augment_batches(ds, augment, config.seed)
         return ds.prefetch(AUTOTUNE)
 
     return Datasets(
@@ -522,164 +407,3 @@ def resize(image, size):
     image = tf.cond(shrinks, lambda: tf.image.resize(image, size, antialias=True),
                     lambda: tf.image.resize(image, size))
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """Random flips, zooms, rotations (and RandAugment) of a batch, drawn from a seed alone.
-
-    The same batch and seed give the same images, in any thread: the ops are
-    stateless (`tf.image.stateless_random_*`, `tf.random.stateless_uniform`),
-    unlike Keras' RandomFlip / RandomZoom / RandomRotation, whose shared
-    SeedGenerator a parallel `map` draws from in a varying order (the same
-    command then gave 0.818-0.827). `make_datasets` gives each batch its seed
-    from a seeded stream that changes each epoch, so each epoch (and each cached
-    view) is augmented anew, the same way in every run of the same config.
-
-    As Keras' layers: a zoom factor z scales by 1 +- z (in or out), a rotation
-    factor r turns by up to r of a full turn either way, both about the centre,
-    bilinear, the edges reflected. Then, when given, Keras' RandAugment, its draws
-    taken from the batch's seed too (keras_internals.seeded_rand_augment).
-    """
-
-    flip: str          # horizontal | vertical | horizontal_and_vertical | none
-    zoom: float        # fraction of the size; 0: off
-    rotation: float    # fraction of a full turn; 0: off
-    rand_augment: object = None  # keras_internals.seeded_rand_augment(...), or None
-
-    def __call__(self, images, seed):
-        """`images` [B, H, W, C] (any real dtype) augmented, float32; `seed`: int64 [2]."""
-        images = tf.cast(images, tf.float32)
-        seeds = tf.random.experimental.stateless_split(seed, 4)
-        if self.flip in ("horizontal", "horizontal_and_vertical"):
-            images = tf.image.stateless_random_flip_left_right(images, seeds[0])
-        if self.flip in ("vertical", "horizontal_and_vertical"):
-            images = tf.image.stateless_random_flip_up_down(images, seeds[1])
-        if self.zoom or self.rotation:
-            images = self._zoom_and_rotate(images, seeds[2], seeds[3])
-        if self.rand_augment is not None:  # its own seed: the streams above stay as they were
-            images = self._rand_augment(images, tf.random.experimental.stateless_fold_in(
-                seed, RAND_AUGMENT_STREAM))
-        return images
-
-    def _rand_augment(self, images, seed):
-        """RandAugment of 0-255 images. Its colour ops need RGB: grey (with or without
-        alpha) goes through as RGB and comes back grey; alpha is left as it was."""
-        channels = images.shape[-1]
-        if channels == 3:
-            return self.rand_augment.augment(images, seed)
-        if channels in (1, 2):
-            grey = self.rand_augment.augment(tf.concat([images[..., :1]] * 3, -1), seed)
-            return tf.concat([grey[..., :1], images[..., 1:]], -1)
-        return tf.concat([self.rand_augment.augment(images[..., :3], seed), images[..., 3:]], -1)
-
-    def _zoom_and_rotate(self, images, zoom_seed, angle_seed):
-        batch = tf.shape(images)[0]
-        scale = tf.random.stateless_uniform([batch], zoom_seed, 1 - self.zoom, 1 + self.zoom)
-        turn = 2 * math.pi * self.rotation
-        return zoom_and_rotate(images, scale,
-                               tf.random.stateless_uniform([batch], angle_seed, -turn, turn))
-
-
-def zoom_and_rotate(images, scale, angle):
-    """`images` [B, H, W, C] float32, each scaled by `scale` [B] (> 1: zoomed out) and
-    turned by `angle` [B] (radians) about its centre; bilinear, the edges reflected."""
-    shape = tf.shape(images)
-    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    # Output pixel (x, y) reads the input at centre + scale * R(angle) (xy - centre).
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    cos, sin = scale * tf.cos(angle), scale * tf.sin(angle)
-    zeros = tf.zeros_like(cos)
-    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                           sin, cos, cy - sin * cx - cos * cy, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=shape[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
-
-
-def augmentation(config):
-    """The training side's `Augmentation`, or None when it is off.
-
-    `augment_flip`: "horizontal", "vertical", "horizontal_and_vertical" or "none";
-    `augment_zoom`, `augment_rotation`: factors (fraction of size / of a full turn), 0 = off;
-    `rand_augment`: RandAugment's ops per batch (Keras' layer, drawn from the batch's
-    seed: keras_internals.seeded_rand_augment), 0 = off, at `rand_augment_magnitude`.
-    """
-    if not config.augment:
-        return None
-    flip = config.augment_flip or "none"
-    if (flip == "none" and not config.augment_zoom and not config.augment_rotation
-            and not config.rand_augment):
-        return None
-    rand_augment = None
-    if config.rand_augment:
-        from tl_keras import keras_internals
-
-        rand_augment = keras_internals.seeded_rand_augment(
-            value_range=(0, 255), num_ops=int(config.rand_augment),
-            factor=float(config.rand_augment_magnitude), seed=int(config.seed))
-    return Augmentation(flip, float(config.augment_zoom), float(config.augment_rotation),
-                        rand_augment)
-
-
-def augment_batches(ds, augment, seed):
-    """`ds` of (images, labels) batches augmented in parallel, each batch by its own
-    seed: (`seed`, a draw of a stream seeded by `seed` that is drawn anew each time
-    `ds` is read), so the same in every run and different in each epoch."""
-    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip(ds, draws)
-    return ds.map(lambda batch, draw: (augment(batch[0], tf.stack([tf.constant(seed, tf.int64),
-                                                                   draw])), batch[1]),
-                  num_parallel_calls=AUTOTUNE, deterministic=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mix:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with itself
-    shuffled, the labels mixed in the same proportion: one lambda per batch from
-    Beta(alpha, alpha), drawn from a seed alone (stateless ops, as `Augmentation`).
-    CutMix pastes a box covering 1 - lambda of the image from the shuffled batch,
-    and mixes the labels by the box's area as cut (clipped at the edges)."""
-
-    kind: str       # mixup | cutmix
-    alpha: float    # Beta(alpha, alpha)
-    num_classes: int
-
-    def __call__(self, images, labels, seed):
-        """(images float32, labels [B, num_classes] float32) mixed; `seed`: int64 [2]."""
-        images = tf.cast(images, tf.float32)
-        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.num_classes)
-        seeds = tf.random.experimental.stateless_split(seed, 4)
-        size = tf.shape(images)[0]
-        order = tf.argsort(tf.random.stateless_uniform([size], seeds[0]))
-        a = tf.random.stateless_gamma([], seeds[1], alpha=self.alpha)
-        b = tf.random.stateless_gamma([], seeds[2], alpha=self.alpha)
-        lam = a / (a + b)
-        if self.kind == "mixup":
-            images = lam * images + (1 - lam) * tf.gather(images, order)
-        else:
-            inside, lam = _box(tf.shape(images)[1], tf.shape(images)[2], 1 - lam, seeds[3])
-            images = tf.where(inside[None, :, :, None], tf.gather(images, order), images)
-        return images, lam * labels + (1 - lam) * tf.gather(labels, order)
-
-
-def _box(height, width, area, seed):
-    """A [height, width] mask of a box covering `area` of the image at a random centre
-    (clipped at the edges), and 1 - the area it covers after clipping."""
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    cy, cx = tf.unstack(tf.random.stateless_uniform([2], seed) * tf.stack([h, w]))
-    half_h, half_w = h * tf.sqrt(area) / 2, w * tf.sqrt(area) / 2
-    rows = tf.range(h)[:, None] + 0.5
-    cols = tf.range(w)[None, :] + 0.5
-    inside = ((rows >= cy - half_h) & (rows < cy + half_h)
-              & (cols >= cx - half_w) & (cols < cx + half_w))
-    return inside, 1 - tf.reduce_mean(tf.cast(inside, tf.float32))
-
-
-def mix_batches(ds, mix, seed):
-    """`ds` of (images, labels) batches mixed by `mix` (a `Mix`), each batch by its own
-    seed drawn as `augment_batches` draws them (another stream: `seed` + 1)."""
-    draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip(ds, draws)
-    return ds.map(lambda batch, draw: mix(batch[0], batch[1], tf.stack(
-        [tf.constant(seed, tf.int64), draw])), num_parallel_calls=AUTOTUNE, deterministic=True)

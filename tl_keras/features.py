@@ -215,39 +215,12 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
     if spill and not spill_dir:
         raise ValueError(f"features need {total_bytes / 2**30:.1f} GiB, over the memory "
                          "limit, and no folder to spill them to")
-    stored = spill_dir if spill else "memory"
     if spill:
         os.makedirs(spill_dir, exist_ok=True)
-
-    def allocate(name, n):
-        return np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), "w+",
-                                         "float32", (n, dim))
-
     if getattr(data, "drop_remainder", False) or not inference_batch:
         inference_batch = batch_size
-    from tl_keras import folded as folded_lib
-
-    # In-memory passes: folded once, for all of them, where it applies.
-    folded = not spill and bool(folded or (folded is None and folded_lib.usable()))
-    run_with = folded_lib.fold(extract) if folded else extract
-
-    def run(source, n, name):
-        began = time.time()
-        if spill:  # batch by batch into files: `predict_on_batch`
-            out, labels = _pass_by_batch(extract, source, allocate(name, n), batch_size, verbose)
-        else:
-            if not isinstance(source, tuple):
-                source = rebatch(source, inference_batch)
-            out, labels = folded_lib.predict(run_with, source, int(inference_batch),
-                                             verbose=int(verbose == 1), total=n, fold_it=folded)
-            out = np.asarray(out, "float32")
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != n:
-            raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
-        if verbose == 2:
-            print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
-        return out, labels.astype("int32")
-
+    passes = _Passes(extract, spill_dir if spill else None, batch_size, inference_batch,
+                     verbose, folded)
     train_views = []
     if first_view is not None:
         given, labels = first_view
@@ -255,12 +228,52 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
             raise ValueError(f"first_view holds features of shape {np.shape(given)}, "
                              f"expected {(n_train, dim)}")
         train_views.append((np.asarray(given, "float32"), np.asarray(labels, "int32")))
-    train_views += [run(data.train, n_train, f"train_view{v}")
+    train_views += [passes.run(data.train, n_train, f"train_view{v}")
                     for v in range(len(train_views), views)]
-    val_features, val_labels = run(data.val, n_val, "val")
+    val_features, val_labels = passes.run(data.val, n_val, "val")
     return FeatureCache(
         train=[f for f, _ in train_views], train_labels=[y for _, y in train_views],
-        val=val_features, val_labels=val_labels, seconds=time.time() - start, stored=stored)
+        val=val_features, val_labels=val_labels, seconds=time.time() - start,
+        stored=spill_dir if spill else "memory")
+
+
+class _Passes:
+    """`compute`'s forward passes of the frozen part: in memory, folded once for all of
+    them where `folded` says (folded.py), or, with a `spill_dir`, batch by batch into
+    `.npy` files there."""
+
+    def __init__(self, extract, spill_dir, batch_size, inference_batch, verbose, folded):
+        from tl_keras import folded as folded_lib
+
+        self.folded_lib = folded_lib
+        self.extract, self.spill_dir, self.verbose = extract, spill_dir, verbose
+        self.batch_size, self.inference_batch = batch_size, inference_batch
+        self.folded = spill_dir is None and bool(folded or (folded is None
+                                                            and folded_lib.usable()))
+        self.run_with = folded_lib.fold(extract) if self.folded else extract
+
+    def run(self, source, n, name):
+        """(features [n, D] float32, labels [n] int32) of one pass over `source`."""
+        began = time.time()
+        if self.spill_dir:  # batch by batch into files: `predict_on_batch`
+            dim = int(self.extract.output.shape[-1])
+            into = np.lib.format.open_memmap(os.path.join(self.spill_dir, f"{name}.npy"), "w+",
+                                             "float32", (n, dim))
+            out, labels = _pass_by_batch(self.extract, source, into, self.batch_size,
+                                         self.verbose)
+        else:
+            if not isinstance(source, tuple):
+                source = rebatch(source, self.inference_batch)
+            out, labels = self.folded_lib.predict(
+                self.run_with, source, int(self.inference_batch), verbose=int(self.verbose == 1),
+                total=n, fold_it=self.folded)
+            out = np.asarray(out, "float32")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n:
+            raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
+        if self.verbose == 2:
+            print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
+        return out, labels.astype("int32")
 
 
 def rebatch(source, batch_size):

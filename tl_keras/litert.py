@@ -336,24 +336,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     if verbose:
         print("Measuring against the Keras model on the validation split ...")
     measured = measure(tflite, reference, lite)  # the check's predictions: not run twice
-    runner = Runner(tflite)
-    float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
-    input_type, output_type = runner.types()
-    result = {
-        "format": "litert", "quantize": quantize, "file": "model.tflite",
-        "bytes": len(tflite), "float32_bytes": float32_bytes,
-        "size_vs_float32": round(len(tflite) / float32_bytes, 4),
-        "input": {"dtype": input_type, "shape": [1, *model.input.shape[1:]],
-                  "values": "raw pixels 0-255, as the Keras model takes"},
-        "output": {"dtype": output_type, "values": "class probabilities"},
-        "calibration_images": len(calibration) if quantize == "int8" else 0,
-        "float_layers": float_layers,
-        **measured,
-        "accuracy_difference_points": round(
-            100 * (measured["litert_accuracy"] - measured["keras_accuracy"]), 2),
-        "convert_seconds": round(seconds, 1),
-        "run": os.path.abspath(workdir),
-    }
+    result = {**_described(model, tflite, quantize, calibration, float_layers, measured),
+              "convert_seconds": round(seconds, 1), "run": os.path.abspath(workdir)}
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=export_dir)
     try:
         with open(os.path.join(tmp, "model.tflite"), "wb") as f:
@@ -367,6 +351,26 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         print(format_table(result))
         print(f"Exported version {os.path.basename(version_dir)} to {version_dir}")
     return version_dir, result
+
+
+def _described(model, tflite, quantize, calibration, float_layers, measured):
+    """export.json's description of the converted model: its size against float32, its
+    input and output, how it was calibrated, and what was `measured`."""
+    input_type, output_type = Runner(tflite).types()
+    float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
+    return {
+        "format": "litert", "quantize": quantize, "file": "model.tflite",
+        "bytes": len(tflite), "float32_bytes": float32_bytes,
+        "size_vs_float32": round(len(tflite) / float32_bytes, 4),
+        "input": {"dtype": input_type, "shape": [1, *model.input.shape[1:]],
+                  "values": "raw pixels 0-255, as the Keras model takes"},
+        "output": {"dtype": output_type, "values": "class probabilities"},
+        "calibration_images": len(calibration) if quantize == "int8" else 0,
+        "float_layers": float_layers,
+        **measured,
+        "accuracy_difference_points": round(
+            100 * (measured["litert_accuracy"] - measured["keras_accuracy"]), 2),
+    }
 
 
 def format_table(r):

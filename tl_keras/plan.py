@@ -7,7 +7,8 @@ epochs, loss, distribution: each wrong one a `ValueError` of one line that
 lists the valid values), fills in what the regime and the backbone decide (the
 cut point, the image size), and plans the training phases. Building
 (train.build), training (train.finetune), the tuner (tune.py) and the run
-folder (config.json) all read the same `Plan`; nothing resolves the config again.
+folder (config.json) all read the same `Plan`; nothing resolves the config again
+(with regime=auto, prepare.py resolves the stand-in, then the advised regime once).
 
 Example:
     plan = resolve(configs.small_similar.get_config())
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 
 import ml_collections
@@ -266,3 +268,17 @@ def _cut(config):
             f"regime {config.regime!r} cuts at {', '.join(regime.cuts[:-1])} or {regime.cuts[-1]} "
             f"(or a layer name), not {cut!r}")
     return cut
+
+
+def interactive():
+    """Whether output goes to a person: a terminal, or a Jupyter kernel (whose output
+    is no terminal, yet renders Keras' progress bars)."""
+    return sys.stdout.isatty() or "ipykernel" in sys.modules
+
+
+def verbosity(verbose="auto"):
+    """Keras' `verbose` for `config.verbose`: "auto" is a progress bar for a person
+    (`interactive`), a line per epoch in a log."""
+    if verbose != "auto":
+        return int(verbose)
+    return 1 if interactive() else 2

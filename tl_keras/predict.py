@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from tl_keras import data, export, features, folded
+from tl_keras import export, features, folded, image_files
 
 BATCH = features.INFERENCE_BATCH  # images per forward pass
 
@@ -91,7 +91,7 @@ def from_saved_model(directory):
     return Predictor(class_names, probabilities, directory)
 
 
-def image_files(inputs):
+def find_images(inputs):
     """Image files named in `inputs` or found in the folders named there (walked,
     sorted); a name that does not exist raises `ValueError`."""
     paths = []
@@ -100,13 +100,13 @@ def image_files(inputs):
             for root, dirs, files in os.walk(name):
                 dirs.sort()
                 paths += [os.path.join(root, f) for f in sorted(files)
-                          if f.lower().endswith(data.IMAGE_EXTENSIONS) and not f.startswith(".")]
+                          if f.lower().endswith(image_files.IMAGE_EXTENSIONS) and not f.startswith(".")]
         elif os.path.isfile(name):
             paths.append(name)
         else:
             raise ValueError(f"{name!r} is neither a file nor a folder")
     if not paths:
-        raise ValueError(f"no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in "
+        raise ValueError(f"no image files ({', '.join(image_files.IMAGE_EXTENSIONS)}) in "
                          f"{', '.join(map(repr, inputs))}")
     return paths
 
@@ -114,8 +114,8 @@ def image_files(inputs):
 def predict_files(predictor, inputs, top_k=5, strict=False):
     """(rows, skipped): a row per decodable image -- path, then its top-k (class,
     probability) pairs -- and [(path, reason)] of the files that could not be decoded."""
-    paths = image_files(inputs)
-    skipped = data.check_images(paths)
+    paths = find_images(inputs)
+    skipped = image_files.check_images(paths)
     if skipped and strict:
         path, reason = skipped[0]
         raise ValueError(f"cannot decode image {path!r}: {reason} "
@@ -148,6 +148,6 @@ def report_skipped(skipped, total, stream=None, shown=5):
     """Names the files that could not be decoded, on `stream` (default: sys.stderr as it is
     when called, not as it was at import: a caller may have redirected it since)."""
     if skipped:
-        print(data.listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
+        print(image_files.listing(f"Skipped {len(skipped)} of {total} files that cannot be decoded "
                             "(--strict fails instead)", [f"{p}: {r}" for p, r in skipped],
                             shown), file=stream or sys.stderr)

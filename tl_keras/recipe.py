@@ -11,7 +11,7 @@ objects when `train.py` compiles and fits the phase.
                               after a linear warm-up over config.warmup of the phase's
                               steps, config.clipnorm, config.layer_decay, config.ema,
                               config.early_stopping, config.batch_augment (mixup |
-                              cutmix: the labels mixed too, data.Mix),
+                              cutmix: the labels mixed too, augment.Mix),
                               config.accumulate (gradients of N batches per update),
                               config.lora_rank (LoRA adapters train, the backbone's
                               own weights stay: trainable.apply_phase)

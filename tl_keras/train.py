@@ -27,8 +27,8 @@ import time
 import keras
 import numpy as np
 
-import tl_keras
-from tl_keras import backbones, features, keras_internals, losses, model as model_lib
+from tl_keras import backbones, callbacks as callbacks_lib, features, keras_internals, losses
+from tl_keras import model as model_lib
 from tl_keras import plan as plan_lib
 from tl_keras import recipe as recipe_lib, run_folder, trainable
 
@@ -122,29 +122,33 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
     # The last phase's model and validation data: the head on cached features
     # when that phase trained on them (equal to the full model's outputs).
     val_loss, val_accuracy = dist.evaluate(final.model, final.val)
-    if save_models and dist.chief:
+    metrics = _metrics(plan, data, model, history, final, val_loss, val_accuracy,
+                       dist.describe(config), time.time() - start)
+    if dist.chief:
+        _publish(workdir, model, plan, metrics, final.best_is_final, save_models)
+    return metrics
+
+
+def _publish(workdir, model, plan, metrics, best_is_final, save_models):
+    """The finished run's files: model.keras (a copy of best.keras when that holds the
+    final weights), metrics.json, the report; the backups and spilled features removed."""
+    if save_models:
         best_path = os.path.join(workdir, "best.keras")
         run_folder.write_atomically(
             os.path.join(workdir, "model.keras"),
-            (lambda path: shutil.copyfile(best_path, path)) if final.best_is_final
+            (lambda path: shutil.copyfile(best_path, path)) if best_is_final
             else (lambda path: model_lib.save_model(model, path)))
-    metrics = _metrics(plan, data, model, history, final, val_loss, val_accuracy,
-                       dist.describe(config), time.time() - start)
-    if "advice" in config:  # --regime=auto: what the advisor measured and decided
-        metrics["advice"] = plan_lib.to_dict(config.advice)
-    if dist.chief:
-        run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
-        for scratch in ("backup", "features"):
-            shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
-        if save_models and config.report:
-            _draw(workdir, model, plan, metrics)
-        run_folder.release(workdir)
-    return metrics
+    run_folder.write_json(os.path.join(workdir, "metrics.json"), metrics)
+    for scratch in ("backup", "features"):
+        shutil.rmtree(os.path.join(workdir, scratch), ignore_errors=True)
+    if save_models and plan.config.report:
+        _draw(workdir, model, plan, metrics)
+    run_folder.release(workdir)
 
 
 def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribution,
              seconds):
-    """What metrics.json records of a finished run (finetune adds the advice)."""
+    """What metrics.json records of a finished run (with regime=auto, the advice too)."""
     config = plan.config
     trainable_params, non_trainable_params = trainable.count_params(model)
     best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
@@ -176,6 +180,8 @@ def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribu
         "distribution": distribution,
         "wall_seconds": round(seconds, 2),
     }
+    if "advice" in config:  # --regime=auto: what the advisor measured and decided
+        metrics["advice"] = plan_lib.to_dict(config.advice)
     return metrics
 
 
@@ -250,20 +256,23 @@ class _Distribution:
         return keras_internals.ReadOnlyBackup(path)
 
 
+@dataclasses.dataclass
 class _Final:
     """What the phases leave for the final evaluation and metrics.json."""
 
-    def __init__(self):
-        self.model = self.val = self.cache_info = self.class_weight = None
-        self.recipes = {}  # phase -> its recipe (recipe.Recipe as a dict)
-        self.best_is_final = False  # best.keras holds the final weights: model.keras is a copy
-        self.paths = {}
+    class_weight: dict = None
+    recipes: dict = dataclasses.field(default_factory=dict)  # phase -> its recipe as a dict
+    paths: dict = dataclasses.field(default_factory=dict)    # phase -> "cached_features" | "fit"
+    model: object = None  # the last phase's model and validation data (`PhaseInputs`)
+    val: object = None
+    cache_info: dict = None  # the cached features, when a phase trained on them
+    best_is_final: bool = False  # best.keras holds the final weights: model.keras is a copy
 
 
 @dataclasses.dataclass
 class _PhaseRun:
     """What the phases of one run share: the model, the data, the run folder, the
-    strategy, and what earlier phases left (the cached features, the history)."""
+    strategy, and the backbone features the first phase that needs them caches."""
 
     model: object
     plan: object
@@ -274,23 +283,26 @@ class _PhaseRun:
     save_models: bool = True
     first_view: object = None
     initial_epoch: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    final: _Final = dataclasses.field(default_factory=_Final)
     cache: object = None  # features.FeatureCache, computed by the first phase that needs it
+    cache_reused: bool = False  # ... taken from the feature store
 
     def __post_init__(self):
         config = self.plan.config
         self.batch_size = self.dist.batch_size(config)
-        # auto: a progress bar for a person (a terminal, a notebook), a line per epoch in a log
-        self.verbose = int(config.verbose) if config.verbose != "auto" else (
-            1 if tl_keras.interactive() else 2)
-        self.final.class_weight = class_weights(config, self.data, self.dist)
+        self.verbose = plan_lib.verbosity(config.verbose)
+        self.class_weight = class_weights(config, self.data, self.dist)
         # The recipe's size rule (BiT's HyperRule) made concrete for this data.
         self.phases = [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.initial_epoch),
                                            recipe=recipe_lib.sized(p.recipe,
                                                                    self.data.train_examples))
                        for p in self.plan.phases if p.last_epoch > self.initial_epoch]
-        self.final.recipes = {p.name: dataclasses.asdict(p.recipe) for p in self.phases}
+
+    def cache_info(self):
+        """metrics.json's `cached_features`: None when no phase trained on them."""
+        if self.cache is None:
+            return None
+        return {"views": self.cache.views, "seconds": round(self.cache.seconds, 2),
+                "stored": self.cache.stored, "reused": self.cache_reused}
 
 
 def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
@@ -308,14 +320,24 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
     """
     run = _PhaseRun(model, plan, data, workdir, dist or _Distribution(None), feature_store,
                     save_models, first_view, initial_epoch)
+    final = _Final(class_weight=run.class_weight,
+                   recipes={p.name: dataclasses.asdict(p.recipe) for p in run.phases})
+    history = []
     for phase in run.phases:
-        run_phase(run, phase)
-    return run.history, run.final
+        inputs, best_model = run_phase(run, phase)
+        final.paths[phase.name] = "cached_features" if caches_features(run, phase) else "fit"
+        final.model, final.val = inputs.model, inputs.val
+        if best_model is not False:  # False: finished in an earlier attempt
+            final.best_is_final = best_model is not None and best_model.holds_final
+        history += run_folder.read_history(workdir, phase.first_epoch, phase.last_epoch)
+    final.cache_info = run.cache_info()
+    return history, final
 
 
 def run_phase(run, phase):
     """One phase: apply the regime -> its inputs -> compile -> callbacks -> fit -> mark done
-    (or, finished in an earlier attempt, restore its weights)."""
+    (or, finished in an earlier attempt, restore its weights). Returns (its
+    `features.PhaseInputs`, its `callbacks.BestModel` or None; False when it was restored)."""
     with run.dist.scope():
         trainable.apply_phase(run.model, phase)
     done = os.path.join(run.workdir, "backup", f"{phase.name}.done.weights.h5")
@@ -336,12 +358,11 @@ def run_phase(run, phase):
     if finished:
         run.model.load_weights(done)
         print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
-    else:
-        announce(run, phase, inputs)
-        best_model = fit_phase(run, phase, inputs, phase_callbacks(run, phase, inputs))
-        mark_done(run, phase, inputs, done)
-        run.final.best_is_final = best_model is not None and best_model.holds_final
-    run.history += run_folder.read_history(run.workdir, phase.first_epoch, phase.last_epoch)
+        return inputs, False
+    announce(run, phase, inputs)
+    best_model = fit_phase(run, phase, inputs, phase_callbacks(run, phase, inputs))
+    mark_done(run, phase, inputs, done)
+    return inputs, best_model
 
 
 def caches_features(run, phase):
@@ -357,12 +378,9 @@ def phase_inputs(run, phase, finished):
     (and not for a finished phase unless the final evaluation needs them), or the
     full model on the data's pipelines."""
     cached = caches_features(run, phase)
-    run.final.paths[phase.name] = "cached_features" if cached else "fit"
     if cached and run.cache is None and (not finished or phase is run.phases[-1]):
         with run.dist.scope():  # the frozen part runs on every replica
-            run.cache, reused = feature_cache(run, phase)
-        run.final.cache_info = {"views": run.cache.views, "seconds": round(run.cache.seconds, 2),
-                                "stored": run.cache.stored, "reused": reused}
+            run.cache, run.cache_reused = feature_cache(run, phase)
     if cached and run.cache is not None:
         with run.dist.scope():  # a model takes the strategy it is created under
             inputs = features.PhaseInputs.on_cache(
@@ -373,7 +391,6 @@ def phase_inputs(run, phase, finished):
         inputs = features.PhaseInputs.through_backbone(run.model, run.data)
         if phase.recipe.mixes:
             inputs = dataclasses.replace(inputs, train=mixed_batches(run, phase))
-    run.final.model, run.final.val = inputs.model, inputs.val
     return inputs
 
 
@@ -383,10 +400,10 @@ def mixed_batches(run, phase):
     if isinstance(run.data.train, tuple):
         raise ValueError(f"batch_augment={recipe.batch_augment!r} mixes tf.data batches; "
                          "this data is numpy arrays")
-    from tl_keras import data as data_lib  # TensorFlow: only when mixing
+    from tl_keras import augment  # TensorFlow: only when mixing
 
-    mix = data_lib.Mix(recipe.batch_augment, recipe.mix_alpha, len(run.data.class_names))
-    return data_lib.mix_batches(run.data.train, mix, run.plan.config.seed)
+    mix = augment.Mix(recipe.batch_augment, recipe.mix_alpha, len(run.data.class_names))
+    return augment.mix_batches(run.data.train, mix, run.plan.config.seed)
 
 
 def feature_cache(run, phase):
@@ -475,7 +492,7 @@ def phase_callbacks(run, phase, inputs):
     the recipe's (weight averaging, early stopping), best.keras."""
     dist, workdir = run.dist, run.workdir
     # First: a diverged epoch stops the run before anything saves its weights.
-    callbacks = [_DivergenceGuard(phase, run.plan.config)]
+    callbacks = [callbacks_lib.DivergenceGuard(phase, run.plan.config)]
     if not inputs.cached:
         # Resumes a killed phase at its last finished epoch. A head phase on
         # cached features is not backed up each epoch (0.07 s a save, its
@@ -494,21 +511,21 @@ def phase_callbacks(run, phase, inputs):
     if run.save_models and dist.chief:
         # A cached head's epochs take a fraction of a second and saving the
         # full model ~0.75 s: its best weights are kept in memory, saved once.
-        callbacks.append(_BestModel(run.model, workdir, defer=inputs.cached,
+        callbacks.append(callbacks_lib.BestModel(run.model, workdir, defer=inputs.cached,
                                     changing=inputs.model))
     return callbacks
 
 
 def fit_phase(run, phase, inputs, callbacks):
-    """`fit` from the phase's first epoch to its last; returns its `_BestModel` or None."""
-    class_weight = run.final.class_weight
+    """`fit` from the phase's first epoch to its last; returns its `callbacks.BestModel` or None."""
+    class_weight = run.class_weight
     run.dist.fit(inputs.model, inputs.train, inputs.val,
                  initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
                  verbose=run.verbose, callbacks=callbacks,
                  validation_freq=int(run.plan.config.validation_freq),
                  **({"class_weight": class_weight} if class_weight else {}),
                  **({"validation_batch_size": FEATURE_BATCH} if inputs.cached else {}))
-    return next((c for c in callbacks if isinstance(c, _BestModel)), None)
+    return next((c for c in callbacks if isinstance(c, callbacks_lib.BestModel)), None)
 
 
 def mark_done(run, phase, inputs, done):
@@ -550,105 +567,3 @@ def _has_tensorflow():
         return importlib.util.find_spec("tensorflow") is not None
     except ImportError:
         return False
-
-
-class Diverged(ValueError):
-    """The loss or the validation loss stopped being a finite number: the run stops,
-    nothing is saved as finished, and what was saved before stays."""
-
-
-class _DivergenceGuard(keras.callbacks.Callback):
-    """Raises `Diverged` at the first batch whose loss, or the first epoch whose loss or
-    validation loss, is not finite: before any later callback saves those weights, so
-    best.keras and the backup keep the last good ones, and no model.keras or
-    metrics.json is written as if the run had finished."""
-
-    def __init__(self, phase, config):
-        super().__init__()
-        self.phase, self.config, self.epoch = phase, config, phase.first_epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._check(logs, ("loss",), f"batch {batch + 1} of epoch {self.epoch + 1}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._check(logs, ("loss", "val_loss"), f"epoch {epoch + 1}")
-
-    def _check(self, logs, keys, where):
-        for key in keys:
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(float(value)):
-                from tl_keras import lr_find
-
-                rate_key = lr_find.rate_key(self.phase)
-                raise Diverged(
-                    f"training diverged in phase {self.phase.name!r} at {where}: the "
-                    f"{key.replace('_', ' ')} became {float(value)} at {rate_key}="
-                    f"{self.config[rate_key]:g}; nothing was saved as finished (best.keras "
-                    f"and the backup keep the last good weights): try a lower {rate_key} "
-                    "(tools/lr_find.py suggests one) or clipnorm")
-
-
-class _BestModel(keras.callbacks.Callback):
-    """Saves the full classifier to best.keras whenever val_accuracy beats the best so far.
-
-    The full model, even when `fit` trains its head alone on cached features.
-    The best value so far is kept in backup/best.json beside it, so a resumed
-    run, or a phase after one finished in an earlier attempt, compares against
-    the model best.keras holds instead of overwriting it with a worse one.
-    With `defer`, the best weights are kept in memory and written when `fit`
-    ends (a run killed before then keeps the previous phase's best.keras):
-    those of `changing`, the model `fit` trains (a head on cached features
-    shares its variables with the full model; the frozen rest never changes).
-    """
-
-    def __init__(self, full_model, workdir, defer=False, changing=None):
-        super().__init__()
-        self.full_model = full_model
-        self.changing = changing or full_model
-        self.path = os.path.join(workdir, "best.keras")
-        self.record = os.path.join(workdir, "backup", "best.json")
-        self.defer = defer
-        self.holds_final = False  # best.keras was written from the weights fit ended with
-        self.last_epoch = None
-        self.best = None
-        self.pending = None  # defer: (epoch, weights) not yet written
-        if os.path.exists(self.path) and os.path.exists(self.record):
-            self.best = run_folder.read_json(self.record)["val_accuracy"]
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_accuracy")
-        if value is None or math.isnan(value) or (self.best is not None and value <= self.best):
-            return
-        self.best = float(value)
-        if self.defer:
-            self.pending = (epoch, self.changing.get_weights())  # copies
-        else:
-            self._write(epoch)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.last_epoch = epoch
-
-    def on_train_end(self, logs=None):
-        if self.pending is None:
-            return
-        epoch, weights = self.pending
-        self.pending = None
-        if epoch == self.last_epoch:  # the weights as they are now
-            self._write(epoch)
-            self.holds_final = True
-            return
-        current = self.changing.get_weights()
-        self.changing.set_weights(weights)
-        try:
-            self._write(epoch)
-        finally:
-            self.changing.set_weights(current)
-
-    def _write(self, epoch):
-        run_folder.write_atomically(self.path,
-                                    lambda path: model_lib.save_model(self.full_model, path))
-        os.makedirs(os.path.dirname(self.record), exist_ok=True)
-        run_folder.write_json(self.record, {"epoch": epoch + 1, "val_accuracy": self.best})

@@ -19,6 +19,9 @@ import tl_keras
 import tl_keras.configs
 
 CONFIGS = os.path.dirname(tl_keras.configs.__file__)  # the repository's configs/
+# experiments/ (the study's and the benchmark's drivers) is not installed with tl_keras:
+# the tools that run them import it from the checkout they are in.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
 
 # Plain flags: name -> (type, help). Each, when given, overrides config.<name>.
@@ -69,6 +72,32 @@ def _stop(signum, frame):
     raise _Stopped(signum)
 
 
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_waiter = []  # the thread that takes them, once per process
+
+
+def _signals_to_main_thread():
+    """SIGINT and SIGTERM taken by one waiting thread and handed to the main thread's
+    Python handler (`_thread.interrupt_main`), never delivered into a thread or a system
+    call of TensorFlow's: a Ctrl-C that landed while TensorFlow ran a training step
+    aborted the process ("corrupted double-linked list", SIGABRT) in about one try in
+    five. The threads made meanwhile (TensorFlow's) and child processes inherit the
+    blocked mask (experiments/benchmark.py unblocks it in its children). Returns the
+    function that unblocks them again in the main thread."""
+    import _thread
+    import threading
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    if not _waiter:
+        def wait():
+            while True:
+                _thread.interrupt_main(signal.sigwait(_SIGNALS))
+
+        _waiter.append(threading.Thread(target=wait, name="signals", daemon=True))
+        _waiter[0].start()
+    return lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
 def run(main, flags_parser=None, resumable=False):
     """absl's `app.run(main)`, with Python's garbage collector kept off what is
     alive when `main` starts (the flags parsed, TensorFlow and Keras imported:
@@ -85,6 +114,7 @@ def run(main, flags_parser=None, resumable=False):
     def frozen(argv):
         gc.freeze()
         previous = signal.signal(signal.SIGTERM, _stop)
+        unblock = _signals_to_main_thread()
         try:
             try:
                 return main(argv)
@@ -103,6 +133,7 @@ def run(main, flags_parser=None, resumable=False):
                   f"{resume if resumable else ''}", file=sys.stderr)
             sys.exit(128 + signum)
         finally:
+            unblock()
             signal.signal(signal.SIGTERM, previous)
             gc.unfreeze()
 
@@ -150,20 +181,18 @@ def define_config_flags(workdir_help=None):
 
 def parse_config_flags(argv):
     """absl parsing with the regime's config file as the default --config; bad flags exit 2."""
-    from tl_keras import advise, trainable
+    from tl_keras import prepare
 
     global _DEFAULT_CONFIG
     argv = list(argv)
     path = _flag_value(argv, "config")
     _DEFAULT_CONFIG = path is None
     if path is None:
-        regime = _flag_value(argv, "regime") or "small_similar"
-        if regime not in (*trainable.REGIMES, advise.AUTO):
-            fail(f"unknown regime {regime!r}; valid regimes: "
-                 f"{', '.join(trainable.REGIMES)}, {advise.AUTO}")
-        # --regime=auto: the stand-in's file to parse the flags with; the advised
-        # regime's own file is read once the advisor has decided (advise.advised_plan).
-        path = os.path.join(CONFIGS, advise.config_file_regime(regime) + ".py")
+        try:  # the regime's own file (prepare.py: which file auto starts from)
+            name = prepare.config_file_regime(_flag_value(argv, "regime") or "small_similar")
+        except ValueError as e:
+            fail(first_line(e))
+        path = os.path.join(CONFIGS, name + ".py")
         argv.insert(1, f"--config={path}")
     path = path.split(":", 1)[0]  # FILE[:ARG]
     if not os.path.isfile(path):
@@ -226,5 +255,5 @@ def given_keys():
 
 def given_keys_or_none():
     """`given_keys()` when --config was not given (the regime's own file was read),
-    else None: what `api.finetune_config` and `advise.advised_plan` take."""
+    else None: what `prepare.prepare` takes."""
     return given_keys() if _DEFAULT_CONFIG else None

@@ -6,7 +6,7 @@ Usage:
     KERAS_BACKEND=jax python tools/benchmark.py --out=benchmarks/results_jax.json
 
 What it measures, side by side in one process (cached features against plain
-`fit`, input pipelines against memory, a tuner sweep): tl_keras/experiments/benchmark.py.
+`fit`, input pipelines against memory, a tuner sweep): experiments/benchmark.py.
 Prints a table and writes `--out` (benchmarks/results.json). With
 `KERAS_BACKEND=jax` it needs no TensorFlow.
 """
@@ -19,7 +19,7 @@ import sys
 from absl import flags
 
 import _common
-from tl_keras.experiments import benchmark
+from experiments import benchmark
 
 _common.require_backend()  # one line, not a traceback, without the backend
 

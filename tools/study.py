@@ -1,4 +1,4 @@
-"""Does the rule hold? Every strategy in every quadrant of the regime table (tl_keras/experiments/study.py).
+"""Does the rule hold? Every strategy in every quadrant of the regime table (experiments/study.py).
 
 Usage:
     python tools/study.py            # the full study: benchmarks/study/ (about 30 minutes)
@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras.experiments import study
+    from experiments import study
 
     suffix = ("_recipe" if FLAGS.recipe == "defaults" else "") + ("_quick" if FLAGS.quick else "")
     settings = study.QUICK if FLAGS.quick else study.FULL

@@ -43,35 +43,34 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from tl_keras import advise, api, plan as plan_lib, tune
+    from tl_keras import prepare, tune
 
     try:
         role = tune.role()  # checks the KERASTUNER_* variables
         config = _common.flags_config("sweeps")
-        auto = config.regime == advise.AUTO  # the sweep's regime is known after the data
-        plan = plan_lib.resolve(
-            advise.probe_config(config, _common.given_keys()) if auto else config)
-        config = plan.config
-        if plan.distribution == "multi_worker":
+        if config.distribution == "multi_worker":
             raise ValueError("--distribution=multi_worker trains one run across hosts; a sweep "
                              "spreads its trials over hosts with KERASTUNER_* variables "
                              "(docs/tuning.md)")
-        strategy = api.make_strategy(plan)  # trials run under it; before other TF work
-        if not auto:
-            tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
-        if role == "chief":
-            tune.check_oracle_port()
-        elif role == "worker":
-            tune.wait_for_oracle(FLAGS.oracle_wait)
-        print(f"Sweep folder: {config.workdir} ({FLAGS.tuner}, up to {FLAGS.max_trials} trials"
-              f"{', ' + tune.tuner_id() if role != 'single' else ''})")
-        datasets = api.load_data(plan, strategy)
-        if auto:
-            plan, _, _ = advise.advised_plan(plan, datasets, strategy,
-                                             _common.given_keys_or_none())
-            tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, config.workdir)
-        tuner = tune.make_tuner(FLAGS.tuner, plan, datasets, FLAGS.max_trials, config.workdir,
-                                strategy)
+
+        def check_sweep(plan, strategy):
+            tune.check_sweep(FLAGS.tuner, plan, FLAGS.max_trials, plan.config.workdir)
+
+        def before_data(plan, strategy):
+            if role == "chief":
+                tune.check_oracle_port()
+            elif role == "worker":
+                tune.wait_for_oracle(FLAGS.oracle_wait)
+            print(f"Sweep folder: {plan.config.workdir} ({FLAGS.tuner}, up to "
+                  f"{FLAGS.max_trials} trials{', ' + tune.tuner_id() if role != 'single' else ''})")
+
+        # Trials run under the strategy; with --regime=auto the sweep's regime is the advised one.
+        ready = prepare.prepare(config, _common.given_keys_or_none(), on_plan=check_sweep,
+                                before_data=before_data)
+        plan = ready.plan
+        workdir = plan.config.workdir
+        tuner = tune.make_tuner(FLAGS.tuner, plan, ready.datasets, FLAGS.max_trials, workdir,
+                                ready.strategy)
         if role != "worker":
             earlier = sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
             if earlier:
@@ -96,12 +95,12 @@ def main(argv):
             fail(stopped)
         print(f"Worker {tune.tuner_id()}: no trials left.")
         return
-    rows = tune.write_results(tuner, plan, config.workdir)
+    rows = tune.write_results(tuner, plan, workdir)
     print(tune.format_table(rows))
     if stopped:
         fail(f"{stopped} (the trials' errors are above and in tuning.csv)")
-    best = os.path.join(config.workdir, "best_config.py")
-    print(f"Trials: {os.path.join(config.workdir, 'tuning.csv')}")
+    best = os.path.join(workdir, "best_config.py")
+    print(f"Trials: {os.path.join(workdir, 'tuning.csv')}")
     if os.path.exists(best):
         print(f"Best config: {best}\nRetrain and export it with:\n"
               f"    python tools/finetune.py --config={best} --export_dir=exports/best")

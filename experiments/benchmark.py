@@ -283,7 +283,8 @@ def pytorch_peer(settings, config):
             row["first"] = order[r % 2][0]
             for name, cmd in order[r % 2:] + order[:r % 2]:
                 start = time.perf_counter()
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=root_dir)
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=root_dir,
+                                      preexec_fn=_signals_unblocked)
                 row[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
                 if done.returncode:
                     raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
@@ -299,31 +300,40 @@ def pytorch_peer(settings, config):
         # Part 2's job in PyTorch: the whole network training, images/s.
         done = subprocess.run(peer_cmd + [f"--finetune_examples={settings.finetune_examples}",
                                           f"--finetune_epochs={settings.finetune_epochs}"],
-                              capture_output=True, text=True, cwd=root_dir, check=True)
+                              capture_output=True, text=True, cwd=root_dir, check=True,
+                              preexec_fn=_signals_unblocked)
     return {"pairs": rows, "median_ratio": round(float(np.median([r["ratio"] for r in rows])), 3),
             "peer": {k: rows[0]["pytorch"][k] for k in ("torch", "timm", "threads")},
             "full_finetune": json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def _signals_unblocked():
+    """In a child process: SIGINT and SIGTERM unblocked (tools/_common.py blocks them in the
+    tool's threads, and a child inherits the mask), so Ctrl-C stops the child too."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 # --- Part 5: the advisor against the four regimes ---------------------------------
 
 def advisor_cost(settings, plan, datasets):
-    """Seconds of `advise.advise` -- the scores alone, then with the pilot runs
+    """Seconds of `pilots.advise` -- the scores alone, then with the pilot runs
     (`config.advisor`'s) -- against those of training each regime (its own config
     file, part 1's data); each advice, and each regime's val_accuracy."""
     import importlib
 
     import keras
 
-    from tl_keras import advise, train, trainable
+    from tl_keras import pilots as pilots_lib, train, trainable
 
     advice, seconds = {}, {}
     for mode, pilots in (("scores", None),
-                         ("pilots", advise.PilotSettings.from_config(plan.config.advisor))):
+                         ("pilots", pilots_lib.PilotSettings.from_config(plan.config.advisor))):
         keras.backend.clear_session()
         tick = time.perf_counter()
-        advice[mode], _ = advise.advise(plan, datasets, sample=settings.train_examples,
-                                        verbose=0, pilots=pilots)
+        advice[mode], _ = pilots_lib.advise(plan, datasets, sample=settings.train_examples,
+                                            verbose=0, pilots=pilots)
         seconds[mode] = time.perf_counter() - tick
     regimes = {}
     with tempfile.TemporaryDirectory() as root:

@@ -446,12 +446,12 @@ def advised_strategy(advice, cut_names=SEED_CUT):
 
 
 def _advise_on(examples, config):
-    from tl_keras import advise, data, plan as plan_lib
+    from tl_keras import data, pilots as pilots_lib, plan as plan_lib
 
     plan = plan_lib.resolve(config)
     datasets = data.make_datasets(examples, plan.config, plan.image_size)
-    advice, _ = advise.advise(plan, datasets, verbose=0,
-                              pilots=advise.PilotSettings.from_config(plan.config.advisor))
+    advice, _ = pilots_lib.advise(plan, datasets, verbose=0,
+                                  pilots=pilots_lib.PilotSettings.from_config(plan.config.advisor))
     return advice
 
 
