@@ -12,6 +12,7 @@ def get_config():
     config = ml_collections.ConfigDict()
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
+    config.task = "single_label"         # single_label: one class per image (tl_keras/tasks.py)
     config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (the advisor)
     config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES, or hub:PRESET (a KerasHub preset or folder)
     config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)

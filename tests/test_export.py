@@ -87,6 +87,7 @@ def test_layout_is_what_tf_serving_watches(run):
     assert os.stat(version).st_mode & 0o055 == 0o055  # a server running as another user reads it
 
 
+@pytest.mark.slow  # saved_model_cli in a new process (docs/testing.md)
 def test_saved_model_cli_lists_both_signatures_and_finds_no_denylisted_ops(run):
     root, _ = run
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")

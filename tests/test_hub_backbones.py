@@ -184,6 +184,7 @@ def test_bad_presets_and_a_missing_keras_hub_are_one_line(tmp_path, monkeypatch)
         backbones.get_backbone("hub:dinov2_small")
 
 
+@pytest.mark.slow  # tools/finetune.py in a new process (docs/testing.md)
 def test_finetune_tool_on_a_hub_preset(presets, shared_images, tmp_path):
     # The CLI end to end in its own process: flags, the run folder's name, the final line.
     result = subprocess.run(

@@ -75,6 +75,7 @@ def test_uint8_and_float_inputs_and_alpha_give_the_same_output():
                                rgb_model.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow  # a new Python without tl_keras (docs/testing.md)
 def test_saved_model_runs_without_tl_keras(tmp_path):
     model = tiny_model(channels=1)
     x = np.random.default_rng(0).integers(0, 256, (2, TINY_SIZE, TINY_SIZE, 1)).astype("uint8")

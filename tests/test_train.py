@@ -43,7 +43,7 @@ def _finished_run(tmp_path_factory, images, regime, **overrides):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainable, "plan_phases", counted("plan_phases", trainable.plan_phases))
-        patch.setattr(losses, "for_config", counted("loss", losses.for_config))
+        patch.setattr(losses, "crossentropy", counted("loss", losses.crossentropy))
         run = Run(config, train.finetune(config, data.load(config, image_size=config.image_size)))
     run.calls = calls
     return run

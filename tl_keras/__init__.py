@@ -8,7 +8,8 @@ One call from Python or a notebook (api.py; docs/python.md):
     tl_keras.classify(run.workdir, ["photo.jpg"])
 
 Modules, in the order data flows:
-    plan        a config resolved once: regime, backbone, cut, image size, phases, loss
+    plan        a config resolved once: regime, backbone, cut, image size, phases, task
+    tasks       what a run predicts: the head's activation, loss, metric, labels, decoding
     arrays      built-in datasets and the seeded split as numpy arrays (no TensorFlow)
     data        tf.data pipelines from folders, TFDS, built-in datasets, arrays
                 (image_files: every file checked once; augment: flips to CutMix)

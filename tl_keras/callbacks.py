@@ -54,7 +54,8 @@ class DivergenceGuard(keras.callbacks.Callback):
 
 
 class BestModel(keras.callbacks.Callback):
-    """Saves the full classifier to best.keras whenever val_accuracy beats the best so far.
+    """Saves the full classifier to best.keras whenever `monitor` (the task's validation
+    metric, `val_accuracy`) beats the best so far.
 
     The full model, even when `fit` trains its head alone on cached features.
     The best value so far is kept in backup/best.json beside it, so a resumed
@@ -66,8 +67,9 @@ class BestModel(keras.callbacks.Callback):
     shares its variables with the full model; the frozen rest never changes).
     """
 
-    def __init__(self, full_model, workdir, defer=False, changing=None):
+    def __init__(self, full_model, workdir, defer=False, changing=None, monitor="val_accuracy"):
         super().__init__()
+        self.monitor = monitor
         self.full_model = full_model
         self.changing = changing or full_model
         self.path = os.path.join(workdir, "best.keras")
@@ -78,10 +80,10 @@ class BestModel(keras.callbacks.Callback):
         self.best = None
         self.pending = None  # defer: (epoch, weights) not yet written
         if os.path.exists(self.path) and os.path.exists(self.record):
-            self.best = run_folder.read_json(self.record)["val_accuracy"]
+            self.best = run_folder.read_json(self.record)[monitor]
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_accuracy")
+        value = (logs or {}).get(self.monitor)
         if value is None or math.isnan(value) or (self.best is not None and value <= self.best):
             return
         self.best = float(value)
@@ -113,4 +115,4 @@ class BestModel(keras.callbacks.Callback):
         run_folder.write_atomically(self.path,
                                     lambda path: model_lib.save_model(self.full_model, path))
         os.makedirs(os.path.dirname(self.record), exist_ok=True)
-        run_folder.write_json(self.record, {"epoch": epoch + 1, "val_accuracy": self.best})
+        run_folder.write_json(self.record, {"epoch": epoch + 1, self.monitor: self.best})

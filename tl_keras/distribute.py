@@ -390,11 +390,11 @@ def fit(model, strategy, train_data, validation_data, initial_epoch, epochs, cal
 
 
 def evaluate(model, strategy, data):
-    """(loss, accuracy) of `model` on the pipeline `data`, like `model.evaluate(data)`."""
+    """The logs of `model` on the pipeline `data` ({"loss": ..., each metric: ...}), like
+    `model.evaluate(data, return_dict=True)`."""
     _build(model, strategy, data)
-    logs = _evaluate(model, strategy, _step_function(model, strategy, _test_step(model)),
+    return _evaluate(model, strategy, _step_function(model, strategy, _test_step(model)),
                      _distributed(strategy, data))
-    return logs["loss"], logs["accuracy"]
 
 
 def _evaluate(model, strategy, test_step, dist_data):

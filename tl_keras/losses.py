@@ -9,9 +9,14 @@ import keras
 
 
 def for_config(config, soft=False):
-    """Sparse categorical cross-entropy, against labels smoothed by `config.label_smoothing`;
+    """`crossentropy` with the config's `label_smoothing`."""
+    return crossentropy(config.label_smoothing, soft)
+
+
+def crossentropy(label_smoothing=0.0, soft=False):
+    """Sparse categorical cross-entropy, against labels smoothed by `label_smoothing`;
     `soft`: one that also takes mixed labels (mixup, CutMix: [N, classes])."""
-    smoothing = float(config.label_smoothing)
+    smoothing = float(label_smoothing)
     if not 0 <= smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
     if smoothing == 0 and not soft:

@@ -12,7 +12,8 @@
       feature_norm                 Normalization: standardises each feature with
                                    statistics of the training data, never trained
       dropout                      Dropout
-      predictions                  Dense(num_classes, softmax), random init
+      predictions                  Dense(num_classes, the task's activation: softmax),
+                                   random init
 
 A grid keeps where in the image a feature fired, which a global average
 loses; it matters most for an early cut (`small_different`), whose features
@@ -54,7 +55,8 @@ def preprocess_weights(backbone_name, channels):
 
 
 def build_classifier(backbone, backbone_name, num_classes, channels=3,
-                     dropout=0.2, seed=None, pool_grid=1, token_pool="cls_mean"):
+                     dropout=0.2, seed=None, pool_grid=1, token_pool="cls_mean",
+                     activation="softmax"):
     """Joins a cut backbone and a new Dense head with the functional API.
 
     Args:
@@ -68,6 +70,7 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
       token_pool: a transformer's tokens: "cls" (the class token), "mean" (of
         the patch tokens) or "cls_mean" (both, concatenated: DINOv2's linear
         evaluation); a backbone without a class token takes the mean.
+      activation: the head's, the task's (`tasks.Task.activation`).
 
     Returns:
       A `keras.Model` from raw pixels (0-255) to class probabilities.
@@ -86,7 +89,7 @@ def build_classifier(backbone, backbone_name, num_classes, channels=3,
     norm = keras.layers.Normalization(axis=-1, name="feature_norm", dtype="float32")
     drop = keras.layers.Dropout(dropout, name="dropout", seed=seed)
     head = keras.layers.Dense(
-        num_classes, activation="softmax", name="predictions", dtype="float32",
+        num_classes, activation=activation, name="predictions", dtype="float32",
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
 
     # === Functional Model ===

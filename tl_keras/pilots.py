@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from tl_keras import (advise as advise_lib, arrays, backbones, features as features_lib,
-                      folded, plan as plan_lib, train as train_lib)
+                      folded, plan as plan_lib, tasks, train as train_lib)
 from tl_keras.advise import SAMPLE, Thresholds, pool_grid_for
 
 
@@ -122,15 +122,16 @@ def frozen_pilot(features, labels, split, config, num_classes):
     `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs are few steps on a sample),
     scored on the held-out images. Returns (accuracy, correct [held-out], Dense weights)."""
     train, held = split
+    task = tasks.get_task(config.task)
     mean, variance = features_lib.norm_statistics(features[train])
     keras.utils.set_random_seed(config.seed)
     head = keras.Sequential([
         keras.Input(features.shape[1:]),
         keras.layers.Normalization(mean=mean, variance=variance),
         keras.layers.Dropout(config.dropout, seed=config.seed),
-        keras.layers.Dense(num_classes, activation="softmax")])
+        keras.layers.Dense(num_classes, activation=task.activation)])
     head.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-                 "sparse_categorical_crossentropy",
+                 task.loss(),
                  steps_per_execution=config.head_steps_per_execution)
     head.fit(features[train], labels[train], batch_size=min(config.batch_size, PILOT_BATCH),
              epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)

@@ -3,7 +3,7 @@
     config (configs/*.py, flags)  --resolve-->  Plan (immutable)
 
 `resolve` checks every setting before any work (regime, backbone, cut, init,
-epochs, loss, distribution: each wrong one a `ValueError` of one line that
+epochs, task, loss, distribution: each wrong one a `ValueError` of one line that
 lists the valid values), fills in what the regime and the backbone decide (the
 cut point, the image size), and plans the training phases. Building
 (train.build), training (train.finetune), the tuner (tune.py) and the run
@@ -25,7 +25,7 @@ import tempfile
 
 import ml_collections
 
-from tl_keras import backbones, losses, recipe, trainable
+from tl_keras import backbones, recipe, tasks, trainable
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "float32", "mixed_float16", "mixed_bfloat16")
@@ -71,7 +71,8 @@ class Plan:
     cut_layer: str                # the layer the backbone is cut at
     image_size: int
     phases: tuple                 # trainable.Phase, in order
-    loss: object                  # what `compile` takes
+    task: tasks.Task              # what the run predicts: head, loss, metric, labels
+    loss: object                  # what `compile` takes (the task's)
     distribution: str             # a name of DISTRIBUTIONS
 
     def to_dict(self):
@@ -98,6 +99,7 @@ def resolve(config):
         raise ValueError(f"--backbone={config.backbone} names several backbones: only "
                          "tools/advise.py and tools/finetune.py --regime=auto take several "
                          "(the advisor picks one); a run or a sweep trains one")
+    task = tasks.get_task(config.task)
     backbone = backbones.get_backbone(config.backbone)
     config.cut = _cut(config)
     config.image_size = config.image_size or backbone.image_size
@@ -120,7 +122,8 @@ def resolve(config):
         cut_layer=backbone.cuts.get(config.cut, config.cut),
         image_size=int(config.image_size),
         phases=phases,
-        loss=losses.for_config(config),
+        task=task,
+        loss=task.loss(config.label_smoothing),
         distribution=config.distribution)
 
 

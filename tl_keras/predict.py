@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from tl_keras import export, features, folded, image_files
+from tl_keras import export, features, folded, image_files, tasks
 
 BATCH = features.INFERENCE_BATCH  # images per forward pass
 
@@ -33,6 +33,7 @@ class Predictor:
     class_names: list
     probabilities: object   # callable: [paths] -> [N, C] float array
     source: str
+    task: tasks.Task = tasks.SINGLE_LABEL  # how a row of probabilities is decoded
 
 
 def from_run(workdir, which="model"):
@@ -54,7 +55,8 @@ def from_run(workdir, which="model"):
         # On a CPU through the constant-folded graph (folded.py), else `predict`.
         return np.asarray(folded.predict(model, images)[0], "float64")
 
-    return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"))
+    return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"),
+                     tasks.get_task(metrics.get("task", tasks.DEFAULT)))
 
 
 def from_saved_model(directory):
@@ -124,12 +126,9 @@ def predict_files(predictor, inputs, top_k=5, strict=False):
     good = [p for p in paths if p not in bad]
     if not good:
         raise ValueError(f"none of the {len(paths)} files could be decoded")
-    probabilities = predictor.probabilities(good)
-    k = min(top_k, len(predictor.class_names))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    rows = [[path] + [value for c in top for value in
-                      (predictor.class_names[c], float(probabilities[i, c]))]
-            for i, (path, top) in enumerate(zip(good, order))]
+    decoded = predictor.task.decode(predictor.probabilities(good), predictor.class_names, top_k)
+    rows = [[path] + [value for pair in pairs for value in pair]
+            for path, pairs in zip(good, decoded)]
     return rows, skipped
 
 

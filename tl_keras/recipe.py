@@ -58,7 +58,7 @@ class Recipe:
     layer_decay: float = 1.0     # backbone stage k below the top trains at rate x decay^k
     weight_decay: float = 0.0    # decoupled, as AdamW's
     ema: float = 0.0             # momentum of an average of the weights; 0: off
-    early_stopping: int = 0      # epochs without a better val_accuracy before stopping; 0: off
+    early_stopping: int = 0      # epochs without a better task metric (val_accuracy) before stopping; 0: off
     batch_augment: str = "none"  # none | mixup | cutmix (labels mixed too)
     mix_alpha: float = 0.2       # Beta(alpha, alpha) of mixup and CutMix
     accumulate: int = 1          # batches whose gradients make one optimizer update
@@ -256,33 +256,35 @@ class LayerwiseSGD(_Layerwise, keras.optimizers.SGD):
 
 # --- Callbacks ------------------------------------------------------------------
 
-def callbacks(phase, workdir, best_record=None):
+def callbacks(phase, workdir, best_record=None, monitor="val_accuracy"):
     """The recipe's callbacks for `phase`, to run before the ones that save the model:
     weight averaging (the averaged weights are validated, saved and kept) and
     early stopping (its state kept in `workdir`/backup, so a resumed run goes on
-    counting). `best_record`: backup/best.json of the run's best.keras."""
+    counting). `best_record`: backup/best.json of the run's best.keras; `monitor`: the
+    task's validation metric, which early stopping watches."""
     recipe = phase.recipe
     out = []
     if recipe.ema:
         out.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if recipe.early_stopping:
         out.append(EarlyStopping(
-            patience=recipe.early_stopping,
+            patience=recipe.early_stopping, monitor=monitor,
             state=os.path.join(workdir, "backup", f"{phase.name}.early_stopping.json"),
             best_model=os.path.join(workdir, "best.keras"), best_record=best_record))
     return out
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' EarlyStopping on val_accuracy, restoring the best weights, that survives
+    """Keras' EarlyStopping on `monitor` (maximised), restoring the best weights, that survives
     a kill: its count and best are written to `state` after every epoch (Keras keeps
     them in memory only, keras-team/keras#14862) and read back when `fit` starts.
     The best weights of an epoch before the kill are read from `best_model`
     (best.keras) when `best_record` says it holds that epoch; otherwise the
     weights the run resumed with stand in for them."""
 
-    def __init__(self, patience, state, best_model=None, best_record=None):
-        super().__init__(monitor="val_accuracy", mode="max", patience=patience,
+    def __init__(self, patience, state, best_model=None, best_record=None,
+                 monitor="val_accuracy"):
+        super().__init__(monitor=monitor, mode="max", patience=patience,
                          restore_best_weights=True)
         self.state, self.best_model, self.best_record = state, best_model, best_record
 

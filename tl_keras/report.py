@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from tl_keras import backbones, run_folder
+from tl_keras import backbones, plan as plan_lib, run_folder, tasks
 
 COLOURS = {"trained": "#e8743b", "frozen": "#4a7fb5", "removed": "#d9d9d9",
            "fixed": "#9e9e9e"}
@@ -67,8 +67,8 @@ def phase_boundary(phases):
 
 
 def plot_curves(workdir, config, phases=()):
-    """`workdir/curves.png`: loss and accuracy per epoch, the boundary between the plan's
-    `phases` marked; returns its path, or None without history."""
+    """`workdir/curves.png`: loss and the task's metric (accuracy) per epoch, the boundary
+    between the plan's `phases` marked; returns its path, or None without history."""
     history = history_columns(workdir)
     if not history.get("epoch"):
         return None
@@ -76,7 +76,8 @@ def plot_curves(workdir, config, phases=()):
     epochs = np.asarray(history["epoch"]) + 1
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     boundary = phase_boundary(phases)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    task = tasks.get_task(plan_lib.with_defaults(config).task)
+    for ax, metric in zip(axes, ("loss", task.metric)):
         for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "o-")):
             if key in history:
                 values = np.asarray(history[key])
@@ -210,24 +211,26 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 .big { font-size: 1.3em; font-weight: bold; }
 """
 
-METRIC_KEYS = ("val_accuracy", "val_loss", "best_val_accuracy", "epochs_run", "train_examples",
-               "val_examples", "num_classes", "skipped_files", "trainable_params",
-               "non_trainable_params", "cut_layer", "image_size", "phases", "train_path",
-               "class_weight", "wall_seconds")
+METRIC_KEYS = ("task", "val_loss", "epochs_run", "train_examples", "val_examples", "num_classes",
+               "skipped_files", "trainable_params", "non_trainable_params", "cut_layer",
+               "image_size", "phases", "train_path", "class_weight", "wall_seconds")
 
 
 def summary_html(workdir, metrics):
-    """The run at a glance, as HTML: val_accuracy, the metrics, the advice, the curves
-    and the regime picture (report.html's top; a notebook shows `Run` with it)."""
+    """The run at a glance, as HTML: the task's metric (val_accuracy), the metrics, the
+    advice, the curves and the regime picture (report.html's top; a notebook shows `Run`
+    with it)."""
     name = os.path.basename(os.path.normpath(workdir))
+    monitor = tasks.get_task(metrics.get("task", tasks.DEFAULT)).monitor
     parts = [f"<h1>{html.escape(name)}</h1>",
-             f'<p class="big">val_accuracy {metrics["val_accuracy"]:.4f}</p>',
+             f'<p class="big">{monitor} {metrics[monitor]:.4f}</p>',
              f"<p>{html.escape(str(metrics['regime']))} · "
              f"{html.escape(str(metrics['backbone']))} · weights "
              f"{html.escape(str(metrics['weights']))} · "
              f"{metrics['num_classes']} classes</p>",
              "<h2>Metrics</h2>",
-             table([(k, metrics[k]) for k in METRIC_KEYS if k in metrics])]
+             table([(k, metrics[k]) for k in (monitor, f"best_{monitor}", *METRIC_KEYS)
+                    if k in metrics])]
     if "advice" in metrics:
         advice = metrics["advice"]
         parts += ["<h2>Regime advisor</h2>", f"<p>{html.escape(advice['reasons'])}.</p>",

@@ -4,12 +4,12 @@
         the head's activation               model.build_classifier
         the loss and metrics                train.compile_phase, pilots
         the one monitored metric            best.keras, early stopping, the tuner's objective
-        the label form                      the pipeline, the feature cache
-        decoding a prediction               predict.py, evaluate.py
-        scoring predictions                 the advisor's pilots
+        decoding a prediction               predict.py
+    (The labels in the pipeline and the feature cache, the advisor's scores and
+    pilots, and evaluate.py's report are still single-label code.)
 
-Every module above reads `plan.task` instead of assuming one label per image. Today's
-task is `single_label`: one class per image, a softmax head, cross-entropy, accuracy.
+Those modules read `plan.task` instead of assuming one label per image. Today's task
+is `single_label`: one class per image, a softmax head, cross-entropy, accuracy.
 
 Example:
     task = get_task("single_label")
@@ -26,13 +26,11 @@ from tl_keras import losses
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task: how the head ends, how it is trained and judged, what labels look like."""
+    """One task: how the head ends, how it is trained and judged, how it is read."""
 
     name: str
     activation: str    # the head's Dense activation
     metric: str        # the metric `compile` reports, the one a run is judged on
-    label_dtype: str   # labels in the pipeline and the feature cache
-    description: str
 
     @property
     def monitor(self):
@@ -42,15 +40,11 @@ class Task:
     def loss(self, label_smoothing=0.0, soft=False):
         """What `compile` takes as the loss; `soft`: it also takes mixed labels (mixup,
         CutMix)."""
-        return losses.for_config_values(label_smoothing, soft)
+        return losses.crossentropy(label_smoothing, soft)
 
     def metrics(self, soft=False):
         """What `compile` takes as metrics, `self.metric` among them."""
         return losses.metrics(soft)
-
-    def labels(self, y):
-        """`y` in the task's label form: [N] int32 class indices."""
-        return np.asarray(y).reshape(-1).astype(self.label_dtype)
 
     def decode(self, probabilities, class_names, top_k=5):
         """Per image, its `top_k` (class name, probability) pairs, most probable first."""
@@ -60,13 +54,9 @@ class Task:
         return [[(class_names[c], float(row[c])) for c in top]
                 for row, top in zip(probabilities, order)]
 
-    def score(self, probabilities, labels):
-        """`self.metric` of `probabilities` [N, classes] against `labels`."""
-        return float((np.asarray(probabilities).argmax(axis=1) == self.labels(labels)).mean())
 
-
-SINGLE_LABEL = Task("single_label", activation="softmax", metric="accuracy", label_dtype="int32",
-                    description="one class per image: softmax, cross-entropy, accuracy")
+# One class per image: a softmax head, cross-entropy, accuracy.
+SINGLE_LABEL = Task("single_label", activation="softmax", metric="accuracy")
 
 TASKS = {task.name: task for task in (SINGLE_LABEL,)}
 DEFAULT = SINGLE_LABEL.name

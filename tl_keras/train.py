@@ -27,7 +27,7 @@ import time
 import keras
 import numpy as np
 
-from tl_keras import backbones, callbacks as callbacks_lib, features, keras_internals, losses
+from tl_keras import backbones, callbacks as callbacks_lib, features, keras_internals
 from tl_keras import model as model_lib
 from tl_keras import plan as plan_lib
 from tl_keras import recipe as recipe_lib, run_folder, trainable
@@ -56,7 +56,7 @@ def build(plan, num_classes, channels):
     model = model_lib.build_classifier(
         cut.model, config.backbone, num_classes, channels=channels,
         dropout=config.dropout, seed=config.seed, pool_grid=config.pool_grid,
-        token_pool=config.token_pool)
+        token_pool=config.token_pool, activation=plan.task.activation)
     return model, cut.layer
 
 
@@ -121,9 +121,9 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
 
     # The last phase's model and validation data: the head on cached features
     # when that phase trained on them (equal to the full model's outputs).
-    val_loss, val_accuracy = dist.evaluate(final.model, final.val)
-    metrics = _metrics(plan, data, model, history, final, val_loss, val_accuracy,
-                       dist.describe(config), time.time() - start)
+    logs = dist.evaluate(final.model, final.val)
+    metrics = _metrics(plan, data, model, history, final, logs, dist.describe(config),
+                       time.time() - start)
     if dist.chief:
         _publish(workdir, model, plan, metrics, final.best_is_final, save_models)
     return metrics
@@ -146,13 +146,15 @@ def _publish(workdir, model, plan, metrics, best_is_final, save_models):
     run_folder.release(workdir)
 
 
-def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribution,
-             seconds):
-    """What metrics.json records of a finished run (with regime=auto, the advice too)."""
+def _metrics(plan, data, model, history, final, logs, distribution, seconds):
+    """What metrics.json records of a finished run (with regime=auto, the advice too):
+    the final model's validation `logs` under the task's names (`val_accuracy`)."""
     config = plan.config
     trainable_params, non_trainable_params = trainable.count_params(model)
-    best = [r["val_accuracy"] for r in history if "val_accuracy" in r]
+    monitor = plan.task.monitor
+    best = [r[monitor] for r in history if monitor in r]
     metrics = {
+        "task": plan.task.name,
         "regime": config.regime,
         "backbone": config.backbone,
         "weights": config.weights if config.init == "pretrained" else "none (init=scratch)",
@@ -166,9 +168,9 @@ def _metrics(plan, data, model, history, final, val_loss, val_accuracy, distribu
         "skipped_files": len(getattr(data, "skipped", []) or []),
         "trainable_params": trainable_params,
         "non_trainable_params": non_trainable_params,
-        "val_accuracy": float(val_accuracy),
-        "val_loss": float(val_loss),
-        "best_val_accuracy": float(max(best)) if best else None,
+        monitor: float(logs[plan.task.metric]),
+        "val_loss": float(logs["loss"]),
+        f"best_{monitor}": float(max(best)) if best else None,
         "epochs_run": len(history),
         "phases": [p.name for p in plan.phases],
         "train_path": final.paths,  # phase -> "cached_features" | "fit"
@@ -243,11 +245,12 @@ class _Distribution:
                          validation_freq=validation_freq, **kwargs)
 
     def evaluate(self, model, val):
+        """`model`'s logs on `val`: {"loss": ..., the task's metric: ...}."""
         if self.loop:
             return self.lib.evaluate(model, self.strategy, val)
         if isinstance(val, tuple):  # cached features in memory: few, large batches
-            return model.evaluate(*val, batch_size=FEATURE_BATCH, verbose=0)
-        return model.evaluate(val, verbose=0)
+            return model.evaluate(*val, batch_size=FEATURE_BATCH, verbose=0, return_dict=True)
+        return model.evaluate(val, verbose=0, return_dict=True)
 
     def backup(self, path):
         """BackupAndRestore at `path`; restore-only on a worker that is not the chief."""
@@ -443,9 +446,9 @@ def compile_phase(run, phase, inputs):
                 optimizer=recipe_lib.optimizer(
                     phase, steps_per_epoch(run.data, run.batch_size), model),
                 # Mixed labels (mixup, CutMix) in training, integer ones in validation.
-                loss=(losses.for_config(config, soft=True) if phase.recipe.mixes
-                      else run.plan.loss),
-                metrics=losses.metrics(soft=phase.recipe.mixes),
+                loss=(run.plan.task.loss(config.label_smoothing, soft=True)
+                      if phase.recipe.mixes else run.plan.loss),
+                metrics=run.plan.task.metrics(soft=phase.recipe.mixes),
                 jit_compile=config.jit_compile,
                 # A head step on cached features is a few microseconds of
                 # arithmetic: many per call into the backend, not one. (Not
@@ -507,12 +510,14 @@ def phase_callbacks(run, phase, inputs):
     # After the backup (it saves the weights being trained), before best.keras (it saves
     # the averaged weights, which are swapped in at the end of each epoch).
     callbacks += recipe_lib.callbacks(phase, workdir,
-                                      best_record=os.path.join(workdir, "backup", "best.json"))
+                                      best_record=os.path.join(workdir, "backup", "best.json"),
+                                      monitor=run.plan.task.monitor)
     if run.save_models and dist.chief:
         # A cached head's epochs take a fraction of a second and saving the
         # full model ~0.75 s: its best weights are kept in memory, saved once.
         callbacks.append(callbacks_lib.BestModel(run.model, workdir, defer=inputs.cached,
-                                    changing=inputs.model))
+                                                 changing=inputs.model,
+                                                 monitor=run.plan.task.monitor))
     return callbacks
 
 

@@ -44,7 +44,10 @@ import keras_tuner as kt
 from tl_keras import backbones, features, keras_internals, plan as plan_lib, run_folder, train
 from tl_keras import trainable
 
-OBJECTIVE = "val_accuracy"
+
+def objective(plan):
+    """What trials are ranked by: the task's validation metric (`val_accuracy`), maximised."""
+    return plan.task.monitor
 
 
 # --- Search space -------------------------------------------------------------------
@@ -162,11 +165,12 @@ class TransferHyperModel(kt.HyperModel):
             for path in checkpoints:
                 run_folder.write_atomically(path, model.save_weights)
         rss, peak = memory_mb()
+        name = objective(self.plan)
         print(f"trial_id {trial_id} done{' on ' + tuner_id() if role() != 'single' else ''}: "
-              f"{OBJECTIVE} {metrics[OBJECTIVE]:.4f}, "
+              f"{name} {metrics[name]:.4f}, "
               f"{metrics['wall_seconds']:.1f} s, RSS {rss:.0f} MB (peak {peak:.0f} MB)",
               flush=True)
-        return {OBJECTIVE: metrics[OBJECTIVE], "seconds": metrics["wall_seconds"],
+        return {name: metrics[name], "seconds": metrics["wall_seconds"],
                 "rss_mb": rss, "peak_rss_mb": peak}
 
 
@@ -281,7 +285,7 @@ def make_tuner(name, plan, data, max_trials, workdir, strategy=None):
     check_sweep(name, plan, max_trials, workdir)
     config = plan.config
     common = dict(hypermodel=TransferHyperModel(plan, data, workdir, strategy),
-                  objective=kt.Objective(OBJECTIVE, "max"), seed=config.seed,
+                  objective=kt.Objective(objective(plan), "max"), seed=config.seed,
                   directory=workdir, project_name="tuner", overwrite=False)
     if name == "hyperband":
         tuner = Hyperband(max_epochs=config.epochs, **common)
@@ -296,11 +300,12 @@ def make_tuner(name, plan, data, max_trials, workdir, strategy=None):
 def results(tuner):
     """One dict per trial the oracle knows, completed ones best first."""
     space = [hp.name for hp in tuner.oracle.get_space().space]
+    name = tuner.oracle.objective.name
     rows = []
     for trial in tuner.oracle.trials.values():
         metrics = trial.metrics
-        value = {name: metrics.get_last_value(name) if metrics.exists(name) else None
-                 for name in (OBJECTIVE, "seconds", "peak_rss_mb")}
+        value = {key: metrics.get_last_value(key) if metrics.exists(key) else None
+                 for key in (name, "seconds", "peak_rss_mb")}
         row = {"trial_id": trial.trial_id, "status": trial.status, **value}
         values = trial.hyperparameters.values
         row.update({name: values.get(name) for name in space})
@@ -309,7 +314,7 @@ def results(tuner):
         if trial.status != "COMPLETED" and trial.message:  # Keras Tuner keeps the traceback
             row["error"] = [line for line in trial.message.splitlines() if line.strip()][-1]
         rows.append(row)
-    rows.sort(key=lambda r: (r[OBJECTIVE] is None, -(r[OBJECTIVE] or 0), r["trial_id"]))
+    rows.sort(key=lambda r: (r[name] is None, -(r[name] or 0), r["trial_id"]))
     return rows
 
 
@@ -322,12 +327,12 @@ def write_results(tuner, plan, workdir):
         writer.writeheader()
         writer.writerows(rows)
     os.replace(path + ".tmp", path)
-    best = [r for r in rows if r[OBJECTIVE] is not None]
+    best = [r for r in rows if r[objective(plan)] is not None]
     if best:
         trial = tuner.oracle.trials[best[0]["trial_id"]]
         write_best_config(os.path.join(workdir, "best_config.py"),
                           trial_config(plan.config, trial.hyperparameters.values), best[0],
-                          workdir)
+                          workdir, objective(plan))
     return rows
 
 
@@ -339,13 +344,14 @@ def _columns(rows):
     return columns
 
 
-def write_best_config(path, config, row, workdir):
-    """`config` as a config file that `tools/finetune.py --config=PATH` reads."""
+def write_best_config(path, config, row, workdir, metric="val_accuracy"):
+    """`config` as a config file that `tools/finetune.py --config=PATH` reads; `row`, the
+    trial's, holds its `metric`."""
     config = plan_lib.editable(config)
     config.workdir = ""  # a new run folder for the retrained model
     config.verbose = "auto"
     values = pprint.pformat(plan_lib.to_dict(config), indent=4, sort_dicts=True)
-    text = f'''"""The best trial of the sweep in {workdir}: trial_id {row["trial_id"]}, {OBJECTIVE} {row[OBJECTIVE]:.4f}.
+    text = f'''"""The best trial of the sweep in {workdir}: trial_id {row["trial_id"]}, {metric} {row[metric]:.4f}.
 
 Retrain it, and export the model for TF Serving, with:
     python tools/finetune.py --config={path} --export_dir=exports/best
