@@ -159,3 +159,22 @@ def test_quickstart_notebook_runs_in_a_jupyter_kernel(tmp_path):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"val_accuracy {metrics['val_accuracy']:.4f}" in printed
     assert os.path.exists(tmp_path / "runs" / workdir / "eval" / "eval.json")
+
+
+def test_a_peer_lost_before_training_is_a_peer_failure_to_restart_from(images, tmp_path,
+                                                                       monkeypatch):
+    # A multi-worker run whose peer dies while the data is read or the advisor's pilots
+    # train must rejoin afresh (tools/finetune.py restarts on PeerFailure), as in training.
+    import tensorflow as tf
+
+    from tl_keras import api, distribute, prepare
+
+    def peer_gone(plan, strategy):
+        raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer gone")
+
+    monkeypatch.setattr(prepare, "make_strategy", lambda plan: "multi_worker")
+    monkeypatch.setattr(prepare, "load_data", peer_gone)
+    monkeypatch.setattr(distribute, "uses_loop", lambda strategy: strategy == "multi_worker")
+    monkeypatch.setattr(distribute, "writes", lambda strategy: True)
+    with pytest.raises(api.PeerFailure, match="peer gone"):
+        tl_keras.finetune(str(images), workdir=str(tmp_path / "run"), **SMALL)

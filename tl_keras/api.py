@@ -180,17 +180,19 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if distribute.writes(strategy):
             run_folder.check(plan.config.workdir, plan.to_dict())
 
-    def before_data(plan, strategy):
+    strategy = None  # known from before_data on: a peer lost in the advisor's pilots too
+
+    def before_data(plan, made):
+        nonlocal strategy
+        strategy = made
         if distribute.writes(strategy):
             run_folder.refuse_finished(plan.config.workdir)
         if export_dir:  # checked before training, not after
             export.check_export_dir(export_dir)
         print(f"Run folder: {plan.config.workdir}")
 
-    strategy = None
     try:
         ready = prepare.prepare(config, given, on_plan=check_folder, before_data=before_data)
-        strategy = ready.strategy
         metrics = train.finetune(ready.plan, ready.datasets, strategy=strategy,
                                  first_view=ready.first_view)
     except Exception as e:
