@@ -168,39 +168,59 @@ class ToolResult:
         return self.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def run_tool(capsys, monkeypatch):
-    """Runs `tools/NAME ARGS...` in this process, as `python tools/NAME ARGS...` runs it.
-
-    No new Python and TensorFlow per call: the tool's file runs as `__main__`
-    with its flags, and the flags it defined are removed afterwards, so the
-    next tool (which may define the same names) starts clean. Returns a
-    `ToolResult` with the exit code, stdout and stderr.
-    """
+def run_as_main(path, args):
+    """Runs the tool at `path` in this process, as `python PATH ARGS...` runs it: its
+    file as `__main__` with its flags, which are removed afterwards, so the next tool
+    (which may define the same names) starts clean. Returns the exit code."""
     import runpy
     import sys
 
     from absl import app, flags  # noqa: F401  absl.app defines its flags (run_with_pdb, ...)
     # on import: imported here, before `before`, they are not removed after the first tool.
 
+    argv, sys.argv = sys.argv, [path, *map(str, args)]
+    before = set(flags.FLAGS)
+    try:
+        runpy.run_path(path, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)
+        # ml_collections loads --config as module "config_config" and would
+        # execute the next config file into the same module, keeping its names.
+        sys.modules.pop("config_config", None)
+
+
+def tool_in_process(name, *args, cwd):
+    """`tools/NAME ARGS...` run in this process from `cwd`, for a shared fixture (where
+    capsys and monkeypatch are not available): a `ToolResult`."""
+    import contextlib
+    import io
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_as_main(os.path.join(TOOLS, name), args)
+    finally:
+        os.chdir(here)
+    return ToolResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def run_tool(capsys, monkeypatch):
+    """Runs `tools/NAME ARGS...` in this process, as `python tools/NAME ARGS...` runs it
+    (`run_as_main`): no new Python and TensorFlow per call. Returns a `ToolResult` with
+    the exit code, stdout and stderr.
+    """
     def run(name, *args, cwd=None):
-        path = os.path.join(TOOLS, name)
         if cwd is not None:
             monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
-        before = set(flags.FLAGS)
         capsys.readouterr()
-        try:
-            runpy.run_path(path, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            for flag in set(flags.FLAGS) - before:
-                delattr(flags.FLAGS, flag)
-            # ml_collections loads --config as module "config_config" and would
-            # execute the next config file into the same module, keeping its names.
-            sys.modules.pop("config_config", None)
+        code = run_as_main(os.path.join(TOOLS, name), args)
         out, err = capsys.readouterr()
         return ToolResult(code, out, err)
 

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import predict_request  # tools/ is on pytest's pythonpath (setup.cfg)
-from conftest import ROOT, TOOLS, TINY_SIZE, tiny_config
+from conftest import ROOT, TOOLS, TINY_SIZE, tiny_config, tool_in_process
 from tl_keras import data, export
 
 CLASSES = ["cat", "dog", "fox"]
@@ -38,17 +38,17 @@ def serving_apis():
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, shared_images):
-    """`tools/finetune.py ... --export_dir=exports` run as a user runs it, in a new process.
+    """`tools/finetune.py ... --export_dir=exports` run as a user runs it (in this
+    process: the slow tests run tools/finetune.py in a new one).
 
-    Returns (folder, the finished process, the trained model): the run is
+    Returns (folder, the finished tool's `ToolResult`, the trained model): the run is
     `folder/run`, its SavedModel `folder/exports/1`.
     """
     root = tmp_path_factory.mktemp("cli")
-    result = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "finetune.py"), "--regime=small_similar",
-         f"--config={ROOT}/configs/smoke.py", f"--dataset={shared_images}", "--epochs=2",
-         "--workdir=run", "--export_dir=exports"],
-        cwd=root, capture_output=True, text=True, timeout=600)
+    result = tool_in_process(
+        "finetune.py", "--regime=small_similar", f"--config={ROOT}/configs/smoke.py",
+        f"--dataset={shared_images}", "--epochs=2", "--workdir=run", "--export_dir=exports",
+        cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     model = keras.saving.load_model(root / "run" / "model.keras", compile=False)
     return root, result, model

@@ -218,11 +218,9 @@ def test_without_tensorflow_every_tool_says_which_extra_to_install(tmp_path, too
     assert os.listdir(tmp_path) == []
 
 
-def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_collector(
-        monkeypatch):
-    # gc.freeze keeps Python's full collections (and the one at exit, 1.0-1.5 s)
-    # off TensorFlow's and Keras' objects; a caller that goes on gets them back.
-    import gc
+@pytest.fixture
+def run_main(monkeypatch):
+    """`tools/_common.run(main)` as the tool named `name` runs it: its exit code."""
     import sys
 
     from conftest import TOOLS
@@ -230,55 +228,50 @@ def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_colle
     monkeypatch.syspath_prepend(TOOLS)
     import _common
 
+    def run(main, name="tool"):
+        monkeypatch.setattr(sys, "argv", [name])
+        with pytest.raises(SystemExit) as e:
+            _common.run(main)
+        return e.value.code
+
+    return run
+
+
+def test_a_tools_main_runs_with_its_imports_frozen_and_returns_them_to_the_collector(
+        run_main):
+    # gc.freeze keeps Python's full collections (and the one at exit, 1.0-1.5 s)
+    # off TensorFlow's and Keras' objects; a caller that goes on gets them back.
+    import gc
+
     frozen = []
-    monkeypatch.setattr(sys, "argv", ["tool"])
-    with pytest.raises(SystemExit) as e:
-        _common.run(lambda argv: frozen.append(gc.get_freeze_count()))
-    assert e.value.code in (0, None)
+    assert run_main(lambda argv: frozen.append(gc.get_freeze_count())) in (0, None)
     assert frozen[0] > 10_000  # Keras and TensorFlow are imported here
     assert gc.get_freeze_count() == 0
 
 
-def test_ctrl_c_masked_by_a_context_managers_error_still_stops_in_one_line(monkeypatch,
-                                                                            capsys):
+def test_ctrl_c_masked_by_a_context_managers_error_still_stops_in_one_line(run_main, capsys):
     # Ctrl-C during the advisor's pilots: TensorFlow's variable_creator_scope raised its
     # own RuntimeError while unwinding, a traceback with exit 1. The interrupt behind it
     # now stops the tool as any Ctrl-C does.
-    import sys
-
-    from conftest import TOOLS
-
-    monkeypatch.syspath_prepend(TOOLS)
-    import _common
-
     def main(argv):
         try:
             raise KeyboardInterrupt
         finally:
             raise RuntimeError("Exiting variable_creator_scope without proper nesting")
 
-    monkeypatch.setattr(sys, "argv", ["advise.py"])
-    with pytest.raises(SystemExit) as e:
-        _common.run(main)
-    assert e.value.code == 130
+    assert run_main(main, "advise.py") == 130
     assert capsys.readouterr().err.strip() == "advise.py: stopped by SIGINT"
     with pytest.raises(RuntimeError, match="an error of its own"):  # others go on as they are
-        _common.run(lambda argv: (_ for _ in ()).throw(RuntimeError("an error of its own")))
+        run_main(lambda argv: (_ for _ in ()).throw(RuntimeError("an error of its own")))
 
 
-def test_signals_reach_the_main_thread_never_a_thread_the_tool_made(monkeypatch, capsys):
+def test_signals_reach_the_main_thread_never_a_thread_the_tool_made(run_main, capsys):
     # A SIGINT the kernel delivered into one of TensorFlow's threads during a training
     # step aborted the process ("corrupted double-linked list") in about 1 try in 5: the
     # tool's threads block SIGINT and SIGTERM, one waiting thread hands them to the main one.
     import signal
-    import sys
     import threading
     import time
-
-    from conftest import TOOLS
-
-    monkeypatch.syspath_prepend(TOOLS)
-    import _common
 
     seen = {}
 
@@ -293,10 +286,7 @@ def test_signals_reach_the_main_thread_never_a_thread_the_tool_made(monkeypatch,
             time.sleep(0.05)
         raise AssertionError("SIGTERM did not stop the tool")
 
-    monkeypatch.setattr(sys, "argv", ["finetune.py"])
-    with pytest.raises(SystemExit) as e:
-        _common.run(main)
-    assert e.value.code == 143
+    assert run_main(main, "finetune.py") == 143
     assert capsys.readouterr().err.strip() == "finetune.py: stopped by SIGTERM"
     assert {signal.SIGINT, signal.SIGTERM} <= seen["main"] & seen["thread"]
     assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
