@@ -24,7 +24,12 @@ def get_config():
     config.dropout = 0.2                 # before the new head
 
     # --- Data (see tl_keras/data.py) ---
-    config.dataset = "fashion_mnist"     # a folder of class subfolders | tfds:NAME | fashion_mnist | digits
+    config.dataset = "fashion_mnist"     # a folder of class subfolders | a .csv/.tsv label table | tfds:NAME | fashion_mnist | digits
+    config.table = ml_collections.ConfigDict()  # a label table's columns (tl_keras/tables.py; docs/data.md)
+    config.table.path_column = ""        # image paths, relative to the table's folder; "": the first column
+    config.table.label_column = ""       # one label per image; "": the second column
+    config.table.split_column = "split"  # train | valid per row, when the table has this column; else held out by seed
+    config.table.label_delimiter = "auto"  # auto: | ; or space in a cell means several labels (refused: multi-label is not trained yet); none: each cell is one label
     config.val_fraction = 0.2            # held out by seed when the source has no validation split
     config.max_examples = 0              # cap on training examples (seeded subset); 0: all
     config.examples_per_class = 0        # cap on training examples per class (seeded); 0: all

@@ -75,7 +75,7 @@ def test_folder_errors_before_training(tmp_path, image_folder):
     (one / "only").mkdir(parents=True)
     with pytest.raises(ValueError, match="at least 2 classes; found 1"):
         data.from_folder(str(one))
-    with pytest.raises(ValueError, match="is not a folder, not tfds:NAME"):
+    with pytest.raises(ValueError, match="is not a folder, not a .csv or .tsv label table, not tfds:NAME"):
         data.load_examples(tiny_config(tmp_path, dataset=str(tmp_path / "missing")))
     (image_folder / "empty_class").rmdir()
     (image_folder / "a\nb").mkdir()  # labels.txt would get a line too many

@@ -12,7 +12,8 @@ Modules, in the order data flows:
     tasks       what a run predicts: the head's activation, loss, metric, labels, decoding
     arrays      built-in datasets and the seeded split as numpy arrays (no TensorFlow)
     data        tf.data pipelines from folders, TFDS, built-in datasets, arrays
-                (image_files: every file checked once; augment: flips to CutMix)
+                (tables: labels from a CSV or DataFrame; image_files: every file
+                checked once; augment: flips to CutMix)
     backbones   Keras Applications backbones (and efficientnet_lite, read from
                 torch_state_dict files), their preprocessing, named cut points
     model       raw pixels -> preprocessing -> cut backbone -> new Dense head

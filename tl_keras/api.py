@@ -26,7 +26,7 @@ import time
 
 import ml_collections
 
-from tl_keras import advise, backbones, plan as plan_lib, prepare, run_folder
+from tl_keras import advise, backbones, plan as plan_lib, prepare, run_folder, tables
 
 
 # --- Configs -----------------------------------------------------------------------------
@@ -53,7 +53,10 @@ def make_config(regime="small_similar", config=None, folder="runs", prefix=None,
         given = None
     config = plan_lib.editable(config)
     config.regime = regime
+    table = overrides.pop("dataset") if tables.is_dataframe(overrides.get("dataset")) else None
     apply_overrides(config, overrides)
+    if table is not None:  # a DataFrame: saved as the CSV file the run's config names
+        config.dataset = tables.saved_dataframe(table, config.table.path_column)
     return with_workdir(config, folder, prefix), given
 
 
@@ -133,7 +136,8 @@ def finetune(dataset=None, regime="small_similar", *, config=None, export_dir=No
     """Fine-tunes in `regime` on `dataset` and writes the run folder, as tools/finetune.py.
 
     Args:
-      dataset: a folder of class subfolders, `tfds:NAME`, `fashion_mnist` or
+      dataset: a folder of class subfolders, a .csv or .tsv label table, a pandas
+        DataFrame of image paths and labels (docs/data.md), `tfds:NAME`, `fashion_mnist` or
         `digits` (None: the config's).
       regime: small_similar | small_different | large_similar | large_different |
         auto (the regime advisor measures, then its regime runs).

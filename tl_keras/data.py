@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import augment as augment_lib
+from tl_keras import tables
 from tl_keras.arrays import BUILTIN, load_builtin, split_indices
 from tl_keras.image_files import (IMAGE_EXTENSIONS, CheckedFiles, check_images, decode, listdir,
                                   listing)
@@ -89,7 +90,8 @@ def load(config, image_size, batch_size=None, drop_remainder=False):
 
 
 def load_examples(config):
-    """The `Examples` of `config.dataset`: a folder, `tfds:NAME` or a built-in name."""
+    """The `Examples` of `config.dataset`: a folder, a label table (.csv, .tsv),
+    `tfds:NAME` or a built-in name."""
     dataset = str(config.dataset)
     if dataset.startswith("tfds:"):
         examples = from_tfds(dataset[len("tfds:"):], config)
@@ -99,6 +101,11 @@ def load_examples(config):
                                val_fraction=config.val_fraction, seed=config.seed,
                                max_examples=config.max_examples,
                                examples_per_class=config.examples_per_class)
+    elif tables.is_table(dataset):
+        examples = from_table(tables.read_file(dataset, config.table),
+                              val_fraction=config.val_fraction, seed=config.seed,
+                              max_examples=config.max_examples,
+                              examples_per_class=config.examples_per_class, strict=config.strict)
     elif os.path.isdir(dataset):
         examples = from_folder(dataset, val_fraction=config.val_fraction,
                                seed=config.seed, max_examples=config.max_examples,
@@ -106,8 +113,8 @@ def load_examples(config):
                                strict=config.strict)
     else:
         raise ValueError(
-            f"dataset {dataset!r} is not a folder, not tfds:NAME and not a "
-            f"built-in dataset ({', '.join(BUILTIN)})")
+            f"dataset {dataset!r} is not a folder, not a .csv or .tsv label table, not "
+            f"tfds:NAME and not a built-in dataset ({', '.join(BUILTIN)})")
     if examples.train_examples < 1 or examples.val_examples < 1:
         raise ValueError(
             f"dataset {dataset!r} has an empty split: {examples.train_examples} "
@@ -144,15 +151,20 @@ def _class_folders(root):
     class_names = sorted(
         d for d in listdir(root, "dataset folder")
         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    unlisted = [d for d in class_names if not d.isprintable()]
-    if unlisted:  # labels.txt holds one class per line: a name must be one printable line
-        raise ValueError(f"class folder name {unlisted[0]!r} in {root!r} holds a line break "
-                         "or another unprintable character; rename the folder")
+    _refuse_unprintable(class_names, f"class folder name {{!r}} in {root!r}", "rename the folder")
     if len(class_names) < 2:
         raise ValueError(
             f"dataset folder {root!r} needs one subfolder per class and at least "
             f"2 classes; found {len(class_names)}: {class_names}")
     return class_names
+
+
+def _refuse_unprintable(class_names, what, fix):
+    """labels.txt holds one class per line: a name must be one printable line."""
+    unlisted = [name for name in class_names if not name.isprintable()]
+    if unlisted:
+        raise ValueError(f"{what.format(unlisted[0])} holds a line break or another "
+                         f"unprintable character; {fix}")
 
 
 def _class_files(root, class_names):
@@ -196,13 +208,19 @@ def readable_files(paths, labels, root, strict=False):
 
 
 def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_examples=None,
-               examples_per_class=None, skipped=()):
+               examples_per_class=None, skipped=(), is_val=None):
     """`Examples` of image files at `paths` (checked: `readable_files`) with integer
-    `labels`, split by seed, decoded as training reads them."""
-    train_idx, val_idx = split_indices(np.array(labels), val_fraction, seed, max_examples,
-                                       examples_per_class)
-    train_idx = _seeded_order(train_idx, seed)
+    `labels`, split by seed (or by `is_val`, a bool per file), decoded as training
+    reads them."""
     paths, labels = np.array(paths), np.array(labels, dtype="int32")
+    if is_val is None:
+        train_idx, val_idx = split_indices(labels, val_fraction, seed, max_examples,
+                                           examples_per_class)
+    else:  # the caps apply to the training rows alone, as for arrays with x_val
+        pool, val_idx = np.flatnonzero(~np.asarray(is_val)), np.flatnonzero(is_val)
+        train_idx = pool[split_indices(labels[pool], 0.0, seed, max_examples,
+                                       examples_per_class)[0]]
+    train_idx = _seeded_order(train_idx, seed)
 
     def dataset(idx):
         ds = tf.data.Dataset.from_tensor_slices((paths[idx], labels[idx]))
@@ -211,6 +229,47 @@ def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_example
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
                     len(train_idx), len(val_idx), channels=3, skipped=list(skipped),
                     train_label_counts=np.bincount(labels[train_idx], minlength=len(class_names)))
+
+
+def from_table(table, val_fraction=0.2, seed=0, max_examples=None, examples_per_class=None,
+               strict=False):
+    """`Examples` of the images a `tables.Table` lists (a CSV file, a DataFrame), one
+    label each, checked as a folder's files are; split by its split column, else by seed.
+
+    Rows are taken class by class, then by path, as a folder lists them: the same
+    files as class folders or as a table give the same split and the same run.
+    """
+    class_names = sorted(set(table.labels))
+    _refuse_unprintable(class_names, f"label {{!r}} in {table.source}", "change the label")
+    if len(class_names) < 2:
+        raise ValueError(f"label table {table.source} needs at least 2 labels; found "
+                         f"{len(class_names)}: {class_names}")
+    order = sorted(range(len(table.paths)), key=lambda i: (table.labels[i], table.paths[i]))
+    index = {name: label for label, name in enumerate(class_names)}
+    rows = [(index[table.labels[i]], bool(table.is_val and table.is_val[i])) for i in order]
+    paths, rows, bad = readable_files([table.paths[i] for i in order], rows, table.root,
+                                      strict)
+    labels = [label for label, _ in rows]
+    for label, name in enumerate(class_names):
+        if label not in labels:
+            raise ValueError(f"label {name!r} of {table.source} has no readable images left")
+    return from_paths(paths, labels, class_names, val_fraction, seed, max_examples,
+                      examples_per_class, skipped=[p for p, _ in bad],
+                      is_val=None if table.is_val is None else [v for _, v in rows])
+
+
+def from_dataframe(df, path_col=None, label_col=None, split_col="split", root=".",
+                   label_delimiter="auto", **split):
+    """`Examples` of a pandas DataFrame of image paths (relative to `root`, or absolute)
+    and labels, as `from_table`; `split`: val_fraction, seed, max_examples, ...
+
+    Example:
+      examples = from_dataframe(df, path_col="image", label_col="label")
+    """
+    settings = tables.settings(path_column=path_col, label_column=label_col,
+                               split_column=split_col, label_delimiter=label_delimiter)
+    columns = {str(name): list(df[name]) for name in df.columns}
+    return from_table(tables.from_columns(columns, settings, os.path.abspath(root)), **split)
 
 
 def _seeded_order(indices, seed):

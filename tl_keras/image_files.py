@@ -95,10 +95,8 @@ class CheckedFiles:
 
     def __init__(self, root):
         self.root = os.path.realpath(root)
-        cache = os.environ.get("TL_KERAS_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "tl_keras")
         digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
-        self.path = os.path.join(cache, "checked", f"{digest}.json")
+        self.path = run_folder.cache_path("checked", f"{digest}.json")
         self.entries, self.stats = {}, {}
         try:
             with open(self.path) as f:

@@ -25,7 +25,7 @@ import tempfile
 
 import ml_collections
 
-from tl_keras import backbones, recipe, tasks, trainable
+from tl_keras import backbones, recipe, tables, tasks, trainable
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "float32", "mixed_float16", "mixed_bfloat16")
@@ -104,6 +104,7 @@ def resolve(config):
     config.cut = _cut(config)
     config.image_size = config.image_size or backbone.image_size
     _check_numbers(config)
+    tables.check_settings(config.table)
     if config.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {config.distribution!r}; "
                          f"valid: {', '.join(DISTRIBUTIONS)}")

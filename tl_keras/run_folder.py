@@ -164,6 +164,13 @@ def refuse_finished(workdir):
 _PARTIAL = re.compile(r"^\..+\.\d+\.partial(\.[\w.]+)?$")  # write_atomically's temporary names
 
 
+def cache_path(*parts):
+    """A path under tl_keras's cache, `$TL_KERAS_CACHE` (default ~/.cache/tl_keras)."""
+    cache = os.environ.get("TL_KERAS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tl_keras")
+    return os.path.join(cache, *parts)
+
+
 def write_atomically(path, write):
     """Calls `write(tmp)` for a temporary path beside `path`, then renames it to `path`.
 
