@@ -12,7 +12,7 @@ def get_config():
     config = ml_collections.ConfigDict()
 
     # --- What to train (see tl_keras/trainable.py for the regimes) ---
-    config.task = "single_label"         # single_label: one class per image (tl_keras/tasks.py)
+    config.task = "single_label"         # single_label: one class per image | multi_label: several, from a label table (tl_keras/tasks.py)
     config.regime = "small_similar"      # small_similar | small_different | large_similar | large_different | auto (the advisor)
     config.backbone = "efficientnet_lite0"  # a key of tl_keras.backbones.BACKBONES, or hub:PRESET (a KerasHub preset or folder)
     config.weights = "imagenet"          # imagenet | none | PATH.weights.h5 (efficientnet_lite*: offline)
@@ -29,7 +29,7 @@ def get_config():
     config.table.path_column = ""        # image paths, relative to the table's folder; "": the first column
     config.table.label_column = ""       # one label per image; "": the second column
     config.table.split_column = "split"  # train | valid per row, when the table has this column; else held out by seed
-    config.table.label_delimiter = "auto"  # auto: | ; or space in a cell means several labels (refused: multi-label is not trained yet); none: each cell is one label
+    config.table.label_delimiter = "auto"  # auto: | ; or a space in a cell separates labels (task=multi_label; a single-label run refuses them); none: each cell is one label
     config.val_fraction = 0.2            # held out by seed when the source has no validation split
     config.max_examples = 0              # cap on training examples (seeded subset); 0: all
     config.examples_per_class = 0        # cap on training examples per class (seeded); 0: all

@@ -48,8 +48,12 @@ def test_lr_find_tool_writes_its_picture_and_names_the_key_to_set(run_tool, shar
     saved = json.loads((workdir / "lr_find.json").read_text())
     assert saved["phase"] == "finetune" and saved["key"] == "finetune_learning_rate"
     assert (workdir / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (f"--config.finetune_learning_rate={saved['suggestion']:.2g}"
-            in result.stdout.splitlines()[-1])
+    # The measured command, as a run: its data, backbone, size and batch (the dataset
+    # was fashion_mnist, the config's, whatever --dataset said), the rate set.
+    assert result.stdout.splitlines()[-1] == (
+        "Train with it: python tools/finetune.py --regime=large_similar "
+        f"--config.finetune_learning_rate={saved['suggestion']:.2g} --dataset={shared_images} "
+        f"--backbone={TINY_BACKBONE} --weights=none --image_size={TINY_SIZE} --batch_size=4")
     # The same workdir again: refused, nothing overwritten.
     again = run_tool("lr_find.py", "--regime=large_similar", f"--dataset={shared_images}",
                      f"--backbone={TINY_BACKBONE}", "--weights=none",

@@ -94,11 +94,11 @@ def test_missing_and_undecodable_files_are_skipped_counted_and_named(image_folde
      "an empty 'label' cell at line 3 (2 in all)"),
     ("image,label\ncat/0.png,cat\n\ndog/0.png,dog person\n", {},
      "several labels separated by ' ' in a cell ('dog person' at line 4; 1 in all); several "
-     "labels per image (multi-label) are not trained yet; if each cell is one label, set "
+     "labels per image need --config.task=multi_label; if each cell is one label, set "
      "table.label_delimiter=none"),
     ("image,label\ncat/0.png,cat|fox\n", {},
      "several labels separated by '|' in a cell ('cat|fox' at line 2; 1 in all); several "
-     "labels per image (multi-label) are not trained yet; if each cell is one label, set "
+     "labels per image need --config.task=multi_label; if each cell is one label, set "
      "table.label_delimiter=none"),
     ("image,label\ncat/0.png,cat\n", {"label_column": "class"},
      "no column 'class' (table.label_column); its columns: image, label"),
@@ -161,7 +161,7 @@ def test_a_dataframe_from_python_is_saved_once_as_the_csv_its_run_names(shared_i
     assert saved.endswith(".csv") and os.path.isfile(saved)
     table = tables.read_file(saved, config.table)  # absolute paths: the working folder's files
     assert table.paths == [str(shared_images / p) for p, _ in rows]
-    assert table.labels == [c for _, c in rows]
+    assert table.labels == [(c,) for _, c in rows]
     again, _ = api.make_config("small_similar", dataset=df.copy())
     assert again.dataset == saved  # the same rows, the same file: a run resumes
     df.loc[0, "label"] = "dog" if rows[0][1] != "dog" else "cat"

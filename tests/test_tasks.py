@@ -9,12 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from tl_keras import data, plan as plan_lib, predict, tasks, train
+from conftest import tiny_config, write_image_folder
+from tl_keras import (api, augment, data, evaluate, export, litert, plan as plan_lib, predict,
+                      tables, tasks, train)
 
 
 def test_an_unknown_task_is_one_line_listing_the_tasks(tmp_path):
-    with pytest.raises(ValueError, match=r"^unknown task 'multilabel'; valid tasks: single_label$"):
+    with pytest.raises(ValueError, match=r"^unknown task 'multilabel'; valid tasks: "
+                                         r"single_label, multi_label$"):
         plan_lib.resolve(tiny_config(tmp_path, task="multilabel"))
 
 
@@ -67,3 +69,143 @@ def _history(workdir):
 
     with open(os.path.join(workdir, "history.csv")) as f:
         return list(csv.DictReader(f))
+
+
+# --- Several labels per image ----------------------------------------------------------
+
+def test_multi_label_decodes_every_label_at_its_threshold_with_sigmoids(tmp_path):
+    task = tasks.get_task("multi_label")
+    probabilities = np.array([[0.9, 0.2, 0.6], [0.1, 0.4, 0.3], [0.5, 0.7, 0.95]])
+    names = ["cat", "dog", "fox"]
+    assert task.decode(probabilities, names) == [
+        [("cat", 0.9), ("fox", 0.6)], [], [("fox", 0.95), ("dog", 0.7), ("cat", 0.5)]]
+    assert task.decode(probabilities, names, thresholds=[0.95, 0.3, 0.5]) == [
+        [("fox", 0.6)], [("dog", 0.4)], [("fox", 0.95), ("dog", 0.7)]]
+    plan = plan_lib.resolve(tiny_config(tmp_path, task="multi_label"))
+    assert (plan.task.activation, plan.task.monitor, plan.loss) == (
+        "sigmoid", "val_mAP", "binary_crossentropy")
+    smoothed = plan_lib.resolve(tiny_config(tmp_path, task="multi_label", label_smoothing=0.1))
+    y = np.array([[1.0, 0.0]])
+    p = np.array([[0.8, 0.3]])
+    assert float(smoothed.loss(y, p)) == pytest.approx(  # targets 0.95 and 0.05
+        -np.mean([0.95 * np.log(0.8) + 0.05 * np.log(0.2), 0.05 * np.log(0.3)
+                  + 0.95 * np.log(0.7)]), rel=1e-5)
+
+
+def test_the_multi_label_metric_is_the_mean_average_precision_over_labels():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((500, 4)) < 0.3).astype("float32")
+    p = np.clip(0.3 * y + 0.8 * rng.random((500, 4)), 0, 1).astype("float32")
+    mAP, micro_f1 = tasks.get_task("multi_label").metrics()
+    mAP.update_state(y, p)
+    micro_f1.update_state(y, p)
+    assert float(mAP.result()) == pytest.approx(
+        average_precision_score(y, p, average="macro"), abs=0.002)
+    chosen = p >= 0.5
+    tp = (chosen & (y > 0)).sum()
+    assert float(micro_f1.result()) == pytest.approx(2 * tp / (chosen.sum() + y.sum()),
+                                                     rel=1e-5)
+
+
+def test_mixup_and_cutmix_mix_label_vectors_as_they_mix_class_indices():
+    import tensorflow as tf
+
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3)), tf.uint8)
+    labels = np.array([0, 2, 1, 1, 0, 2])
+    for kind in ("mixup", "cutmix"):
+        mix = augment.Mix(kind, alpha=0.4, num_classes=3)
+        seed = tf.constant([3, 4], tf.int64)
+        from_indices = mix(images, tf.constant(labels), seed)
+        from_vectors = mix(images, tf.one_hot(labels, 3), seed)
+        for a, b in zip(from_indices, from_vectors):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    several = tf.constant([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1]], tf.float32)
+    _, mixed = augment.Mix("mixup", 0.4, 3)(images[:4], several, tf.constant([1, 2], tf.int64))
+    np.testing.assert_allclose(mixed.numpy().sum(axis=0), several.numpy().sum(axis=0),
+                               rtol=1e-6)  # a permutation mixed in: each label's mass kept
+
+
+def write_multi_label_table(root, n=30, seed=0):
+    """Images of `write_image_folder` listed with 1-3 labels each ("a|b"), "labels.csv"."""
+    paths = write_image_folder(root, per_class=n // 3)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path in paths:
+        labels = [name for name in ("cat", "dog", "fox") if rng.random() < 0.5] or ["dog"]
+        rows.append(f"{path.relative_to(root)},{'|'.join(labels)}")
+    (root / "labels.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
+    return root / "labels.csv", rows
+
+
+def test_a_multi_label_table_gives_label_vectors_split_so_every_label_is_validated(tmp_path):
+    table, rows = write_multi_label_table(tmp_path / "images")
+    read = tables.read_file(str(table), tables.settings(), multi_label=True)
+    assert read.labels[0] == tuple(sorted(rows[0].split(",")[1].split("|")))
+    examples = data.from_table(read, seed=1, multi_label=True)
+    assert examples.class_names == ["cat", "dog", "fox"]
+    train_y = np.concatenate([y[None] for _, y in examples.train.as_numpy_iterator()])
+    val_y = np.concatenate([y[None] for _, y in examples.val.as_numpy_iterator()])
+    assert train_y.shape[1:] == (3,) and set(np.unique(train_y)) <= {0.0, 1.0}
+    assert (val_y.sum(axis=0) > 0).all()  # every label is in validation
+    np.testing.assert_array_equal(examples.train_label_counts, train_y.sum(axis=0))
+    with pytest.raises(ValueError, match=r"several labels per image need "
+                                         r"--config.task=multi_label; if each cell"):
+        tables.read_file(str(table), tables.settings())
+    config = tiny_config(tmp_path, dataset=str(tmp_path / "images"), task="multi_label")
+    with pytest.raises(ValueError, match=r"^task=multi_label needs several labels per image, "
+                                         r"from a label table \(.csv, .tsv\) or arrays"):
+        data.load_examples(config)  # a folder: one class per image
+
+
+@pytest.fixture(scope="module")
+def multi_label_run(tmp_path_factory):
+    """large_similar on a multi-label table: a head on cached features, then `fit` with
+    mixup; its config and metrics.json."""
+    root = tmp_path_factory.mktemp("multi_label")
+    table, _ = write_multi_label_table(root / "images")
+    config = tiny_config(root, "large_similar", task="multi_label", dataset=str(table),
+                         batch_augment="mixup")
+    return config, train.finetune(config, data.load(config, image_size=config.image_size))
+
+
+def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label_run):
+    config, metrics = multi_label_run
+    assert metrics["task"] == "multi_label"
+    assert metrics["train_path"] == {"head": "cached_features", "finetune": "fit"}
+    assert 0 <= metrics["val_mAP"] <= 1 and "val_accuracy" not in metrics
+    assert metrics["best_val_mAP"] == max(
+        float(row["val_mAP"]) for row in _history(config.workdir))
+    model = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
+    assert model.get_layer("predictions").activation.__name__ == "sigmoid"
+    out = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    assert out.shape == (2, 3) and not np.allclose(out.sum(axis=1), 1)
+    found = predict.from_run(config.workdir)
+    files = [os.path.join(os.path.dirname(config.dataset), "cat", f) for f in ("0.png", "1.jpg")]
+    rows, _ = predict.predict_files(found, files)  # every label at 0.5 or above, no top-k
+    for row, p in zip(rows, found.probabilities(files)):
+        assert row[1::2] == [found.class_names[c] for c in np.argsort(-p, kind="stable")
+                             if p[c] >= 0.5]
+
+
+def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_run, tmp_path):
+    config, _ = multi_label_run
+    ending = "is not built for task=multi_label yet; a multi-label run trains, resumes and " \
+             "predicts (docs/model.md)"
+    for call, what in (
+            (lambda: evaluate.evaluate_run(config.workdir), "tools/evaluate.py"),
+            (lambda: export.export_run(config.workdir, str(tmp_path / "e")),
+             "the SavedModel and LiteRT export"),
+            (lambda: litert.export_run(config.workdir, str(tmp_path / "l")),
+             "the SavedModel and LiteRT export"),
+            (lambda: plan_lib.resolve(tiny_config(tmp_path, task="multi_label",
+                                                  class_weight="balanced")),
+             "class_weight=balanced"),
+            (lambda: api.finetune(config.dataset, regime="auto", task="multi_label",
+                                  workdir=str(tmp_path / "auto")),
+             "regime=auto and tools/advise.py (the advisor's scores and pilots)")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"{what} reads one label per image and {ending}"
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "l")

@@ -26,7 +26,7 @@ import time
 
 import ml_collections
 
-from tl_keras import advise, backbones, plan as plan_lib, prepare, run_folder, tables
+from tl_keras import advise, backbones, plan as plan_lib, prepare, run_folder, tables, tasks
 
 
 # --- Configs -----------------------------------------------------------------------------
@@ -192,6 +192,7 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if distribute.writes(strategy):
             run_folder.refuse_finished(plan.config.workdir)
         if export_dir:  # checked before training, not after
+            tasks.refuse_single_label_only(plan.task, tasks.SINGLE_LABEL_ONLY[2])
             export.check_export_dir(export_dir)
         print(f"Run folder: {plan.config.workdir}")
 
@@ -247,12 +248,17 @@ class Run:
         return self._model
 
     @property
+    def monitor(self):
+        """The metric the run is judged on: its task's (val_accuracy, val_mAP)."""
+        return tasks.of_run(self.metrics).monitor
+
+    @property
     def val_accuracy(self):
         return self.metrics["val_accuracy"]
 
     def __repr__(self):
         return (f"Run(workdir={self.workdir!r}, regime={self.metrics['regime']!r}, "
-                f"val_accuracy={self.val_accuracy:.4f})")
+                f"{self.monitor}={self.metrics[self.monitor]:.4f})")
 
     def _repr_html_(self):
         from tl_keras import report

@@ -52,6 +52,32 @@ def load_builtin(name):
     raise ValueError(f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN)}")
 
 
+def as_labels(labels):
+    """Labels as a source gives them to the pipeline: class indices, int32 [N]; or 0/1
+    vectors over the classes (several labels per image), float32 [N, classes]."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return labels.astype("float32")
+    return labels.astype("int32").reshape(-1)
+
+
+def label_counts(labels, num_classes):
+    """Images per class: of class indices, or (label vectors) images holding each label."""
+    if labels.ndim == 2:
+        return (labels > 0).sum(axis=0).astype("int64")
+    return np.bincount(labels, minlength=num_classes)
+
+
+def strata(labels):
+    """What the seeded split stratifies on: the class; with label vectors, each image's
+    rarest label (none: a stratum of its own), so every label reaches validation."""
+    if labels.ndim == 1:
+        return labels
+    counts = (labels > 0).sum(axis=0)
+    rarity = np.where(labels > 0, counts, np.iinfo("int64").max)
+    return np.where((labels > 0).any(axis=1), rarity.argmin(axis=1), labels.shape[1])
+
+
 def split_indices(labels, val_fraction, seed, max_examples=None, examples_per_class=None):
     """Stratified seeded split: (train indices, val indices), each sorted.
 

@@ -141,7 +141,11 @@ class Mix:
     def __call__(self, images, labels, seed):
         """(images float32, labels [B, num_classes] float32) mixed; `seed`: int64 [2]."""
         images = tf.cast(images, tf.float32)
-        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.num_classes)
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank == 2:  # 0/1 vectors (several labels per image): mixed as they are
+            labels = tf.cast(labels, tf.float32)
+        else:
+            labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.num_classes)
         seeds = tf.random.experimental.stateless_split(seed, 4)
         size = tf.shape(images)[0]
         order = tf.argsort(tf.random.stateless_uniform([size], seeds[0]))

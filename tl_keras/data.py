@@ -25,8 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import augment as augment_lib
-from tl_keras import tables
-from tl_keras.arrays import BUILTIN, load_builtin, split_indices
+from tl_keras import tables, tasks
+from tl_keras.arrays import (BUILTIN, as_labels, label_counts, load_builtin, split_indices,
+                             strata)
 from tl_keras.image_files import (IMAGE_EXTENSIONS, CheckedFiles, check_images, decode, listdir,
                                   listing)
 
@@ -102,10 +103,12 @@ def load_examples(config):
                                max_examples=config.max_examples,
                                examples_per_class=config.examples_per_class)
     elif tables.is_table(dataset):
-        examples = from_table(tables.read_file(dataset, config.table),
+        multi_label = tasks.get_task(config.task).vector_labels
+        examples = from_table(tables.read_file(dataset, config.table, multi_label),
                               val_fraction=config.val_fraction, seed=config.seed,
                               max_examples=config.max_examples,
-                              examples_per_class=config.examples_per_class, strict=config.strict)
+                              examples_per_class=config.examples_per_class, strict=config.strict,
+                              multi_label=multi_label)
     elif os.path.isdir(dataset):
         examples = from_folder(dataset, val_fraction=config.val_fraction,
                                seed=config.seed, max_examples=config.max_examples,
@@ -119,7 +122,20 @@ def load_examples(config):
         raise ValueError(
             f"dataset {dataset!r} has an empty split: {examples.train_examples} "
             f"training and {examples.val_examples} validation examples")
+    _refuse_other_labels(examples, config.task, dataset)
     return examples
+
+
+def _refuse_other_labels(examples, task, dataset):
+    """A one-line `ValueError` when the source's labels are not the form `task` trains on."""
+    vectors = examples.train.element_spec[1].shape.rank == 1
+    if vectors and not tasks.get_task(task).vector_labels:
+        raise ValueError(f"dataset {dataset!r} gives several labels per image; train them "
+                         "with --config.task=multi_label")
+    if not vectors and tasks.get_task(task).vector_labels:
+        raise ValueError(f"task={task} needs several labels per image, from a label table "
+                         f"(.csv, .tsv) or arrays of 0/1 label vectors; dataset {dataset!r} "
+                         "gives one class per image (task=single_label)")
 
 
 # --- Sources -----------------------------------------------------------------
@@ -209,16 +225,17 @@ def readable_files(paths, labels, root, strict=False):
 
 def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_examples=None,
                examples_per_class=None, skipped=(), is_val=None):
-    """`Examples` of image files at `paths` (checked: `readable_files`) with integer
-    `labels`, split by seed (or by `is_val`, a bool per file), decoded as training
+    """`Examples` of image files at `paths` (checked: `readable_files`) with `labels`
+    (class indices, or 0/1 vectors: `as_labels`), split by seed (or by `is_val`, a bool per file), decoded as training
     reads them."""
-    paths, labels = np.array(paths), np.array(labels, dtype="int32")
+    paths, labels = np.array(paths), as_labels(labels)
+    by = strata(labels)
     if is_val is None:
-        train_idx, val_idx = split_indices(labels, val_fraction, seed, max_examples,
+        train_idx, val_idx = split_indices(by, val_fraction, seed, max_examples,
                                            examples_per_class)
     else:  # the caps apply to the training rows alone, as for arrays with x_val
         pool, val_idx = np.flatnonzero(~np.asarray(is_val)), np.flatnonzero(is_val)
-        train_idx = pool[split_indices(labels[pool], 0.0, seed, max_examples,
+        train_idx = pool[split_indices(by[pool], 0.0, seed, max_examples,
                                        examples_per_class)[0]]
     train_idx = _seeded_order(train_idx, seed)
 
@@ -228,40 +245,48 @@ def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_example
 
     return Examples(dataset(train_idx), dataset(val_idx), class_names,
                     len(train_idx), len(val_idx), channels=3, skipped=list(skipped),
-                    train_label_counts=np.bincount(labels[train_idx], minlength=len(class_names)))
+                    train_label_counts=label_counts(labels[train_idx], len(class_names)))
 
 
 def from_table(table, val_fraction=0.2, seed=0, max_examples=None, examples_per_class=None,
-               strict=False):
-    """`Examples` of the images a `tables.Table` lists (a CSV file, a DataFrame), one
-    label each, checked as a folder's files are; split by its split column, else by seed.
+               strict=False, multi_label=False):
+    """`Examples` of the images a `tables.Table` lists (a CSV file, a DataFrame), checked
+    as a folder's files are; split by its split column, else by seed. `multi_label`:
+    labels are 0/1 vectors over the classes (task=multi_label), else class indices.
 
     Rows are taken class by class, then by path, as a folder lists them: the same
     files as class folders or as a table give the same split and the same run.
     """
-    class_names = sorted(set(table.labels))
+    class_names = sorted({name for row in table.labels for name in row})
     _refuse_unprintable(class_names, f"label {{!r}} in {table.source}", "change the label")
     if len(class_names) < 2:
         raise ValueError(f"label table {table.source} needs at least 2 labels; found "
                          f"{len(class_names)}: {class_names}")
     order = sorted(range(len(table.paths)), key=lambda i: (table.labels[i], table.paths[i]))
     index = {name: label for label, name in enumerate(class_names)}
-    rows = [(index[table.labels[i]], bool(table.is_val and table.is_val[i])) for i in order]
+    if multi_label:  # a 0/1 vector over the classes
+        targets = [np.isin(np.arange(len(class_names)), [index[n] for n in row])
+                   for row in table.labels]
+    else:
+        targets = [index[row[0]] for row in table.labels]
+    rows = [(targets[i], bool(table.is_val and table.is_val[i])) for i in order]
     paths, rows, bad = readable_files([table.paths[i] for i in order], rows, table.root,
                                       strict)
-    labels = [label for label, _ in rows]
-    for label, name in enumerate(class_names):
-        if label not in labels:
-            raise ValueError(f"label {name!r} of {table.source} has no readable images left")
+    labels = as_labels([label for label, _ in rows])
+    for label, count in enumerate(label_counts(labels, len(class_names))):
+        if not count:
+            raise ValueError(f"label {class_names[label]!r} of {table.source} has no "
+                             "readable images left")
     return from_paths(paths, labels, class_names, val_fraction, seed, max_examples,
                       examples_per_class, skipped=[p for p, _ in bad],
                       is_val=None if table.is_val is None else [v for _, v in rows])
 
 
 def from_dataframe(df, path_col=None, label_col=None, split_col="split", root=".",
-                   label_delimiter="auto", **split):
+                   label_delimiter="auto", multi_label=False, **split):
     """`Examples` of a pandas DataFrame of image paths (relative to `root`, or absolute)
-    and labels, as `from_table`; `split`: val_fraction, seed, max_examples, ...
+    and labels (with `multi_label`, several per cell), as `from_table`; `split`:
+    val_fraction, seed, max_examples, ...
 
     Example:
       examples = from_dataframe(df, path_col="image", label_col="label")
@@ -269,7 +294,9 @@ def from_dataframe(df, path_col=None, label_col=None, split_col="split", root=".
     settings = tables.settings(path_column=path_col, label_column=label_col,
                                split_column=split_col, label_delimiter=label_delimiter)
     columns = {str(name): list(df[name]) for name in df.columns}
-    return from_table(tables.from_columns(columns, settings, os.path.abspath(root)), **split)
+    table = tables.from_columns(columns, settings, os.path.abspath(root),
+                                multi_label=multi_label)
+    return from_table(table, multi_label=multi_label, **split)
 
 
 def _seeded_order(indices, seed):
@@ -282,35 +309,36 @@ def _seeded_order(indices, seed):
 
 def from_arrays(x, y, class_names=None, x_val=None, y_val=None, val_fraction=0.2,
                 seed=0, max_examples=None, examples_per_class=None):
-    """Examples from numpy images `x` [N, H, W] or [N, H, W, C] (0-255) and labels `y`.
+    """Examples from numpy images `x` [N, H, W] or [N, H, W, C] (0-255) and labels `y`:
+    class indices [N], or 0/1 vectors over the classes [N, classes] (task=multi_label).
 
     Without `x_val`, a stratified `val_fraction` of `x` is held out by `seed`.
 
     Example:
       examples = from_arrays(images, labels, class_names=["cat", "dog"])
     """
-    x, y = _as_images(x), np.asarray(y).astype("int32").reshape(-1)
+    x, y = _as_images(x), as_labels(y)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
-    num_classes = int(y.max()) + 1 if len(y) else 0
+    num_classes = y.shape[1] if y.ndim == 2 else int(y.max()) + 1 if len(y) else 0
     class_names = list(class_names) if class_names is not None else [
         str(i) for i in range(num_classes)]
     if len(class_names) < 2:
         raise ValueError(f"need at least 2 classes, got {len(class_names)}")
     if x_val is None:
-        train_idx, val_idx = split_indices(y, val_fraction, seed, max_examples,
+        train_idx, val_idx = split_indices(strata(y), val_fraction, seed, max_examples,
                                            examples_per_class)
         x, y, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
     else:
-        x_val, y_val = _as_images(x_val), np.asarray(y_val).astype("int32").reshape(-1)
-        train_idx, _ = split_indices(y, 0.0, seed, max_examples, examples_per_class)
+        x_val, y_val = _as_images(x_val), as_labels(y_val)
+        train_idx, _ = split_indices(strata(y), 0.0, seed, max_examples, examples_per_class)
         x, y = x[train_idx], y[train_idx]
     order = _seeded_order(np.arange(len(y)), seed)
     x, y = x[order], y[order]
     return Examples(tf.data.Dataset.from_tensor_slices((x, y)),
                     tf.data.Dataset.from_tensor_slices((x_val, y_val)),
                     class_names, len(x), len(x_val), channels=x.shape[-1],
-                    train_label_counts=np.bincount(y, minlength=len(class_names)))
+                    train_label_counts=label_counts(y, len(class_names)))
 
 
 def _as_images(x):

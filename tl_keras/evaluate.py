@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from tl_keras import data, features, folded, model as model_lib, plan as plan_lib, report, run_folder
+from tl_keras import (data, features, folded, model as model_lib, plan as plan_lib, report, run_folder,
+                      tasks)
 
 BINS = 15           # calibration bins, equal width in confidence (Guo et al. 2017)
 MISTAKES = 16       # images in mistakes.png
@@ -252,6 +253,8 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model", verb
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     model, config, metrics = load_run(workdir, which)
+    tasks.refuse_single_label_only(tasks.of_run(metrics),
+                                   tasks.SINGLE_LABEL_ONLY[1])
     class_names = metrics["class_names"]
     source, n, described = evaluation_data(config, dataset, class_names,
                                            channels=model.input.shape[-1])

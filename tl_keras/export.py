@@ -38,7 +38,7 @@ import tempfile
 
 import keras
 
-from tl_keras import model as model_lib
+from tl_keras import model as model_lib, tasks
 
 
 LABELS = "labels.txt"  # in <version>/assets.extra/: the class names, one per line
@@ -61,7 +61,10 @@ def export_run(workdir, export_dir, verbose=True):
             f"workdir {workdir!r} holds no finished run (model.keras and metrics.json); "
             "finish the run first, or pass the run folder tools/finetune.py printed")
     with open(metrics_path) as f:
-        class_names = json.load(f)["class_names"]
+        metrics = json.load(f)
+    tasks.refuse_single_label_only(tasks.of_run(metrics),
+                                   tasks.SINGLE_LABEL_ONLY[2])
+    class_names = metrics["class_names"]
     check_export_dir(export_dir)
     model = model_lib.load_model(model_path)
     return export(model, class_names, export_dir, verbose=verbose)

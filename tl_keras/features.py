@@ -34,6 +34,8 @@ import time
 import keras
 import numpy as np
 
+from tl_keras.arrays import as_labels
+
 HEAD_LAYERS = ("feature_norm", "dropout", "predictions")  # the head, in order
 
 # Forward passes that train nothing (cached features, evaluation, prediction,
@@ -106,7 +108,8 @@ def views_to_cache(asked, epochs, augmented):
 @dataclasses.dataclass
 class FeatureCache:
     train: list            # one [N, D] float32 array per view
-    train_labels: list     # one [N] int32 array per view (each view is read in its own order)
+    train_labels: list     # one labels array per view (each view is read in its own order):
+                           # [N] int32 class indices, or [N, classes] float32 label vectors
     val: np.ndarray        # [M, D]
     val_labels: np.ndarray
     seconds: float         # time spent computing them
@@ -227,7 +230,7 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         if np.shape(given) != (n_train, dim):
             raise ValueError(f"first_view holds features of shape {np.shape(given)}, "
                              f"expected {(n_train, dim)}")
-        train_views.append((np.asarray(given, "float32"), np.asarray(labels, "int32")))
+        train_views.append((np.asarray(given, "float32"), as_labels(labels)))
     train_views += [passes.run(data.train, n_train, f"train_view{v}")
                     for v in range(len(train_views), views)]
     val_features, val_labels = passes.run(data.val, n_val, "val")
@@ -253,7 +256,7 @@ class _Passes:
         self.run_with = folded_lib.fold(extract) if self.folded else extract
 
     def run(self, source, n, name):
-        """(features [n, D] float32, labels [n] int32) of one pass over `source`."""
+        """(features [n, D] float32, labels (`as_labels`)) of one pass over `source`."""
         began = time.time()
         if self.spill_dir:  # batch by batch into files: `predict_on_batch`
             dim = int(self.extract.output.shape[-1])
@@ -268,12 +271,12 @@ class _Passes:
                 self.run_with, source, int(self.inference_batch), verbose=int(self.verbose == 1),
                 total=n, fold_it=self.folded)
             out = np.asarray(out, "float32")
-        labels = np.asarray(labels).reshape(-1)
+        labels = as_labels(labels)
         if len(labels) != n:
             raise ValueError(f"{name}: the pipeline gave {len(labels)} examples, expected {n}")
         if self.verbose == 2:
             print(f"  {name}: {n} images, {time.time() - began:.1f} s", flush=True)
-        return out, labels.astype("int32")
+        return out, labels
 
 
 def rebatch(source, batch_size):
@@ -285,7 +288,7 @@ def rebatch(source, batch_size):
 def _pass_by_batch(extract, source, out, batch_size, verbose):
     """Features of one pass written batch by batch into `out` (a memory-mapped file)."""
     n = len(out)
-    labels = np.empty((n,), "int32")
+    labels = []
     progress = keras.utils.Progbar(n, unit_name="image") if verbose == 1 else None
     i = 0
     for x, y in _batches(source, batch_size):
@@ -293,11 +296,12 @@ def _pass_by_batch(extract, source, out, batch_size, verbose):
         k = len(f)
         if i + k > n:
             raise ValueError(f"the pipeline gave more than its {n} examples")
-        out[i:i + k], labels[i:i + k] = f, keras.ops.convert_to_numpy(y).reshape(-1)
+        out[i:i + k] = f
+        labels.append(keras.ops.convert_to_numpy(y))
         i += k
         if progress:
             progress.update(i)
-    return out, labels[:i]
+    return out, np.concatenate(labels) if labels else np.empty((0,), "int32")
 
 
 def _batches(source, batch_size):

@@ -26,6 +26,8 @@ import warnings
 import keras
 import numpy as np
 
+from tl_keras.arrays import as_labels
+
 
 def usable():
     """Whether folded passes apply here: TensorFlow backend, CPU only."""
@@ -100,7 +102,7 @@ def predict(model, source, batch_size=256, verbose=0, total=None, fold_it=None):
         x, y = batch if isinstance(batch, tuple) else (batch, None)  # images alone: no labels
         outputs.append(model(x))
         if y is not None:
-            labels.append(np.asarray(y).reshape(-1))
+            labels.append(as_labels(y))  # indices [B], or label vectors [B, classes]
         seen += len(x)
         if progress:
             progress.update(seen)

@@ -39,7 +39,7 @@ import warnings
 
 import numpy as np
 
-from tl_keras import data, evaluate, export, plan as plan_lib, run_folder
+from tl_keras import data, evaluate, export, plan as plan_lib, run_folder, tasks
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 AGREEMENT = 0.95         # least top-1 agreement with the Keras model on the validation images
@@ -316,6 +316,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         if not 0 <= bar <= 1:  # before the conversion, not after it
             raise ValueError(f"{name} must be in [0, 1], got {bar}")
     model, config, metrics = evaluate.load_run(workdir)
+    tasks.refuse_single_label_only(tasks.of_run(metrics),
+                                   tasks.SINGLE_LABEL_ONLY[2])
     class_names = metrics["class_names"]
     export.check_export_dir(export_dir)
     own, datasets = calibration_images(config, calibration_count)

@@ -56,7 +56,7 @@ def from_run(workdir, which="model"):
         return np.asarray(folded.predict(model, images)[0], "float64")
 
     return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"),
-                     tasks.get_task(metrics.get("task", tasks.DEFAULT)))
+                     tasks.of_run(metrics))
 
 
 def from_saved_model(directory):
@@ -134,7 +134,7 @@ def predict_files(predictor, inputs, top_k=5, strict=False):
 
 def write_csv(rows, top_k, stream):
     """`rows` as CSV with a header: path, class_1, probability_1, ..."""
-    k = (len(rows[0]) - 1) // 2 if rows else top_k
+    k = max(((len(row) - 1) // 2 for row in rows), default=top_k)  # multi-label: varies
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1)
                                 for kind in ("class", "probability")])

@@ -221,7 +221,7 @@ def summary_html(workdir, metrics):
     advice, the curves and the regime picture (report.html's top; a notebook shows `Run`
     with it)."""
     name = os.path.basename(os.path.normpath(workdir))
-    monitor = tasks.get_task(metrics.get("task", tasks.DEFAULT)).monitor
+    monitor = tasks.of_run(metrics).monitor
     parts = [f"<h1>{html.escape(name)}</h1>",
              f'<p class="big">{monitor} {metrics[monitor]:.4f}</p>',
              f"<p>{html.escape(str(metrics['regime']))} · "

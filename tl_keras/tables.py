@@ -7,11 +7,12 @@ A table has a header row. Its path column (the first, unless
 `config.table.path_column` names one) holds image paths relative to the file's
 folder (absolute paths are taken as they are; a relative one may not leave
 the folder); its label column (the second, unless `table.label_column`) one
-label per image. An optional split column (`table.split_column`, "split")
-says `train` or `valid` per row; without it validation is held out by seed, as
-for a folder. Several labels in one cell, split by `table.label_delimiter`,
-are multi-label: not trained yet (only config.task=single_label exists), so
-they are refused with the word that keeps each cell whole.
+label per image, or with config.task=multi_label its labels, split by
+`table.label_delimiter` (auto: `|`, `;` or a space, the first a cell holds).
+An optional split column (`table.split_column`, "split") says `train` or
+`valid` per row; without it validation is held out by seed, as for a folder.
+A single-label table with several labels in a cell is refused, naming the
+settings that read it either way.
 
 Every problem is one line before any image is read: a missing column, an empty
 label cell, a label seen only in validation, a path leaving the folder.
@@ -37,8 +38,9 @@ SPLITS = {"train": False, "valid": True, "val": True, "validation": True}  # -> 
 
 @dataclasses.dataclass
 class Table:
-    """A table's rows: `paths` joined to its folder, `labels` one class name each,
-    `is_val` one bool each (None: hold out by seed), `root` the folder the paths are in."""
+    """A table's rows: `paths` joined to its folder, `labels` a tuple of class names each
+    (one name unless multi-label), `is_val` one bool each (None: hold out by seed),
+    `root` the folder the paths are in."""
     paths: list
     labels: list
     is_val: object
@@ -66,8 +68,9 @@ def check_settings(table):
                          f"got {delimiter!r}")
 
 
-def read_file(path, settings):
-    """The `Table` in the CSV or TSV file at `path` (`settings`: config.table)."""
+def read_file(path, settings, multi_label=False):
+    """The `Table` in the CSV or TSV file at `path` (`settings`: config.table);
+    `multi_label`: a cell holds several labels (task=multi_label)."""
     if not os.path.isfile(path):
         raise ValueError(f"label table {path!r} does not exist")
     try:
@@ -88,13 +91,15 @@ def read_file(path, settings):
                          f"header's {len(header)} ({len(short)} in all)")
     columns = {name: [row[i].strip() for row in rows] for i, name in enumerate(header)}
     return from_columns(columns, settings, root=os.path.dirname(os.path.abspath(path)),
-                        source=repr(path), lines=lines)
+                        source=repr(path), lines=lines, multi_label=multi_label)
 
 
-def from_columns(columns, settings, root, source="the DataFrame", lines=None):
+def from_columns(columns, settings, root, source="the DataFrame", lines=None,
+                 multi_label=False):
     """The `Table` of `columns` ({name: cells}, in the table's order): `settings` names
     the columns (config.table); relative paths are joined to `root`; `lines`: each
-    row's line in the file (for messages; None: rows are counted from 0)."""
+    row's line in the file (for messages; None: rows are counted from 0);
+    `multi_label`: each label cell is split into its labels."""
     where = (lambda i: f"line {lines[i]}") if lines else (lambda i: f"row {i}")
     names = _names(columns, source)
     path_column = _column(settings.path_column or names[0], names, source, "path_column")
@@ -103,7 +108,11 @@ def from_columns(columns, settings, root, source="the DataFrame", lines=None):
     cells = [str(c) for c in columns[label_column]]
     _refuse_empty(paths, path_column, source, where)
     _refuse_empty(cells, label_column, source, where)
-    _refuse_several_labels(cells, settings.label_delimiter, source, where)
+    if multi_label:
+        labels = _split_labels(cells, settings.label_delimiter)
+    else:
+        _refuse_several_labels(cells, settings.label_delimiter, source, where)
+        labels = [(cell,) for cell in cells]
     paths = [_joined(p, root, source) for p in paths]
     first = {}
     for i, path in enumerate(paths):
@@ -114,12 +123,12 @@ def from_columns(columns, settings, root, source="the DataFrame", lines=None):
     if settings.split_column in columns:
         is_val = _is_val(columns[settings.split_column], settings.split_column, source,
                          where)
-        only_val = sorted({c for c, v in zip(cells, is_val) if v}
-                          - {c for c, v in zip(cells, is_val) if not v})
+        only_val = sorted({c for row, v in zip(labels, is_val) if v for c in row}
+                          - {c for row, v in zip(labels, is_val) if not v for c in row})
         if only_val:
             raise ValueError(f"label table {source}: labels seen only in validation rows, "
                              f"never in training: {', '.join(map(repr, only_val))}")
-    return Table(paths, cells, is_val, root, source)
+    return Table(paths, labels, is_val, root, source)
 
 
 def _names(columns, source):
@@ -144,19 +153,33 @@ def _refuse_empty(cells, column, source, where):
                          f"{where(empty[0])} ({len(empty)} in all)")
 
 
-def _refuse_several_labels(cells, delimiter, source, where):
-    """Several labels in a cell: refused, naming the delimiter (multi-label is not
-    trained yet); `none` keeps each cell whole, one label."""
+def _delimiter(cells, delimiter):
+    """The delimiter that splits `cells`: `delimiter` itself, or with "auto" the first of
+    DELIMITERS that a cell holds; None: every cell is one label."""
     if delimiter == "none":
-        return
+        return None
     found = [d for d in (DELIMITERS if delimiter == "auto" else (delimiter,))
              if any(d in c for c in cells)]
+    return found[0] if found else None
+
+
+def _split_labels(cells, delimiter):
+    """Each cell's labels, sorted, each once."""
+    delimiter = _delimiter(cells, delimiter)
+    return [tuple(sorted({label.strip() for label in cell.split(delimiter) if label.strip()}))
+            if delimiter else (cell,) for cell in cells]
+
+
+def _refuse_several_labels(cells, delimiter, source, where):
+    """Several labels in a cell of a single-label table: refused, naming the delimiter;
+    `none` keeps each cell whole, one label."""
+    found = _delimiter(cells, delimiter)
     if found:
-        several = [i for i, c in enumerate(cells) if found[0] in c]
+        several = [i for i, c in enumerate(cells) if found in c]
         raise ValueError(
-            f"label table {source}: several labels separated by {found[0]!r} in a cell "
+            f"label table {source}: several labels separated by {found!r} in a cell "
             f"({cells[several[0]]!r} at {where(several[0])}; {len(several)} in all); several "
-            "labels per image (multi-label) are not trained yet; if each cell is one label, "
+            "labels per image need --config.task=multi_label; if each cell is one label, "
             "set table.label_delimiter=none")
 
 

@@ -4,12 +4,19 @@
         the head's activation               model.build_classifier
         the loss and metrics                train.compile_phase, pilots
         the one monitored metric            best.keras, early stopping, the tuner's objective
+        the labels' form                    data.py (sources), features.py (the cache)
         decoding a prediction               predict.py
-    (The labels in the pipeline and the feature cache, the advisor's scores and
-    pilots, and evaluate.py's report are still single-label code.)
+    (evaluate.py's report, the export's outputs, LiteRT's int8 guard and the
+    advisor are single-label code: `SINGLE_LABEL_ONLY` names them, and a
+    multi-label run refuses them in one line.)
 
-Those modules read `plan.task` instead of assuming one label per image. Today's task
-is `single_label`: one class per image, a softmax head, cross-entropy, accuracy.
+Those modules read `plan.task` instead of assuming one label per image.
+
+- `single_label`: one class per image: a softmax head, cross-entropy, accuracy; labels
+  are class indices.
+- `multi_label`: any number of labels per image (none, one, several): a sigmoid head,
+  binary cross-entropy per label, judged by mAP; labels are 0/1 vectors over the
+  classes; a prediction is every label whose probability reaches its threshold.
 
 Example:
     task = get_task("single_label")
@@ -19,6 +26,7 @@ Example:
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from tl_keras import losses
@@ -31,6 +39,7 @@ class Task:
     name: str
     activation: str    # the head's Dense activation
     metric: str        # the metric `compile` reports, the one a run is judged on
+    vector_labels: bool = False  # labels are 0/1 vectors over the classes, not indices
 
     @property
     def monitor(self):
@@ -55,10 +64,51 @@ class Task:
                 for row, top in zip(probabilities, order)]
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiLabel(Task):
+    """Labels per image, each present or not: a sigmoid per class, binary cross-entropy,
+    mAP (Keras' `AUC(curve="PR", multi_label=True)`: each label's area under its
+    precision-recall curve, averaged over labels) and micro-averaged F1 at 0.5."""
+
+    def loss(self, label_smoothing=0.0, soft=False):
+        """Binary cross-entropy per label; it takes mixed (soft) labels as they are."""
+        smoothing = float(label_smoothing)
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+        if smoothing == 0:
+            return "binary_crossentropy"  # stock Keras: model.keras loads anywhere
+        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+
+    def metrics(self, soft=False):
+        return [keras.metrics.AUC(curve="PR", multi_label=True, name=self.metric),
+                keras.metrics.F1Score(average="micro", threshold=THRESHOLD, name="micro_f1")]
+
+    def decode(self, probabilities, class_names, top_k=None, thresholds=None):
+        """Per image, its labels whose probability reaches their threshold (`thresholds`,
+        one per class; default 0.5), most probable first: [(class name, probability)]."""
+        probabilities = np.asarray(probabilities)
+        cut = np.full(len(class_names), THRESHOLD) if thresholds is None else np.asarray(
+            thresholds, "float64")
+        order = np.argsort(-probabilities, axis=1, kind="stable")
+        return [[(class_names[c], float(row[c])) for c in ranked if row[c] >= cut[c]]
+                for row, ranked in zip(probabilities, order)]
+
+
+THRESHOLD = 0.5  # a label is predicted at this probability unless thresholds say otherwise
+
 # One class per image: a softmax head, cross-entropy, accuracy.
 SINGLE_LABEL = Task("single_label", activation="softmax", metric="accuracy")
+# Any number of labels per image: sigmoids, binary cross-entropy, mAP.
+MULTI_LABEL = MultiLabel("multi_label", activation="sigmoid", metric="mAP",
+                         vector_labels=True)
 
-TASKS = {task.name: task for task in (SINGLE_LABEL,)}
+TASKS = {task.name: task for task in (SINGLE_LABEL, MULTI_LABEL)}
+
+# What reads one label per image still (argmax, top-1 agreement, per-class accuracy):
+# a multi-label run refuses them in one line (`refuse_single_label_only`).
+SINGLE_LABEL_ONLY = ("regime=auto and tools/advise.py (the advisor's scores and pilots)",
+                     "tools/evaluate.py", "the SavedModel and LiteRT export",
+                     "class_weight=balanced")
 DEFAULT = SINGLE_LABEL.name
 
 
@@ -69,3 +119,18 @@ def get_task(name):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def of_run(metrics):
+    """The `Task` of a finished run, from its metrics.json dict (runs before tasks
+    existed were single-label)."""
+    return get_task(metrics.get("task", DEFAULT))
+
+
+def refuse_single_label_only(task, what):
+    """A one-line `ValueError` when `task` is not single-label and `what` (one of
+    `SINGLE_LABEL_ONLY`) reads one label per image."""
+    if task.vector_labels:
+        raise ValueError(f"{what} reads one label per image and is not built for "
+                         f"task={task.name} yet; a multi-label run trains, resumes and "
+                         "predicts (docs/model.md)")

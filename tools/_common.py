@@ -9,6 +9,7 @@ each common key (`--regime`, `--backbone`, `--dataset`, ...).
 import atexit
 import gc
 import os
+import shlex
 import signal
 import sys
 
@@ -257,3 +258,22 @@ def given_keys_or_none():
     """`given_keys()` when --config was not given (the regime's own file was read),
     else None: what `prepare.prepare` takes."""
     return given_keys() if _DEFAULT_CONFIG else None
+
+
+def finetune_command(argv, dropped, decided):
+    """The tools/finetune.py command that trains what a tool measured: the tool's own
+    flags in `argv` (dataset, weights, image size, subsets, config file and keys) but
+    those named in `dropped`, with `decided` ({flag: value}) first."""
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name in dropped or name in decided:
+            skip = "=" not in arg  # --flag VALUE: its value goes too
+            continue
+        kept.append(arg)
+    return " ".join(["python", "tools/finetune.py",
+                     *(f"--{k}={shlex.quote(str(v))}" for k, v in decided.items()),
+                     *map(shlex.quote, kept)])

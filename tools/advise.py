@@ -14,7 +14,6 @@ advisor and then the advised regime. Errors: one line, exit 2. From Python:
 `tl_keras.advise_regime(dataset, **config)` (tl_keras/api.py).
 """
 
-import shlex
 import sys
 
 from absl import flags
@@ -51,22 +50,10 @@ _ADVISED = {"regime", "cut", "init", "pool_grid", "backbone", "workdir", "cuts"}
 
 def train_command(argv, advice):
     """The tools/finetune.py command that trains what was measured: this command's own
-    flags (dataset, weights, image size, subsets, config file and keys), with the ones
-    the advice decides replaced by its decision and the backbone it advised on."""
-    kept, skip = [], False
-    for arg in argv[1:]:
-        if skip:
-            skip = False
-            continue
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if name in _ADVISED:
-            skip = "=" not in arg  # --flag VALUE: its value goes too
-            continue
-        kept.append(arg)
-    decided = {**advice.config_overrides(), "backbone": advice.backbone}
-    return " ".join(["python", "tools/finetune.py",
-                     *(f"--{k}={shlex.quote(str(v))}" for k, v in decided.items()),
-                     *map(shlex.quote, kept)])
+    flags, with the ones the advice decides replaced by its decision and the backbone
+    it advised on."""
+    return _common.finetune_command(
+        argv, _ADVISED, {**advice.config_overrides(), "backbone": advice.backbone})
 
 
 if __name__ == "__main__":

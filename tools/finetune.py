@@ -58,7 +58,7 @@ def main(argv):
         return
     metrics = run.metrics
     print(f"Run folder: {run.workdir}")
-    print(f"val_accuracy: {metrics['val_accuracy']:.4f}  val_loss: {metrics['val_loss']:.4f}  "
+    print(f"{run.monitor}: {metrics[run.monitor]:.4f}  val_loss: {metrics['val_loss']:.4f}  "
           f"({metrics['epochs_run']} epochs, {metrics['wall_seconds']:.0f} s)")
 
 

@@ -13,6 +13,8 @@ The phase defaults to the regime's last (large regimes: `finetune`, whose rate i
 exit 2. From Python: `tl_keras.find_learning_rate(dataset, regime=...)`.
 """
 
+import sys
+
 from absl import flags
 
 import _common
@@ -42,8 +44,13 @@ def main(argv):
     except (ValueError, OSError) as e:
         fail(first_line(e))
     print("Wrote " + " and ".join(result.paths))
-    print(f"Train with it: python tools/finetune.py --regime={FLAGS.config.regime} "
-          f"--config.{result.key}={result.test.suggestion:.2g} --dataset={FLAGS.config.dataset}")
+    rate = {"regime": FLAGS.config.regime,
+            f"config.{result.key}": f"{result.test.suggestion:.2g}"}
+    print(f"Train with it: {_common.finetune_command(sys.argv, _MEASURING, rate)}")
+
+
+# lr_find.py's own flags, and its folder: not a run's.
+_MEASURING = {"phase", "steps", "min_rate", "max_rate", "workdir"}
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ def main(argv):
     best = os.path.join(workdir, "best_config.py")
     print(f"Trials: {os.path.join(workdir, 'tuning.csv')}")
     if os.path.exists(best):
-        print(f"Best config: {best}\nRetrain and export it with:\n"
-              f"    python tools/finetune.py --config={best} --export_dir=exports/best")
+        export = "" if plan.task.vector_labels else " --export_dir=exports/best"  # tasks.py
+        print(f"Best config: {best}\nRetrain{' and export' if export else ''} it with:\n"
+              f"    python tools/finetune.py --config={best}{export}")
 
 
 if __name__ == "__main__":
