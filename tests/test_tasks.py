@@ -184,17 +184,17 @@ def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label
     found = predict.from_run(config.workdir)
     files = [os.path.join(os.path.dirname(config.dataset), "cat", f) for f in ("0.png", "1.jpg")]
     rows, _ = predict.predict_files(found, files)  # every label at 0.5 or above, no top-k
+    cut = found.thresholds or [0.5] * 3  # tools/evaluate.py's, once it has chosen them
     for row, p in zip(rows, found.probabilities(files)):
         assert row[1::2] == [found.class_names[c] for c in np.argsort(-p, kind="stable")
-                             if p[c] >= 0.5]
+                             if p[c] >= cut[c]]
 
 
 def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_run, tmp_path):
     config, _ = multi_label_run
-    ending = "is not built for task=multi_label yet; a multi-label run trains, resumes and " \
-             "predicts (docs/model.md)"
+    ending = "is not built for task=multi_label yet; a multi-label run trains, resumes, is " \
+             "evaluated and predicts (docs/model.md)"
     for call, what in (
-            (lambda: evaluate.evaluate_run(config.workdir), "tools/evaluate.py"),
             (lambda: export.export_run(config.workdir, str(tmp_path / "e")),
              "the SavedModel and LiteRT export"),
             (lambda: litert.export_run(config.workdir, str(tmp_path / "l")),
@@ -209,3 +209,35 @@ def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_ru
             call()
         assert str(e.value) == f"{what} reads one label per image and {ending}"
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "l")
+
+
+def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds(
+        multi_label_run):
+    from sklearn.metrics import average_precision_score, f1_score
+
+    config, _ = multi_label_run
+    result = evaluate.evaluate_run(config.workdir)
+    model = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
+    pairs = list(data.load(config, config.image_size).val.unbatch().as_numpy_iterator())
+    p = model.predict(np.stack([x for x, _ in pairs]), verbose=0)
+    truth = np.stack([y for _, y in pairs]) > 0.5
+    held = [c for c in range(3) if truth[:, c].any()]
+    assert result["images"] == len(pairs) and result["labels_scored"] == len(held)
+    assert result["mAP"] == pytest.approx(
+        np.mean([average_precision_score(truth[:, c], p[:, c]) for c in held]), abs=1e-6)
+    assert result["micro_f1"] == pytest.approx(f1_score(truth, p >= 0.5, average="micro"))
+    names = ["cat", "dog", "fox"]
+    for c in held:  # each threshold: the best F1 any cut of these probabilities gives
+        row = result["per_label"][names[c]]
+        best = max(f1_score(truth[:, c], p[:, c] >= t) for t in p[:, c])
+        assert row["f1"] == pytest.approx(best, abs=1e-6)
+        assert row["f1"] == pytest.approx(f1_score(truth[:, c], p[:, c] >= row["threshold"]),
+                                          abs=1e-6)
+    saved = json.load(open(os.path.join(config.workdir, "eval", "thresholds.json")))
+    assert saved == {name: result["per_label"][name]["threshold"] for name in names}
+    assert predict.from_run(config.workdir).thresholds == [saved[name] for name in names]
+    with open(os.path.join(config.workdir, "report.html")) as f:
+        page = f.read()
+    assert f"mAP ({len(held)} labels)" in page and "Per label" in page
+    assert evaluate.format_summary(result).splitlines()[1].startswith(
+        f"mAP {result['mAP']:.4f} ({len(held)} labels), micro-F1 ")

@@ -192,7 +192,7 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if distribute.writes(strategy):
             run_folder.refuse_finished(plan.config.workdir)
         if export_dir:  # checked before training, not after
-            tasks.refuse_single_label_only(plan.task, tasks.SINGLE_LABEL_ONLY[2])
+            tasks.refuse_single_label_only(plan.task, "export")
             export.check_export_dir(export_dir)
         print(f"Run folder: {plan.config.workdir}")
 

@@ -1,5 +1,7 @@
 """Evaluation of a finished run: which classes fail, what the mistakes look like,
-whether the probabilities can be trusted.
+whether the probabilities can be trusted. (A multi-label run: mAP, micro and macro F1,
+per label AP / precision / recall / F1 / support at a threshold chosen per label on
+validation, kept in RUN/eval/thresholds.json for tools/predict.py; no pictures.)
 
     run folder (model.keras, config.json, metrics.json)
       + the validation split (or any dataset the tools take)
@@ -91,7 +93,7 @@ def _few(names, shown=6):
 
 
 def predict(model, source, flip=False, verbose=0, batch_size=features.INFERENCE_BATCH):
-    """(probabilities [N, C], labels [N]) over the pipeline `source`, in its order,
+    """(probabilities [N, C], labels [N] or label vectors [N, C]) over `source`, in its order,
     in batches of `batch_size`; on a CPU through the folded graph (folded.py).
     `model`: a Keras model, or `folded.fold(model)` for several passes."""
     import tensorflow as tf
@@ -100,6 +102,8 @@ def predict(model, source, flip=False, verbose=0, batch_size=features.INFERENCE_
     if flip:
         source = source.map(lambda x, y: (tf.image.flip_left_right(x), y))
     probabilities, labels = folded.predict(model, source, verbose=verbose)
+    if labels.ndim == 2:  # label vectors (task=multi_label)
+        return np.asarray(probabilities, "float64"), labels
     return np.asarray(probabilities, "float64"), labels.reshape(-1).astype("int64")
 
 
@@ -253,9 +257,11 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model", verb
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     model, config, metrics = load_run(workdir, which)
-    tasks.refuse_single_label_only(tasks.of_run(metrics),
-                                   tasks.SINGLE_LABEL_ONLY[1])
     class_names = metrics["class_names"]
+    multi_label = tasks.of_run(metrics).vector_labels
+    if multi_label and dataset and os.path.isdir(dataset):
+        raise ValueError(f"a multi-label run is evaluated on a label table (.csv, .tsv) or its "
+                         f"own validation split; {dataset!r} is a folder of one class per image")
     source, n, described = evaluation_data(config, dataset, class_names,
                                            channels=model.input.shape[-1])
     if verbose:
@@ -265,6 +271,10 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model", verb
     probabilities, labels = predict(run, source, verbose=verbose)
     if len(labels) != n:
         raise ValueError(f"the dataset gave {len(labels)} images, expected {n}")
+    if multi_label:
+        return _evaluate_labels(workdir, run, source, probabilities, labels, class_names,
+                                {"dataset": described, "model": f"{which}.keras"}, tta,
+                                own_split=not dataset and which == "model", verbose=verbose)
     result = {"dataset": described, "model": f"{which}.keras",
               **scores(probabilities, labels, class_names, top_k)}
     if tta == "flip":
@@ -292,6 +302,8 @@ def evaluate_run(workdir, dataset=None, tta="none", top_k=5, which="model", verb
 
 def format_summary(result):
     """The lines tools/evaluate.py prints."""
+    if "mAP" in result:
+        return _format_labels(result)
     lines = [f"{result['dataset']}: {result['images']} images",
              f"accuracy {result['accuracy']:.4f}, top-{result['top_k']} "
              f"{result['top_k_accuracy']:.4f}, expected calibration error {result['ece']:.4f}"]
@@ -306,3 +318,89 @@ def format_summary(result):
                      f"({top['count']} images)")
     return "\n".join(lines)
 
+
+# --- Several labels per image (task=multi_label) --------------------------------------
+
+def _evaluate_labels(workdir, run, source, probabilities, labels, class_names, result, tta,
+                     own_split, verbose):
+    """eval.json of a multi-label run (`label_scores`); with model.keras on the run's own
+    validation split also eval/thresholds.json, which tools/predict.py then decides by."""
+    thresholds = best_thresholds(probabilities, labels)
+    result.update(label_scores(probabilities, labels, class_names, thresholds))
+    if tta == "flip":
+        flipped, _ = predict(run, source, flip=True, verbose=verbose)
+        averaged = label_scores((probabilities + flipped) / 2, labels, class_names, thresholds)
+        result["tta"] = {"kind": "horizontal flip", "mAP": averaged["mAP"],
+                         "micro_f1": averaged["micro_f1"]}
+    folder = os.path.join(workdir, "eval")
+    os.makedirs(folder, exist_ok=True)
+    if own_split:
+        run_folder.write_json(os.path.join(folder, THRESHOLDS), dict(zip(
+            class_names, map(float, thresholds))))
+    run_folder.write_json(os.path.join(folder, "eval.json"), result)
+    report.write_report(workdir)
+    return result
+
+
+THRESHOLDS = "thresholds.json"  # RUN/eval/: {label: threshold}, chosen on validation
+
+
+def best_thresholds(probabilities, labels):
+    """Per label, the probability at or above which it is predicted that gives the best F1
+    on these images (0.5 for a label none of them holds)."""
+    from sklearn import metrics as skm
+
+    out = np.full(labels.shape[1], tasks.THRESHOLD)
+    for c in range(labels.shape[1]):
+        truth = labels[:, c] > 0.5
+        if truth.any():
+            precision, recall, cuts = skm.precision_recall_curve(truth, probabilities[:, c])
+            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+            out[c] = cuts[int(np.argmax(f1[:-1]))]
+    return out
+
+
+def label_scores(probabilities, labels, class_names, thresholds):
+    """mAP (the mean of each label's average precision, over the labels these images
+    hold), micro and macro F1 at 0.5 and at `thresholds`, and per label: AP, threshold,
+    precision, recall and F1 at it, and images holding it (support)."""
+    from sklearn import metrics as skm
+
+    truth = labels > 0.5
+    held = truth.any(axis=0)
+    ap = [float(skm.average_precision_score(truth[:, c], probabilities[:, c]))
+          if held[c] else None for c in range(len(class_names))]
+    chosen = probabilities >= np.asarray(thresholds)[None, :]
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        truth, chosen, zero_division=0)
+
+    def f1_at(decisions, average):
+        return float(skm.f1_score(truth, decisions, average=average, zero_division=0))
+
+    return {
+        "images": int(len(labels)),
+        "mAP": float(np.mean([a for a in ap if a is not None])),
+        "labels_scored": int(held.sum()),
+        "micro_f1": f1_at(probabilities >= tasks.THRESHOLD, "micro"),
+        "macro_f1": f1_at(probabilities >= tasks.THRESHOLD, "macro"),
+        "micro_f1_at_thresholds": f1_at(chosen, "micro"),
+        "macro_f1_at_thresholds": f1_at(chosen, "macro"),
+        "per_label": {name: {"ap": ap[c], "threshold": float(thresholds[c]),
+                             "precision": float(precision[c]), "recall": float(recall[c]),
+                             "f1": float(f1[c]), "support": int(support[c])}
+                      for c, name in enumerate(class_names)},
+    }
+
+
+def _format_labels(result):
+    lines = [f"{result['dataset']}: {result['images']} images",
+             f"mAP {result['mAP']:.4f} ({result['labels_scored']} labels), micro-F1 "
+             f"{result['micro_f1']:.4f} at 0.5, {result['micro_f1_at_thresholds']:.4f} at the "
+             "per-label thresholds"]
+    if "tta" in result:
+        lines.append(f"with {result['tta']['kind']} TTA: mAP {result['tta']['mAP']:.4f}, "
+                     f"micro-F1 {result['tta']['micro_f1']:.4f}")
+    scored = [(c, r) for c, r in result["per_label"].items() if r["ap"] is not None]
+    worst = sorted(scored, key=lambda kv: kv[1]["ap"])[:3]
+    lines.append("lowest AP: " + ", ".join(f"{c} {r['ap']:.3f}" for c, r in worst))
+    return "\n".join(lines)

@@ -62,8 +62,7 @@ def export_run(workdir, export_dir, verbose=True):
             "finish the run first, or pass the run folder tools/finetune.py printed")
     with open(metrics_path) as f:
         metrics = json.load(f)
-    tasks.refuse_single_label_only(tasks.of_run(metrics),
-                                   tasks.SINGLE_LABEL_ONLY[2])
+    tasks.refuse_single_label_only(tasks.of_run(metrics), "export")
     class_names = metrics["class_names"]
     check_export_dir(export_dir)
     model = model_lib.load_model(model_path)

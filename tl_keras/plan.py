@@ -106,7 +106,7 @@ def resolve(config):
     _check_numbers(config)
     tables.check_settings(config.table)
     if config.class_weight == "balanced":
-        tasks.refuse_single_label_only(task, tasks.SINGLE_LABEL_ONLY[3])
+        tasks.refuse_single_label_only(task, "class_weight")
     if config.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {config.distribution!r}; "
                          f"valid: {', '.join(DISTRIBUTIONS)}")

@@ -34,10 +34,12 @@ class Predictor:
     probabilities: object   # callable: [paths] -> [N, C] float array
     source: str
     task: tasks.Task = tasks.SINGLE_LABEL  # how a row of probabilities is decoded
+    thresholds: object = None  # multi_label: one per class (RUN/eval/thresholds.json)
 
 
 def from_run(workdir, which="model"):
-    """A `Predictor` of a finished run's model.keras (or best.keras)."""
+    """A `Predictor` of a finished run's model.keras (or best.keras); a multi-label run's
+    with the thresholds tools/evaluate.py chose, if it has."""
     import tensorflow as tf
 
     from tl_keras import evaluate
@@ -56,7 +58,19 @@ def from_run(workdir, which="model"):
         return np.asarray(folded.predict(model, images)[0], "float64")
 
     return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"),
-                     tasks.of_run(metrics))
+                     tasks.of_run(metrics), _thresholds(workdir, metrics))
+
+
+def _thresholds(workdir, metrics):
+    """A multi-label run's per-class thresholds, when tools/evaluate.py chose them on its
+    validation split (RUN/eval/thresholds.json); else None: 0.5 for every class."""
+    from tl_keras import evaluate, run_folder
+
+    path = os.path.join(workdir, "eval", evaluate.THRESHOLDS)
+    if not tasks.of_run(metrics).vector_labels or not os.path.exists(path):
+        return None
+    saved = run_folder.read_json(path)
+    return [saved[name] for name in metrics["class_names"]]
 
 
 def from_saved_model(directory):
@@ -126,7 +140,8 @@ def predict_files(predictor, inputs, top_k=5, strict=False):
     good = [p for p in paths if p not in bad]
     if not good:
         raise ValueError(f"none of the {len(paths)} files could be decoded")
-    decoded = predictor.task.decode(predictor.probabilities(good), predictor.class_names, top_k)
+    decoded = predictor.task.decode(predictor.probabilities(good), predictor.class_names, top_k,
+                                    thresholds=predictor.thresholds)
     rows = [[path] + [value for pair in pairs for value in pair]
             for path, pairs in zip(good, decoded)]
     return rows, skipped

@@ -84,7 +84,7 @@ def prepare(config, given=None, *, on_plan=None, before_data=None, cuts=None,
     if not auto:
         plan_lib.refuse_unused_recipe(plan)
     else:
-        tasks.refuse_single_label_only(plan.task, tasks.SINGLE_LABEL_ONLY[0])
+        tasks.refuse_single_label_only(plan.task, "advisor")
     strategy = make_strategy(plan)  # before any other TensorFlow work
     if on_plan and not auto:
         on_plan(plan, strategy)

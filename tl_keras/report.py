@@ -273,6 +273,8 @@ def _evaluation(workdir):
         return ["<h2>Evaluation</h2><p>Not evaluated yet: <code>python tools/evaluate.py "
                 f"--workdir={html.escape(workdir)}</code></p>"]
     ev = run_folder.read_json(path)
+    if "mAP" in ev:
+        return _label_evaluation(ev)
     rows = [("dataset", ev["dataset"]), ("images", ev["images"]),
             ("accuracy", ev["accuracy"]), (f"top-{ev['top_k']} accuracy", ev["top_k_accuracy"]),
             ("expected calibration error", ev["ece"])]
@@ -294,6 +296,22 @@ def _evaluation(workdir):
         if os.path.exists(image):
             out += [f"<h3>{title}</h3>", image_tag(image, title)]
     return out
+
+
+def _label_evaluation(ev):
+    """A multi-label run's evaluation (evaluate.label_scores)."""
+    rows = [("dataset", ev["dataset"]), ("images", ev["images"]),
+            (f"mAP ({ev['labels_scored']} labels)", ev["mAP"]),
+            ("micro-F1 at 0.5", ev["micro_f1"]), ("macro-F1 at 0.5", ev["macro_f1"]),
+            ("micro-F1 at the thresholds", ev["micro_f1_at_thresholds"]),
+            ("macro-F1 at the thresholds", ev["macro_f1_at_thresholds"])]
+    if "tta" in ev:
+        rows += [(f"mAP with {ev['tta']['kind']} TTA", ev["tta"]["mAP"])]
+    return ["<h2>Evaluation</h2>", table(rows),
+            "<h3>Per label (at its threshold, chosen on validation for the best F1)</h3>",
+            table([(c, "-" if r["ap"] is None else r["ap"], r["threshold"], r["precision"],
+                    r["recall"], r["f1"], r["support"]) for c, r in ev["per_label"].items()],
+                  ["label", "AP", "threshold", "precision", "recall", "F1", "images"])]
 
 
 def draw_run(workdir, model, config, phases=()):

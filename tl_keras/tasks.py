@@ -6,9 +6,9 @@
         the one monitored metric            best.keras, early stopping, the tuner's objective
         the labels' form                    data.py (sources), features.py (the cache)
         decoding a prediction               predict.py
-    (evaluate.py's report, the export's outputs, LiteRT's int8 guard and the
-    advisor are single-label code: `SINGLE_LABEL_ONLY` names them, and a
-    multi-label run refuses them in one line.)
+    (the export's outputs, LiteRT's int8 guard and the advisor are single-label
+    code: `SINGLE_LABEL_ONLY` names them, and a multi-label run refuses them in
+    one line.)
 
 Those modules read `plan.task` instead of assuming one label per image.
 
@@ -55,8 +55,9 @@ class Task:
         """What `compile` takes as metrics, `self.metric` among them."""
         return losses.metrics(soft)
 
-    def decode(self, probabilities, class_names, top_k=5):
-        """Per image, its `top_k` (class name, probability) pairs, most probable first."""
+    def decode(self, probabilities, class_names, top_k=5, thresholds=None):
+        """Per image, its `top_k` (class name, probability) pairs, most probable first
+        (`thresholds`: multi-label's, unused)."""
         probabilities = np.asarray(probabilities)
         k = min(top_k, len(class_names))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
@@ -85,7 +86,8 @@ class MultiLabel(Task):
 
     def decode(self, probabilities, class_names, top_k=None, thresholds=None):
         """Per image, its labels whose probability reaches their threshold (`thresholds`,
-        one per class; default 0.5), most probable first: [(class name, probability)]."""
+        one per class; default 0.5), most probable first: [(class name, probability)];
+        every one of them (`top_k` is single-label's)."""
         probabilities = np.asarray(probabilities)
         cut = np.full(len(class_names), THRESHOLD) if thresholds is None else np.asarray(
             thresholds, "float64")
@@ -103,12 +105,6 @@ MULTI_LABEL = MultiLabel("multi_label", activation="sigmoid", metric="mAP",
                          vector_labels=True)
 
 TASKS = {task.name: task for task in (SINGLE_LABEL, MULTI_LABEL)}
-
-# What reads one label per image still (argmax, top-1 agreement, per-class accuracy):
-# a multi-label run refuses them in one line (`refuse_single_label_only`).
-SINGLE_LABEL_ONLY = ("regime=auto and tools/advise.py (the advisor's scores and pilots)",
-                     "tools/evaluate.py", "the SavedModel and LiteRT export",
-                     "class_weight=balanced")
 DEFAULT = SINGLE_LABEL.name
 
 
@@ -121,6 +117,15 @@ def get_task(name):
     return TASKS[name]
 
 
+# What reads one label per image still (argmax, top-1 agreement, per-class accuracy):
+# a multi-label run refuses them in one line (`refuse_single_label_only`).
+SINGLE_LABEL_ONLY = {
+    "advisor": "regime=auto and tools/advise.py (the advisor's scores and pilots)",
+    "export": "the SavedModel and LiteRT export",
+    "class_weight": "class_weight=balanced",
+}
+
+
 def of_run(metrics):
     """The `Task` of a finished run, from its metrics.json dict (runs before tasks
     existed were single-label)."""
@@ -128,9 +133,9 @@ def of_run(metrics):
 
 
 def refuse_single_label_only(task, what):
-    """A one-line `ValueError` when `task` is not single-label and `what` (one of
+    """A one-line `ValueError` when `task` is not single-label and `what` (a key of
     `SINGLE_LABEL_ONLY`) reads one label per image."""
     if task.vector_labels:
-        raise ValueError(f"{what} reads one label per image and is not built for "
-                         f"task={task.name} yet; a multi-label run trains, resumes and "
-                         "predicts (docs/model.md)")
+        raise ValueError(f"{SINGLE_LABEL_ONLY[what]} reads one label per image and is not "
+                         f"built for task={task.name} yet; a multi-label run trains, resumes, "
+                         "is evaluated and predicts (docs/model.md)")

@@ -5,8 +5,9 @@ Usage:
     python tools/evaluate.py --workdir=RUN --dataset=path/to/test_images --tta=flip
     python tools/evaluate.py --workdir=RUN --model=best                 # best.keras
 
-Writes RUN/eval/ (eval.json, confusion.png, reliability.png, mistakes.png) and
-RUN/report.html again, with the evaluation; nothing else of the run changes
+Writes RUN/eval/ (eval.json, confusion.png, reliability.png, mistakes.png; a multi-label
+run: eval.json with mAP, F1 and per-label thresholds, and thresholds.json for predict.py)
+and RUN/report.html again, with the evaluation; nothing else of the run changes
 (tl_keras/evaluate.py). Errors: one line, exit 2.
 """
 
