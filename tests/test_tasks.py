@@ -193,12 +193,10 @@ def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label
 def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_run, tmp_path):
     config, _ = multi_label_run
     ending = "is not built for task=multi_label yet; a multi-label run trains, resumes, is " \
-             "evaluated and predicts (docs/model.md)"
+             "evaluated, predicts and exports as a SavedModel (docs/model.md)"
     for call, what in (
-            (lambda: export.export_run(config.workdir, str(tmp_path / "e")),
-             "the SavedModel and LiteRT export"),
             (lambda: litert.export_run(config.workdir, str(tmp_path / "l")),
-             "the SavedModel and LiteRT export"),
+             "the LiteRT export (its int8 guard compares top-1 classes)"),
             (lambda: plan_lib.resolve(tiny_config(tmp_path, task="multi_label",
                                                   class_weight="balanced")),
              "class_weight=balanced"),
@@ -208,7 +206,7 @@ def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_ru
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value) == f"{what} reads one label per image and {ending}"
-    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "l")
+    assert not os.path.exists(tmp_path / "l")
 
 
 def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds(
@@ -241,3 +239,30 @@ def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds
     assert f"mAP ({len(held)} labels)" in page and "Per label" in page
     assert evaluate.format_summary(result).splitlines()[1].startswith(
         f"mAP {result['mAP']:.4f} ({len(held)} labels), micro-F1 ")
+
+
+def test_a_multi_label_saved_model_answers_probabilities_and_the_labels_at_their_thresholds(
+        multi_label_run, tmp_path):
+    import tensorflow as tf
+
+    import shutil
+
+    config, _ = multi_label_run
+    run = tmp_path / "run"  # a copy: the shared run's own thresholds stay evaluate's
+    shutil.copytree(config.workdir, run)
+    os.makedirs(run / "eval", exist_ok=True)
+    with open(run / "eval" / "thresholds.json", "w") as f:  # as tools/evaluate.py writes them
+        json.dump({"cat": 0.3, "dog": 0.5, "fox": 0.7}, f)
+    version = export.export_run(str(run), str(tmp_path / "exports"), verbose=False)
+    with open(os.path.join(version, "assets.extra", "thresholds.txt")) as f:
+        assert [float(line) for line in f] == [0.3, 0.5, 0.7]
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    expected = keras.models.load_model(os.path.join(config.workdir, "model.keras")).predict(
+        pixels, verbose=0)
+    out = tf.saved_model.load(version).signatures["serving_default"](images=tf.constant(pixels))
+    assert set(out) == {"probabilities", "present"}
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(out["present"].numpy(), out["probabilities"].numpy()
+                                  >= np.array([0.3, 0.5, 0.7], "float32"))
+    found = predict.from_saved_model(str(tmp_path / "exports"))
+    assert found.task is tasks.MULTI_LABEL and found.thresholds == [0.3, 0.5, 0.7]

@@ -345,6 +345,16 @@ def _evaluate_labels(workdir, run, source, probabilities, labels, class_names, r
 THRESHOLDS = "thresholds.json"  # RUN/eval/: {label: threshold}, chosen on validation
 
 
+def run_thresholds(workdir, metrics):
+    """A multi-label run's per-class thresholds: those `evaluate_run` chose on its
+    validation split (RUN/eval/thresholds.json), else 0.5 each; None for a single-label run."""
+    if not tasks.of_run(metrics).vector_labels:
+        return None
+    path = os.path.join(workdir, "eval", THRESHOLDS)
+    saved = run_folder.read_json(path) if os.path.exists(path) else {}
+    return [float(saved.get(name, tasks.THRESHOLD)) for name in metrics["class_names"]]
+
+
 def best_thresholds(probabilities, labels):
     """Per label, the probability at or above which it is predicted that gives the best F1
     on these images (0.5 for a label none of them holds)."""

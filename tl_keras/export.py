@@ -38,10 +38,11 @@ import tempfile
 
 import keras
 
-from tl_keras import model as model_lib, tasks
+from tl_keras import model as model_lib
 
 
 LABELS = "labels.txt"  # in <version>/assets.extra/: the class names, one per line
+THRESHOLDS = "thresholds.txt"  # beside it, a multi-label export's: one per class, same order
 
 
 class ExportError(ValueError):
@@ -60,13 +61,15 @@ def export_run(workdir, export_dir, verbose=True):
         raise ExportError(
             f"workdir {workdir!r} holds no finished run (model.keras and metrics.json); "
             "finish the run first, or pass the run folder tools/finetune.py printed")
+    from tl_keras import evaluate
+
     with open(metrics_path) as f:
         metrics = json.load(f)
-    tasks.refuse_single_label_only(tasks.of_run(metrics), "export")
     class_names = metrics["class_names"]
     check_export_dir(export_dir)
     model = model_lib.load_model(model_path)
-    return export(model, class_names, export_dir, verbose=verbose)
+    return export(model, class_names, export_dir, verbose=verbose,
+                  thresholds=evaluate.run_thresholds(workdir, metrics))
 
 
 def check_export_dir(export_dir):
@@ -82,7 +85,7 @@ def check_export_dir(export_dir):
             f"cannot write to export_dir {export_dir!r}: {e.strerror or e}") from None
 
 
-def export(model, class_names, export_dir, verbose=True):
+def export(model, class_names, export_dir, verbose=True, thresholds=None):
     """Writes `model` as the next free version `export_dir/<n>/`; returns that directory.
 
     Args:
@@ -91,6 +94,9 @@ def export(model, class_names, export_dir, verbose=True):
       class_names: one name per output class.
       export_dir: the model's base directory for TF Serving.
       verbose: print what was written.
+      thresholds: a multi-label model's, one per class: its outputs are then the
+        probabilities and `present` (each class at or above its threshold), and the
+        thresholds go beside labels.txt (thresholds.txt).
     """
     if keras.backend.backend() != "tensorflow":
         raise ExportError(
@@ -104,7 +110,7 @@ def export(model, class_names, export_dir, verbose=True):
     check_export_dir(export_dir)
     if verbose:
         print(f"Exporting a SavedModel into {export_dir} ...")
-    archive = serving_archive(model, class_names)
+    archive = serving_archive(model, class_names, thresholds)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=export_dir)
     umask = os.umask(0)
     os.umask(umask)
@@ -112,7 +118,7 @@ def export(model, class_names, export_dir, verbose=True):
     try:
         with quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
             archive.write_out(tmp, verbose=False)
-        write_labels(os.path.join(tmp, "assets.extra"), class_names)
+        write_labels(os.path.join(tmp, "assets.extra"), class_names, thresholds)
         version_dir = publish(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless writing failed
@@ -121,19 +127,35 @@ def export(model, class_names, export_dir, verbose=True):
         print(f"Exported version {os.path.basename(version_dir)} to {version_dir}\n"
               f"  serving_default: images float32 [N, {height}, {width}, 3] (0-255)\n"
               f"  serve_bytes: image_bytes string [N] (JPEG, PNG, GIF, BMP; any size)\n"
-              f"  outputs: probabilities [N, {num_classes}], class_id [N], class_name [N]")
+              f"  outputs: probabilities [N, {num_classes}], "
+              + (f"present [N, {num_classes}] (bool, at assets.extra/{THRESHOLDS})"
+                 if thresholds is not None else "class_id [N], class_name [N]"))
     return version_dir
 
 
-def write_labels(folder, class_names):
-    """`folder/labels.txt`: one class name per line, in output order."""
+def write_labels(folder, class_names, thresholds=None):
+    """`folder/labels.txt`: one class name per line, in output order; with `thresholds`
+    (multi-label), `folder/thresholds.txt`: one threshold per line, in the same order."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, LABELS), "w") as f:
         f.write("".join(f"{name}\n" for name in class_names))
+    if thresholds is not None:
+        with open(os.path.join(folder, THRESHOLDS), "w") as f:
+            f.write("".join(f"{float(t)!r}\n" for t in thresholds))
 
 
-def serving_archive(model, class_names):
-    """A `keras.export.ExportArchive` with the `serving_default` and `serve_bytes` endpoints."""
+def read_thresholds(version_dir):
+    """A multi-label export's thresholds (assets.extra/thresholds.txt), else None."""
+    path = os.path.join(version_dir, "assets.extra", THRESHOLDS)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return [float(line) for line in f if line.strip()]
+
+
+def serving_archive(model, class_names, thresholds=None):
+    """A `keras.export.ExportArchive` with the `serving_default` and `serve_bytes` endpoints
+    (`thresholds`: a multi-label model's, `export`)."""
     import tensorflow as tf
 
     height, width, channels = model.input.shape[1:4]
@@ -142,6 +164,9 @@ def serving_archive(model, class_names):
     def classify(images):
         probabilities = tf.cast(model(to_model_channels(images, channels), training=False),
                                 tf.float32)
+        if thresholds is not None:  # several labels per image: each decided on its own
+            return {"probabilities": probabilities,
+                    "present": probabilities >= tf.constant(thresholds, tf.float32)}
         class_id = tf.argmax(probabilities, axis=-1)
         return {"probabilities": probabilities, "class_id": class_id,
                 "class_name": tf.gather(names, class_id)}

@@ -316,7 +316,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         if not 0 <= bar <= 1:  # before the conversion, not after it
             raise ValueError(f"{name} must be in [0, 1], got {bar}")
     model, config, metrics = evaluate.load_run(workdir)
-    tasks.refuse_single_label_only(tasks.of_run(metrics), "export")
+    tasks.refuse_single_label_only(tasks.of_run(metrics), "litert")
     class_names = metrics["class_names"]
     export.check_export_dir(export_dir)
     own, datasets = calibration_images(config, calibration_count)

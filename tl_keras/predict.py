@@ -58,19 +58,7 @@ def from_run(workdir, which="model"):
         return np.asarray(folded.predict(model, images)[0], "float64")
 
     return Predictor(metrics["class_names"], probabilities, os.path.join(workdir, f"{which}.keras"),
-                     tasks.of_run(metrics), _thresholds(workdir, metrics))
-
-
-def _thresholds(workdir, metrics):
-    """A multi-label run's per-class thresholds, when tools/evaluate.py chose them on its
-    validation split (RUN/eval/thresholds.json); else None: 0.5 for every class."""
-    from tl_keras import evaluate, run_folder
-
-    path = os.path.join(workdir, "eval", evaluate.THRESHOLDS)
-    if not tasks.of_run(metrics).vector_labels or not os.path.exists(path):
-        return None
-    saved = run_folder.read_json(path)
-    return [saved[name] for name in metrics["class_names"]]
+                     tasks.of_run(metrics), evaluate.run_thresholds(workdir, metrics))
 
 
 def from_saved_model(directory):
@@ -92,6 +80,7 @@ def from_saved_model(directory):
                          "older tl_keras); export the run again with tools/export.py")
     with open(labels) as f:
         class_names = [line.rstrip("\n") for line in f]
+    thresholds = export.read_thresholds(directory)  # a multi-label export's
     serve = tf.saved_model.load(directory).signatures.get("serve_bytes")
     if serve is None:
         raise ValueError(f"{directory!r} has no serve_bytes signature; export it with "
@@ -104,7 +93,8 @@ def from_saved_model(directory):
             out.append(serve(image_bytes=tf.stack(blobs))["probabilities"].numpy())
         return np.concatenate(out).astype("float64")
 
-    return Predictor(class_names, probabilities, directory)
+    task = tasks.SINGLE_LABEL if thresholds is None else tasks.MULTI_LABEL
+    return Predictor(class_names, probabilities, directory, task, thresholds)
 
 
 def find_images(inputs):
