@@ -59,7 +59,7 @@ def get_config():
     config.finetune_learning_rate = 3e-4  # large regimes, phase 2: everything trains (the schedule's peak)
     config.unfreeze = 0                  # large regimes, phase 2: train only the top k stages of the backbone; 0: all
     config.label_smoothing = 0.0         # cross-entropy against labels smoothed by this much
-    config.class_weight = "none"         # none | balanced: each class's loss weighted by n / (classes x its images)
+    config.class_weight = "none"         # none | balanced: each class's loss weighted by n / (classes x its images); multi_label: each label's positives by images without / with it
     config.scratch_batchnorm_momentum = 0.9  # init=scratch: BatchNorm momentum (Keras Applications: 0.99-0.999)
     config.weight_decay = 1e-4           # decoupled weight decay (AdamW's; SGD's too)
 

@@ -1,5 +1,6 @@
 """The training loss: sparse categorical cross-entropy, optionally against smoothed labels
-or mixed ones (mixup, CutMix), and the accuracy that reads them.
+or mixed ones (mixup, CutMix), and the accuracy that reads them; multi-label's binary
+cross-entropy with a weight per label's positives.
 
 Example:
     model.compile(loss=for_config(config), ...)
@@ -66,3 +67,30 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class WeightedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy per label, each label's positive term weighted by its
+    `positive_weights` entry (multi-label's class_weight=balanced: negatives over
+    positives, as `pos_weight` in the field), the labels smoothed towards 0.5 as
+    Keras' `BinaryCrossentropy(label_smoothing=...)` smooths them; mean over labels."""
+
+    def __init__(self, positive_weights, label_smoothing=0.0, name="weighted_binary_crossentropy",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.positive_weights = [float(w) for w in positive_weights]
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y_true = keras.ops.cast(y_true, y_pred.dtype)
+        y_true = y_true * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        epsilon = keras.config.epsilon()
+        p = keras.ops.clip(y_pred, epsilon, 1 - epsilon)
+        weights = keras.ops.convert_to_tensor(self.positive_weights, dtype=y_pred.dtype)
+        return -keras.ops.mean(weights * y_true * keras.ops.log(p)
+                               + (1 - y_true) * keras.ops.log(1 - p), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "positive_weights": self.positive_weights,
+                "label_smoothing": self.label_smoothing}

@@ -105,8 +105,6 @@ def resolve(config):
     config.image_size = config.image_size or backbone.image_size
     _check_numbers(config)
     tables.check_settings(config.table)
-    if config.class_weight == "balanced":
-        tasks.refuse_single_label_only(task, "class_weight")
     if config.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {config.distribution!r}; "
                          f"valid: {', '.join(DISTRIBUTIONS)}")

@@ -45,9 +45,9 @@ class Task:
         """The validation metric that picks best.keras, stops early and ranks tuner trials."""
         return f"val_{self.metric}"
 
-    def loss(self, label_smoothing=0.0, soft=False):
+    def loss(self, label_smoothing=0.0, soft=False, positive_weights=None):
         """What `compile` takes as the loss; `soft`: it also takes mixed labels (mixup,
-        CutMix)."""
+        CutMix); `positive_weights`: multi-label's (single-label weighs classes in `fit`)."""
         return losses.crossentropy(label_smoothing, soft)
 
     def metrics(self, soft=False):
@@ -70,11 +70,14 @@ class MultiLabel(Task):
     mAP (Keras' `AUC(curve="PR", multi_label=True)`: each label's area under its
     precision-recall curve, averaged over labels) and micro-averaged F1 at 0.5."""
 
-    def loss(self, label_smoothing=0.0, soft=False):
-        """Binary cross-entropy per label; it takes mixed (soft) labels as they are."""
+    def loss(self, label_smoothing=0.0, soft=False, positive_weights=None):
+        """Binary cross-entropy per label; it takes mixed (soft) labels as they are;
+        `positive_weights`: one per label, on its positive term (class_weight=balanced)."""
         smoothing = float(label_smoothing)
         if not 0 <= smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+        if positive_weights is not None:
+            return losses.WeightedBinaryCrossentropy(positive_weights, smoothing)
         if smoothing == 0:
             return "binary_crossentropy"  # stock Keras: model.keras loads anywhere
         return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
@@ -121,7 +124,6 @@ def get_task(name):
 SINGLE_LABEL_ONLY = {
     "advisor": "regime=auto and tools/advise.py (the advisor's scores and pilots)",
     "litert": "the LiteRT export (its int8 guard compares top-1 classes)",
-    "class_weight": "class_weight=balanced",
 }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from tl_keras import backbones, callbacks as callbacks_lib, features, keras_internals
 from tl_keras import model as model_lib
 from tl_keras import plan as plan_lib
-from tl_keras import recipe as recipe_lib, run_folder, trainable
+from tl_keras import recipe as recipe_lib, run_folder, tasks, trainable
 
 
 # Validation on cached features runs in batches this large: a feature vector is
@@ -445,9 +445,7 @@ def compile_phase(run, phase, inputs):
             m.compile(
                 optimizer=recipe_lib.optimizer(
                     phase, steps_per_epoch(run.data, run.batch_size), model),
-                # Mixed labels (mixup, CutMix) in training, integer ones in validation.
-                loss=(run.plan.task.loss(config.label_smoothing, soft=True)
-                      if phase.recipe.mixes else run.plan.loss),
+                loss=phase_loss(run, phase),
                 metrics=run.plan.task.metrics(soft=phase.recipe.mixes),
                 jit_compile=config.jit_compile,
                 # A head step on cached features is a few microseconds of
@@ -460,6 +458,18 @@ def compile_phase(run, phase, inputs):
         if inputs.model is not model:
             # Built now, so best.keras and model.keras load without warnings.
             model.optimizer.build(model.trainable_variables)
+
+
+def phase_loss(run, phase):
+    """The plan's loss; one that also takes mixed labels (mixup, CutMix) in training and
+    crisp ones in validation; a multi-label run's with class_weight=balanced weighs each
+    label's positives (single-label's class weights go to `fit`)."""
+    task, config = run.plan.task, run.plan.config
+    positive = ([run.class_weight[c] for c in range(len(run.data.class_names))]
+                if task.vector_labels and run.class_weight else None)
+    if not phase.recipe.mixes and positive is None:
+        return run.plan.loss
+    return task.loss(config.label_smoothing, soft=phase.recipe.mixes, positive_weights=positive)
 
 
 def steps_per_epoch(data, batch_size):
@@ -523,7 +533,7 @@ def phase_callbacks(run, phase, inputs):
 
 def fit_phase(run, phase, inputs, callbacks):
     """`fit` from the phase's first epoch to its last; returns its `callbacks.BestModel` or None."""
-    class_weight = run.class_weight
+    class_weight = None if run.plan.task.vector_labels else run.class_weight  # phase_loss's
     run.dist.fit(inputs.model, inputs.train, inputs.val,
                  initial_epoch=phase.first_epoch, epochs=phase.last_epoch,
                  verbose=run.verbose, callbacks=callbacks,
@@ -546,9 +556,14 @@ def mark_done(run, phase, inputs, done):
 def class_weights(config, data, dist=None):
     """{class index: weight} for `config.class_weight="balanced"` (scikit-learn's
     `compute_class_weight`: n / (classes x images of the class)), else None.
-    Classes without training images keep weight 1."""
+    Classes without training images keep weight 1. Multi-label: each label's positive
+    weight, images without it over images with it (`phase_loss`)."""
     if config.class_weight != "balanced":
         return None
+    if tasks.get_task(config.task).vector_labels:
+        counts = np.asarray(data.train_label_counts, "float64")
+        return {int(c): float((data.train_examples - n) / n) if n else 1.0
+                for c, n in enumerate(counts)}
     if dist is not None and dist.loop:
         raise ValueError("class_weight=balanced is not supported with multi_worker "
                          "(its training loop takes no class weights)")
