@@ -211,20 +211,17 @@ def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label
                              if p[c] >= cut[c]]
 
 
-def test_what_reads_one_label_per_image_refuses_a_multi_label_run(multi_label_run, tmp_path):
+def test_the_advisor_refuses_a_multi_label_run_in_one_line(multi_label_run, tmp_path):
+    # Its scores (LogME, H-score, k-NN) and pilots read one label per image.
     config, _ = multi_label_run
-    ending = "is not built for task=multi_label yet; a multi-label run trains, resumes, is " \
-             "evaluated, predicts and exports as a SavedModel (docs/model.md)"
-    for call, what in (
-            (lambda: litert.export_run(config.workdir, str(tmp_path / "l")),
-             "the LiteRT export (its int8 guard compares top-1 classes)"),
-            (lambda: api.finetune(config.dataset, regime="auto", task="multi_label",
-                                  workdir=str(tmp_path / "auto")),
-             "regime=auto and tools/advise.py (the advisor's scores and pilots)")):
-        with pytest.raises(ValueError) as e:
-            call()
-        assert str(e.value) == f"{what} reads one label per image and {ending}"
-    assert not os.path.exists(tmp_path / "l")
+    with pytest.raises(ValueError) as e:
+        api.finetune(config.dataset, regime="auto", task="multi_label",
+                     workdir=str(tmp_path / "auto"))
+    assert str(e.value) == (
+        "regime=auto and tools/advise.py (the advisor's scores and pilots) reads one label "
+        "per image and is not built for task=multi_label yet; a multi-label run trains, "
+        "resumes, is evaluated, predicts and exports (docs/model.md)")
+    assert not os.path.exists(tmp_path / "auto")
 
 
 def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds(
@@ -290,3 +287,31 @@ def test_a_multi_label_saved_model_answers_probabilities_and_the_labels_at_their
                                   >= np.array([0.3, 0.5, 0.7], "float32"))
     found = predict.from_saved_model(str(tmp_path / "exports"))
     assert found.task is tasks.MULTI_LABEL and found.thresholds == [0.3, 0.5, 0.7]
+
+
+def test_litert_holds_a_multi_label_model_to_its_label_decisions_and_map(multi_label_run,
+                                                                        tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    config, _ = multi_label_run
+    version, report = litert.export_run(config.workdir, str(tmp_path / "lite"), "int8",
+                                        verbose=False, min_agreement=0, max_drop=1,
+                                        float_fallback=False)
+    thresholds = np.array(evaluate.run_thresholds(config.workdir, json.load(open(
+        os.path.join(config.workdir, "metrics.json")))), "float32")
+    with open(os.path.join(version, "thresholds.txt")) as f:
+        np.testing.assert_array_equal([float(line) for line in f], thresholds)
+    pairs = list(data.load(config, config.image_size).val.unbatch().as_numpy_iterator())
+    images, labels = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs]) > 0.5
+    keras_p = keras.models.load_model(os.path.join(config.workdir, "model.keras")).predict(
+        images, verbose=0)
+    with open(os.path.join(version, "model.tflite"), "rb") as f:
+        lite_p = litert.Runner(f.read())(images)
+    held = labels.any(axis=0)
+    assert report["decision_agreement"] == pytest.approx(
+        ((keras_p >= thresholds) == (lite_p >= thresholds)).mean(), abs=1e-6)
+    assert report["litert_mAP"] == pytest.approx(
+        average_precision_score(labels[:, held], lite_p[:, held], average="macro"), abs=1e-6)
+    assert report["keras_mAP"] == pytest.approx(
+        average_precision_score(labels[:, held], keras_p[:, held], average="macro"), abs=1e-5)
+    assert "top1_agreement" not in report and "keras_accuracy" not in report

@@ -192,8 +192,6 @@ def finetune_config(config, given=None, export_dir=None, export_format="saved_mo
         if distribute.writes(strategy):
             run_folder.refuse_finished(plan.config.workdir)
         if export_dir:  # checked before training, not after
-            if export_format == "litert":
-                tasks.refuse_single_label_only(plan.task, "litert")
             export.check_export_dir(export_dir)
         print(f"Run folder: {plan.config.workdir}")
 

@@ -40,6 +40,7 @@ import warnings
 import numpy as np
 
 from tl_keras import data, evaluate, export, plan as plan_lib, run_folder, tasks
+from tl_keras.arrays import as_labels
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 AGREEMENT = 0.95         # least top-1 agreement with the Keras model on the validation images
@@ -189,6 +190,37 @@ def agreement(a, b):
     return float((np.argmax(a, axis=1) == np.argmax(b, axis=1)).mean())
 
 
+class Judge:
+    """How a converted model is held against the Keras one, by the run's task: the
+    decisions they must agree on and the score that must not drop. Single-label: the
+    top-1 class, accuracy. Multi-label: each label's decision at its threshold
+    (`thresholds`), mAP."""
+
+    def __init__(self, task=tasks.SINGLE_LABEL, thresholds=None):
+        self.multi = task.vector_labels
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, "float32")
+        self.score_key = "mAP" if self.multi else "accuracy"
+        self.agreement_key = "decision_agreement" if self.multi else "top1_agreement"
+        self.agreement_words = ("agreement of the per-label decisions" if self.multi
+                                else "top-1 agreement")
+
+    def agreement(self, a, b):
+        """Share of the decisions (images; with multi-label, image-label pairs) that
+        probabilities `a` and `b` take alike."""
+        if not self.multi:
+            return agreement(a, b)
+        return float(((a >= self.thresholds) == (b >= self.thresholds)).mean())
+
+    def score(self, probabilities, labels):
+        if not self.multi:
+            return float((probabilities.argmax(1) == labels).mean())
+        from sklearn.metrics import average_precision_score
+
+        held = labels.any(axis=0)
+        return float(average_precision_score(labels[:, held] > 0.5, probabilities[:, held],
+                                             average="macro"))
+
+
 def calibration_images(config, count=CALIBRATION):
     """The first `count` training images in the source's seeded order, un-augmented
     (data.Datasets.plain_train): the run's own data, the same every time."""
@@ -204,17 +236,18 @@ def calibration_images(config, count=CALIBRATION):
 
 class Reference:
     """The Keras model's answers on the validation pipeline `source`, read once:
-    labels and probabilities. The images are read again for each LiteRT model,
-    never held whole (a large validation split would not fit in memory)."""
+    labels and probabilities, and its score by `judge` (a `Judge`: the task's). The
+    images are read again for each LiteRT model, never held whole (a large
+    validation split would not fit in memory)."""
 
-    def __init__(self, model, source):
-        self.source = source
+    def __init__(self, model, source, judge=None):
+        self.source, self.judge = source, judge or Judge()
         labels, predictions = [], []
         for x, y in source:
-            labels.append(np.asarray(y).reshape(-1))
+            labels.append(as_labels(y))
             predictions.append(np.asarray(model.predict_on_batch(x)))
         self.labels, self.keras = np.concatenate(labels), np.concatenate(predictions)
-        self.keras_accuracy = float((self.keras.argmax(1) == self.labels).mean())
+        self.keras_score = self.judge.score(self.keras, self.labels)
 
     def __len__(self):
         return len(self.labels)
@@ -234,13 +267,14 @@ class Reference:
 
 
 def measure(tflite, reference, lite):
-    """Accuracy of the Keras and the LiteRT model on `reference`'s images (`lite`: the
-    LiteRT model's probabilities on them, `Reference.litert`), their top-1 agreement,
-    and single-thread latency."""
+    """The task's score (accuracy, mAP) of the Keras and the LiteRT model on
+    `reference`'s images (`lite`: the LiteRT model's probabilities on them,
+    `Reference.litert`), their agreement, and single-thread latency."""
+    judge = reference.judge
     return {"images": len(reference),
-            "keras_accuracy": reference.keras_accuracy,
-            "litert_accuracy": float((lite.argmax(1) == reference.labels).mean()),
-            "top1_agreement": agreement(reference.keras, lite),
+            f"keras_{judge.score_key}": reference.keras_score,
+            f"litert_{judge.score_key}": judge.score(lite, reference.labels),
+            judge.agreement_key: judge.agreement(reference.keras, lite),
             "latency_ms_per_image": round(
                 latency_ms(tflite, reference.first_images(LATENCY_IMAGES)), 3)}
 
@@ -259,10 +293,12 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
     where that holds; its float layers need a float kernel (a CPU or GPU
     delegate), not an integer-only accelerator.
     """
+    judge = reference.judge
+
     def check(tflite, what):
         lite = reference.litert(tflite)
-        agreed, drop = agreement(reference.keras, lite), reference.keras_accuracy - float(
-            (lite.argmax(1) == reference.labels).mean())
+        agreed = judge.agreement(reference.keras, lite)
+        drop = reference.keras_score - judge.score(lite, reference.labels)
         tried.append(f"{agreed:.2%} agreement, {100 * drop:.2f} points lost with {what}")
         return agreed >= min_agreement and drop <= max_drop, lite
 
@@ -286,8 +322,9 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
     if not met:
         others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
         raise ValueError(f"the {quantize} model misses the bars (at least {min_agreement:.2%} "
-                         f"top-1 agreement with the Keras model, at most "
-                         f"{100 * max_drop:.2f} points lost) on {len(reference)} validation "
+                         f"{judge.agreement_words} with the Keras model, at most "
+                         f"{100 * max_drop:.2f} points{' of mAP' if judge.multi else ''} lost) on "
+                         f"{len(reference)} validation "
                          f"images: {'; '.join(tried)}; nothing was written ({others} keeps "
                          "more of the float model; --min_agreement and --max_accuracy_drop "
                          "set the bars)")
@@ -316,8 +353,8 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         if not 0 <= bar <= 1:  # before the conversion, not after it
             raise ValueError(f"{name} must be in [0, 1], got {bar}")
     model, config, metrics = evaluate.load_run(workdir)
-    tasks.refuse_single_label_only(tasks.of_run(metrics), "litert")
     class_names = metrics["class_names"]
+    thresholds = evaluate.run_thresholds(workdir, metrics)  # multi-label: each label's
     export.check_export_dir(export_dir)
     own, datasets = calibration_images(config, calibration_count)
     calibration = own if calibration is None else np.asarray(calibration)
@@ -325,7 +362,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         eval_images).batch(32)
     if verbose:
         print("Reading the validation split and the Keras model's predictions on it ...")
-    reference = Reference(model, source)
+    reference = Reference(model, source, Judge(tasks.of_run(metrics), thresholds))
     if verbose:
         print(f"Converting {workdir}/model.keras to LiteRT ({quantize}"
               f"{f', calibrated on {len(calibration)} training images' if quantize == 'int8' else ''}) ...")
@@ -343,7 +380,7 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     try:
         with open(os.path.join(tmp, "model.tflite"), "wb") as f:
             f.write(tflite)
-        export.write_labels(tmp, class_names)
+        export.write_labels(tmp, class_names, thresholds)
         run_folder.write_json(os.path.join(tmp, "export.json"), result)
         version_dir = export.publish(tmp, export_dir)
     finally:
@@ -358,6 +395,7 @@ def _described(model, tflite, quantize, calibration, float_layers, measured):
     """export.json's description of the converted model: its size against float32, its
     input and output, how it was calibrated, and what was `measured`."""
     input_type, output_type = Runner(tflite).types()
+    score = "mAP" if "keras_mAP" in measured else "accuracy"  # the task's (`Judge`)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     return {
         "format": "litert", "quantize": quantize, "file": "model.tflite",
@@ -369,15 +407,18 @@ def _described(model, tflite, quantize, calibration, float_layers, measured):
         "calibration_images": len(calibration) if quantize == "int8" else 0,
         "float_layers": float_layers,
         **measured,
-        "accuracy_difference_points": round(
-            100 * (measured["litert_accuracy"] - measured["keras_accuracy"]), 2),
+        f"{score}_difference_points": round(
+            100 * (measured[f"litert_{score}"] - measured[f"keras_{score}"]), 2),
     }
 
 
 def format_table(r):
+    score = "mAP" if "keras_mAP" in r else "accuracy"
+    agreed = ("decision_agreement", "label decisions agree") if score == "mAP" else (
+        "top1_agreement", "top-1 agreement")
     rows = [("", "Keras", f"LiteRT {r['quantize']}"),
-            ("accuracy", f"{r['keras_accuracy']:.4f}", f"{r['litert_accuracy']:.4f}"),
-            ("top-1 agreement", "", f"{r['top1_agreement']:.4f}"),
+            (score, f"{r[f'keras_{score}']:.4f}", f"{r[f'litert_{score}']:.4f}"),
+            (agreed[1], "", f"{r[agreed[0]]:.4f}"),
             *([("layers in float", "", f"{len(r['float_layers'])} (the most sensitive to int8)")]
               if r["float_layers"] else []),
             ("file", f"{r['float32_bytes'] / 2**20:.2f} MB (float32 .tflite)",

@@ -6,8 +6,8 @@
         the one monitored metric            best.keras, early stopping, the tuner's objective
         the labels' form                    data.py (sources), features.py (the cache)
         decoding a prediction               predict.py
-    (LiteRT's int8 guard and the advisor are single-label code: `SINGLE_LABEL_ONLY`
-    names them, and a multi-label run refuses them in one line.)
+    (The advisor is single-label code: `SINGLE_LABEL_ONLY` names it, and a
+    multi-label run refuses it in one line.)
 
 Those modules read `plan.task` instead of assuming one label per image.
 
@@ -123,7 +123,6 @@ def get_task(name):
 # a multi-label run refuses them in one line (`refuse_single_label_only`).
 SINGLE_LABEL_ONLY = {
     "advisor": "regime=auto and tools/advise.py (the advisor's scores and pilots)",
-    "litert": "the LiteRT export (its int8 guard compares top-1 classes)",
 }
 
 
@@ -139,4 +138,4 @@ def refuse_single_label_only(task, what):
     if task.vector_labels:
         raise ValueError(f"{SINGLE_LABEL_ONLY[what]} reads one label per image and is not "
                          f"built for task={task.name} yet; a multi-label run trains, resumes, "
-                         "is evaluated, predicts and exports as a SavedModel (docs/model.md)")
+                         "is evaluated, predicts and exports (docs/model.md)")
