@@ -1,7 +1,7 @@
 """The task seam (tl_keras/tasks.py): the plan resolves `config.task` once, and the head,
-the loss, the metrics, the monitored metric and decoding all come from it."""
+the loss, the metrics, the monitored metric and decoding all come from it; multi_label
+through every regime and tool."""
 
-import dataclasses
 import json
 import os
 
@@ -28,40 +28,6 @@ def test_single_label_decodes_the_top_k_with_a_softmax_head(tmp_path):
     plan = plan_lib.resolve(tiny_config(tmp_path))
     assert plan.task is tasks.SINGLE_LABEL and plan.task.monitor == "val_accuracy"
     assert plan.loss == "sparse_categorical_crossentropy"
-
-
-@dataclasses.dataclass(frozen=True)
-class _ProbeTask(tasks.Task):
-    """Single-label under other names: a sigmoid head, its metric called `hits`."""
-
-    def metrics(self, soft=False):
-        return [keras.metrics.SparseCategoricalAccuracy(name=self.metric)]
-
-
-def test_the_head_the_metric_and_the_best_model_follow_the_plans_task(tmp_path, shared_images,
-                                                                     monkeypatch, capsys):
-    # Were "softmax" or "val_accuracy" still assumed anywhere on the way, this run would
-    # build a softmax head, or find no `val_hits` to keep best.keras by and record.
-    probe = _ProbeTask("probe", activation="sigmoid", metric="hits")
-    monkeypatch.setitem(tasks.TASKS, "probe", probe)
-    config = tiny_config(tmp_path, "small_similar", task="probe", dataset=str(shared_images),
-                         epochs=2)
-    metrics = train.finetune(config, data.load(config, image_size=config.image_size))
-
-    assert metrics["task"] == "probe"
-    assert 0 <= metrics["val_hits"] <= 1 and "val_accuracy" not in metrics
-    assert metrics["best_val_hits"] == max(
-        float(row["val_hits"]) for row in _history(config.workdir))
-    assert os.path.exists(os.path.join(config.workdir, "best.keras"))  # kept by val_hits
-    model = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
-    assert model.get_layer("predictions").activation.__name__ == "sigmoid"
-    with open(os.path.join(config.workdir, "config.json")) as f:
-        assert json.load(f)["task"] == "probe"
-    with open(os.path.join(config.workdir, "report.html")) as f:
-        assert "val_hits" in f.read()
-    assert "could not draw" not in capsys.readouterr().err
-    found = predict.from_run(config.workdir)
-    assert found.task is probe
 
 
 def _history(workdir):
@@ -195,14 +161,23 @@ def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label
     assert metrics["class_weight"] == {  # images without a label over images with it
         name: round((metrics["train_examples"] - n) / n, 4)
         for name, n in zip(["cat", "dog", "fox"], counts)}
+    # Were "softmax" or "val_accuracy" still assumed anywhere on the way, this run would
+    # build a softmax head, or find no val_mAP to keep best.keras by, record and draw.
     assert 0 <= metrics["val_mAP"] <= 1 and "val_accuracy" not in metrics
     assert metrics["best_val_mAP"] == max(
         float(row["val_mAP"]) for row in _history(config.workdir))
+    assert os.path.exists(os.path.join(config.workdir, "best.keras"))  # kept by val_mAP
+    with open(os.path.join(config.workdir, "config.json")) as f:
+        assert json.load(f)["task"] == "multi_label"
+    with open(os.path.join(config.workdir, "report.html")) as f:
+        assert '<p class="big">val_mAP ' in f.read()
+    assert os.path.exists(os.path.join(config.workdir, "curves.png"))
     model = keras.models.load_model(os.path.join(config.workdir, "model.keras"))
     assert model.get_layer("predictions").activation.__name__ == "sigmoid"
     out = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
     assert out.shape == (2, 3) and not np.allclose(out.sum(axis=1), 1)
     found = predict.from_run(config.workdir)
+    assert found.task is tasks.MULTI_LABEL
     files = [os.path.join(os.path.dirname(config.dataset), "cat", f) for f in ("0.png", "1.jpg")]
     rows, _ = predict.predict_files(found, files)  # every label at 0.5 or above, no top-k
     cut = found.thresholds or [0.5] * 3  # tools/evaluate.py's, once it has chosen them

@@ -226,8 +226,8 @@ def readable_files(paths, labels, root, strict=False):
 def from_paths(paths, labels, class_names, val_fraction=0.2, seed=0, max_examples=None,
                examples_per_class=None, skipped=(), is_val=None):
     """`Examples` of image files at `paths` (checked: `readable_files`) with `labels`
-    (class indices, or 0/1 vectors: `as_labels`), split by seed (or by `is_val`, a bool per file), decoded as training
-    reads them."""
+    (class indices, or 0/1 vectors: `as_labels`), split by seed (or by `is_val`, a bool
+    per file), decoded as training reads them."""
     paths, labels = np.array(paths), as_labels(labels)
     by = strata(labels)
     if is_val is None:
