@@ -2,7 +2,8 @@
 one-vs-rest logistic regression on the same frozen features.
 
 Run:  python benchmarks/multi_label.py [--train=5000] [--val=1000] [--seeds=0,1,2]
-          [--regimes=small_similar,...] [--out=benchmarks/results_multi_label.jsonl]
+          [--regimes=small_similar,...,large_different+scratch]
+          [--out=benchmarks/results_multi_label.jsonl]
 
 Each mosaic is 56 px: four items drawn at random (seeded) from Fashion-MNIST's training
 images (the validation mosaics from its test images); its labels are the classes present
@@ -84,8 +85,9 @@ def run_regime(table, regime, seed, workdir):
     from tl_keras import data
 
     began = time.time()
-    run = tl_keras.finetune(table, regime=regime, task="multi_label", seed=seed,
-                            workdir=workdir, verbose="0")
+    name, _, init = regime.partition("+")  # large_different+scratch: init=scratch
+    run = tl_keras.finetune(table, regime=name, task="multi_label", seed=seed,
+                            workdir=workdir, verbose="0", **({"init": init} if init else {}))
     seconds = time.time() - began
     plan = run.plan
     datasets = data.load(plan.config, plan.image_size)
@@ -122,8 +124,8 @@ def main():
     parser.add_argument("--train", type=int, default=5000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--regimes",
-                        default="small_similar,small_different,large_similar,large_different")
+    parser.add_argument("--regimes", default="small_similar,small_different,large_similar,"
+                        "large_different+scratch")  # large_different's default: large_similar
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "mosaics"))
     parser.add_argument("--out", default="benchmarks/results_multi_label.jsonl")
     args = parser.parse_args()
