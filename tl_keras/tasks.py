@@ -5,7 +5,8 @@
         the loss and metrics                train.compile_phase, pilots
         the one monitored metric            best.keras, early stopping, the tuner's objective
         the labels' form                    data.py (sources), features.py (the cache)
-        decoding a prediction               predict.py
+        decoding a prediction               predict.py, the SavedModel's outputs
+        scoring a finished run              evaluate.py, litert.Judge (the int8 guard)
     (The advisor is single-label code: `SINGLE_LABEL_ONLY` names it, and a
     multi-label run refuses it in one line.)
 
