@@ -207,3 +207,26 @@ def open_config(path):
 
     with zipfile.ZipFile(path) as archive:
         return archive.read("config.json").decode()
+
+
+def test_a_frozen_backbone_drops_nothing_so_fit_sees_the_cached_features(tmp_path):
+    # EfficientNet's stochastic depth is Dropout inside the backbone: Keras runs it in
+    # `fit` whatever `trainable` says, so a head trained by plain `fit` on a frozen
+    # backbone saw randomly dropped blocks, the cached head the whole backbone (issue 38).
+    from tl_keras import features
+
+    config = tiny_config(tmp_path, "large_similar", backbone="efficientnet_lite0")
+    plan = plan_lib.resolve(config)
+    model, _ = train.build(plan, 3, 3)
+    extract = features.extractor(model)
+    dropouts = [layer for layer in trainable._sublayers(model.get_layer("backbone"))
+                if isinstance(layer, keras.layers.Dropout)]
+    rates = [layer.rate for layer in dropouts]
+    assert dropouts and max(rates) > 0
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    head, finetune = plan.phases
+    trainable.apply_phase(model, head)
+    np.testing.assert_array_equal(extract(x, training=True), extract(x, training=False))
+    trainable.apply_phase(model, finetune)  # the backbone trains: its own dropout again
+    assert [layer.rate for layer in dropouts] == rates
+    assert not np.allclose(extract(x, training=True), extract(x, training=False))

@@ -139,7 +139,8 @@ def apply_phase(model, phase):
     backbone (the layer named "backbone") trains only when
     `phase.train == "all"`, and then without its BatchNormalization layers if
     `phase.freeze_batchnorm`. A `phase.batchnorm_momentum` (init=scratch) is
-    set on every BatchNormalization layer of the backbone. With
+    set on every BatchNormalization layer of the backbone. The backbone's Dropout
+    layers drop only while it trains. With
     `phase.unfreeze = k`, the backbone's layers up to the end of its k-th
     stage from the top stay frozen.
     """
@@ -156,7 +157,20 @@ def apply_phase(model, phase):
                 layer.trainable = False
             if phase.batchnorm_momentum:
                 layer.momentum = phase.batchnorm_momentum
+        if isinstance(layer, keras.layers.Dropout):
+            _dropout_while_training(layer, phase.train == "all")
     model.get_layer("predictions").trainable = True
+
+
+def _dropout_while_training(layer, training):
+    """A backbone's own dropout (EfficientNet's stochastic depth) only while the backbone
+    trains. A frozen backbone runs as at inference (Keras' transfer-learning guide runs
+    it with training=False), so `fit` trains a head on the very features the feature
+    cache holds; before, it saw randomly dropped blocks (issue 38). Keras' Dropout reads
+    `rate` at each call; the layer's own rate is kept to restore it."""
+    if not hasattr(layer, "_tl_keras_rate"):
+        layer._tl_keras_rate = layer.rate
+    layer.rate = layer._tl_keras_rate if training else 0.0
 
 
 def enable_lora(backbone, rank):
