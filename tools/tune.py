@@ -102,9 +102,8 @@ def main(argv):
     best = os.path.join(workdir, "best_config.py")
     print(f"Trials: {os.path.join(workdir, 'tuning.csv')}")
     if os.path.exists(best):
-        export = "" if plan.task.vector_labels else " --export_dir=exports/best"  # tasks.py
-        print(f"Best config: {best}\nRetrain{' and export' if export else ''} it with:\n"
-              f"    python tools/finetune.py --config={best}{export}")
+        print(f"Best config: {best}\nRetrain and export it with:\n"
+              f"    python tools/finetune.py --config={best} --export_dir=exports/best")
 
 
 if __name__ == "__main__":
