@@ -373,11 +373,11 @@ def test_scratch_losses_are_on_the_scale_of_a_pretrained_run(tmp_path, shared_im
 def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, uncached_run):
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "float32")
     labels = np.array([1, 2])
-    loss = losses.for_config(tiny_config(tmp_path, label_smoothing=0.1))
+    loss = plan_lib.resolve(tiny_config(tmp_path, label_smoothing=0.1)).loss
     targets = np.eye(3)[labels] * 0.9 + 0.1 / 3
     expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
     np.testing.assert_allclose(float(loss(labels, probabilities)), expected, rtol=1e-6)
-    assert losses.for_config(tiny_config(tmp_path)) == "sparse_categorical_crossentropy"
+    assert plan_lib.resolve(tiny_config(tmp_path)).loss == "sparse_categorical_crossentropy"
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
         plan_lib.resolve(tiny_config(tmp_path, label_smoothing=1.5))
 

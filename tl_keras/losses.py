@@ -3,23 +3,24 @@ or mixed ones (mixup, CutMix), and the accuracy that reads them; multi-label's b
 cross-entropy with a weight per label's positives.
 
 Example:
-    model.compile(loss=for_config(config), ...)
+    model.compile(loss=crossentropy(config.label_smoothing), ...)
 """
 
 import keras
 
 
-def for_config(config, soft=False):
-    """`crossentropy` with the config's `label_smoothing`."""
-    return crossentropy(config.label_smoothing, soft)
+def checked_smoothing(label_smoothing):
+    """`label_smoothing` as a float; a one-line `ValueError` outside [0, 1)."""
+    smoothing = float(label_smoothing)
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+    return smoothing
 
 
 def crossentropy(label_smoothing=0.0, soft=False):
     """Sparse categorical cross-entropy, against labels smoothed by `label_smoothing`;
     `soft`: one that also takes mixed labels (mixup, CutMix: [N, classes])."""
-    smoothing = float(label_smoothing)
-    if not 0 <= smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+    smoothing = checked_smoothing(label_smoothing)
     if smoothing == 0 and not soft:
         return "sparse_categorical_crossentropy"  # stock Keras: model.keras loads anywhere
     return SmoothedSparseCrossentropy(smoothing)

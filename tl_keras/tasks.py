@@ -74,9 +74,7 @@ class MultiLabel(Task):
     def loss(self, label_smoothing=0.0, soft=False, positive_weights=None):
         """Binary cross-entropy per label; it takes mixed (soft) labels as they are;
         `positive_weights`: one per label, on its positive term (class_weight=balanced)."""
-        smoothing = float(label_smoothing)
-        if not 0 <= smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+        smoothing = losses.checked_smoothing(label_smoothing)
         if positive_weights is not None:
             return losses.WeightedBinaryCrossentropy(positive_weights, smoothing)
         if smoothing == 0:
