@@ -370,6 +370,21 @@ def best_thresholds(probabilities, labels):
     return out
 
 
+def average_precisions(probabilities, labels):
+    """Each label's average precision (scikit-learn's), None for a label none of these
+    images holds."""
+    from sklearn import metrics as skm
+
+    truth = labels > 0.5
+    return [float(skm.average_precision_score(truth[:, c], probabilities[:, c]))
+            if truth[:, c].any() else None for c in range(labels.shape[1])]
+
+
+def mean_average_precision(ap):
+    """mAP: the mean of `average_precisions` over the labels the images hold."""
+    return float(np.mean([a for a in ap if a is not None]))
+
+
 def label_scores(probabilities, labels, class_names, thresholds):
     """mAP (the mean of each label's average precision, over the labels these images
     hold), micro and macro F1 at 0.5 and at `thresholds`, and per label: AP, threshold,
@@ -378,8 +393,7 @@ def label_scores(probabilities, labels, class_names, thresholds):
 
     truth = labels > 0.5
     held = truth.any(axis=0)
-    ap = [float(skm.average_precision_score(truth[:, c], probabilities[:, c]))
-          if held[c] else None for c in range(len(class_names))]
+    ap = average_precisions(probabilities, labels)
     chosen = probabilities >= np.asarray(thresholds)[None, :]
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         truth, chosen, zero_division=0)
@@ -389,7 +403,7 @@ def label_scores(probabilities, labels, class_names, thresholds):
 
     return {
         "images": int(len(labels)),
-        "mAP": float(np.mean([a for a in ap if a is not None])),
+        "mAP": mean_average_precision(ap),
         "labels_scored": int(held.sum()),
         "micro_f1": f1_at(probabilities >= tasks.THRESHOLD, "micro"),
         "macro_f1": f1_at(probabilities >= tasks.THRESHOLD, "macro"),

@@ -214,11 +214,8 @@ class Judge:
     def score(self, probabilities, labels):
         if not self.multi:
             return float((probabilities.argmax(1) == labels).mean())
-        from sklearn.metrics import average_precision_score
-
-        held = labels.any(axis=0)
-        return float(average_precision_score(labels[:, held] > 0.5, probabilities[:, held],
-                                             average="macro"))
+        return evaluate.mean_average_precision(evaluate.average_precisions(probabilities,
+                                                                           labels))
 
 
 def calibration_images(config, count=CALIBRATION):
@@ -395,7 +392,7 @@ def _described(model, tflite, quantize, calibration, float_layers, measured):
     """export.json's description of the converted model: its size against float32, its
     input and output, how it was calibrated, and what was `measured`."""
     input_type, output_type = Runner(tflite).types()
-    score = "mAP" if "keras_mAP" in measured else "accuracy"  # the task's (`Judge`)
+    score = _score_key(measured)
     float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     return {
         "format": "litert", "quantize": quantize, "file": "model.tflite",
@@ -412,8 +409,13 @@ def _described(model, tflite, quantize, calibration, float_layers, measured):
     }
 
 
+def _score_key(measured):
+    """The score `measure` recorded: the task's (`Judge.score_key`)."""
+    return "mAP" if "keras_mAP" in measured else "accuracy"
+
+
 def format_table(r):
-    score = "mAP" if "keras_mAP" in r else "accuracy"
+    score = _score_key(r)
     agreed = ("decision_agreement", "label decisions agree") if score == "mAP" else (
         "top1_agreement", "top-1 agreement")
     rows = [("", "Keras", f"LiteRT {r['quantize']}"),
