@@ -2,7 +2,8 @@
 one-vs-rest logistic regression on the same frozen features.
 
 Run:  python benchmarks/multi_label.py [--train=5000] [--val=1000] [--seeds=0,1,2]
-          [--regimes=small_similar,...,large_different+scratch]
+          [--regimes=small_similar,...,large_different+scratch,small_different@late]
+          [--advise]
           [--out=benchmarks/results_multi_label.jsonl]
 
 Each mosaic is 56 px: four items drawn at random (seeded) from Fashion-MNIST's training
@@ -14,6 +15,10 @@ Every run is scored on the validation mosaics by scikit-learn: mAP (macro averag
 and micro-F1 at 0.5. The floor: scikit-learn's one-vs-rest logistic regression on the frozen
 features small_similar's head reads (the same backbone, cut, image size and images). One
 JSON line per run is appended to --out.
+
+--advise: the regime advisor instead (`tl_keras.advise_regime`, pilots included, as
+--regime=auto measures), one line per seed: its regime, cut and reasons, LogME per cut,
+the pilots' held-out mAP and its seconds -- to set beside the regimes' measured mAP.
 """
 
 import argparse
@@ -86,8 +91,10 @@ def run_regime(table, regime, seed, workdir):
 
     began = time.time()
     name, _, init = regime.partition("+")  # large_different+scratch: init=scratch
+    name, _, cut = name.partition("@")      # small_different@late: cut there
     run = tl_keras.finetune(table, regime=name, task="multi_label", seed=seed,
-                            workdir=workdir, verbose="0", **({"init": init} if init else {}))
+                            workdir=workdir, verbose="0", **({"init": init} if init else {}),
+                            **({"cut": cut} if cut else {}))
     seconds = time.time() - began
     plan = run.plan
     datasets = data.load(plan.config, plan.image_size)
@@ -101,6 +108,21 @@ def run_regime(table, regime, seed, workdir):
     if regime == "small_similar":  # the floor, on this run's frozen features
         result["floor"] = floor(model, datasets, seed)
     return result
+
+
+def advise(table, seed, workdir):
+    import tl_keras
+
+    began = time.time()
+    advice = tl_keras.advise_regime(table, task="multi_label", seed=seed, workdir=workdir,
+                                    verbose="0").advice
+    return {"advice": advice.regime, "cut": advice.cut, "init": advice.init, "seed": seed,
+            "decided_by": advice.decided_by, "reasons": advice.reasons,
+            "logme": {cut: row.get("pretrained") for cut, row in advice.scores.items()},
+            "knn_mAP": {cut: row.get("knn_pretrained") for cut, row in advice.scores.items()},
+            "pilots": advice.pilots, "pilot_images": advice.pilot_images,
+            "sample": advice.sample, "seconds": round(time.time() - began, 1),
+            "backbone": advice.backbone}
 
 
 def floor(model, datasets, seed):
@@ -128,12 +150,16 @@ def main():
                         "large_different+scratch")  # large_different's default: large_similar
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "mosaics"))
     parser.add_argument("--out", default="benchmarks/results_multi_label.jsonl")
+    parser.add_argument("--advise", action="store_true",
+                        help="the regime advisor's advice per seed instead of the regimes")
     args = parser.parse_args()
     table = write_mosaics(args.root, args.train, args.val)
     runs = tempfile.mkdtemp(prefix="multi_label_runs_")
     for seed in map(int, args.seeds.split(",")):
-        for regime in args.regimes.split(","):
-            result = run_regime(table, regime, seed, os.path.join(runs, f"{regime}_{seed}"))
+        for regime in ["advice"] if args.advise else args.regimes.split(","):
+            folder = os.path.join(runs, f"{regime}_{seed}")
+            result = (advise(table, seed, folder) if args.advise else
+                      run_regime(table, regime, seed, folder))
             print(json.dumps(result), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")

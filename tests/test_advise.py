@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config, traced, write_image_folder
 
-from tl_keras import advise, data, features, pilots as pilots_lib, plan as plan_lib, train
+from tl_keras import (advise, data, features, pilots as pilots_lib, plan as plan_lib, tasks,
+                      train)
 from tl_keras import transferability
 
 SEED_WEIGHTS = os.path.join(ROOT, "benchmarks", "study", "seed_cnn_fashion0-4.weights.h5")
@@ -184,7 +185,7 @@ def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tm
         f"pilots on {images['train']} of the 150 sampled images" in saved["reasons"])
     for i, name in enumerate(saved["pilots"]):
         assert f"Pilot {i + 1}/5: {name}" in result.stdout
-    assert f"Pilots ({images['train']} images, scored on {images['held_out']} held out" in (
+    assert f"Pilots ({images['train']} images, scored by accuracy on {images['held_out']} held out" in (
         result.stdout)
     # Nothing is overwritten.
     again = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28", "--dataset=digits",
@@ -265,8 +266,12 @@ def test_tune_auto_sweeps_the_advised_regime(run_tool, tmp_path):
 # --- Pilot runs --------------------------------------------------------------------------
 
 def _pilot(strategy, cut, correct):
+    """A single-label pilot right on the held-out images where `correct` is (every image's
+    label is class 0)."""
     correct = np.asarray(correct, bool)
-    return pilots_lib.Pilot(strategy, cut, float(correct.mean()), correct, 0.0)
+    probabilities = np.stack([correct, ~correct], axis=1).astype("float32")
+    return pilots_lib.Pilot(strategy, cut, probabilities, np.zeros(len(correct), "int32"),
+                            tasks.SINGLE_LABEL, 0.0)
 
 
 def _pilots(**correct):
@@ -366,6 +371,7 @@ def test_pilots_give_the_same_result_with_the_same_seed(digits_setup, piloted):
                              thresholds=LARGE)
     assert again.pilots.keys() == advice.pilots.keys()
     assert all(again.pilots[n]["accuracy"] == p["accuracy"] for n, p in advice.pilots.items())
+    assert advice.metric == "accuracy"
     assert (again.regime, again.cut, again.init) == (advice.regime, advice.cut, advice.init)
 
 
@@ -375,14 +381,14 @@ def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, pi
     _, sample = piloted
     split = pilots_lib.pilot_split(sample.labels, 0.3, plan.config.seed)
     features_late = sample.features["pretrained/late"]
-    accuracy, correct, head = pilots_lib.frozen_pilot(features_late, sample.labels, split,
-                                                  plan.config, 10)
+    frozen, head = pilots_lib.frozen_pilot(features_late, sample.labels, split, plan.config, 10)
     config = plan_lib.editable(plan.config)
     config.finetune_learning_rate = 1e-12  # everything trains, but nothing moves
-    _, same = pilots_lib.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
-                                   "late", 1, head)
-    np.testing.assert_array_equal(same, correct)  # a new random head would not be
-    assert accuracy > 0.5                         # (10 classes: chance is 0.1)
+    same = pilots_lib.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
+                                    "late", 1, head)
+    np.testing.assert_array_equal(same.argmax(axis=1), frozen.argmax(axis=1))  # a new random head would not be
+    np.testing.assert_allclose(same, frozen, atol=1e-4)
+    assert tasks.SINGLE_LABEL.score(frozen, sample.labels[split[1]]) > 0.5  # (10 classes: chance is 0.1)
 
 
 @pytest.mark.slow  # ~10 s: Fashion-MNIST read, the seed network's pilots
@@ -447,3 +453,159 @@ def test_finetune_auto_trains_the_best_of_several_backbones(run_tool, tmp_path):
     assert config["backbone"] == advice["backbone"] == max(
         advice["backbones"], key=lambda n: advice["backbones"][n]["measure"]["LogME"])
     assert config["epochs"] == 1 and "<- best" in result.stdout
+
+
+# --- Several labels per image (task=multi_label) --------------------------------------
+
+def test_average_precision_is_scikit_learns_with_and_without_sample_weights():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((60, 4)), 1)  # rounded: tied scores, one threshold each
+    truth = rng.random((60, 4)) < 0.3
+    weights = rng.integers(0, 3, (5, 60))
+    np.testing.assert_allclose(transferability.average_precisions(scores, truth), [
+        average_precision_score(truth[:, c], scores[:, c]) for c in range(4)], atol=1e-12)
+    np.testing.assert_allclose(transferability.average_precisions(scores, truth, weights), [
+        [average_precision_score(truth[:, c], scores[:, c], sample_weight=w) for c in range(4)]
+        for w in weights], atol=1e-12)
+    assert tasks.MULTI_LABEL.score(scores, truth) == pytest.approx(
+        average_precision_score(truth, scores, average="macro"), abs=1e-12)
+    labels = rng.integers(0, 4, 60)  # single-label: the (weighted) share right
+    right = scores.argmax(axis=1) == labels
+    assert tasks.SINGLE_LABEL.score(scores, labels) == right.mean()
+    np.testing.assert_allclose(tasks.SINGLE_LABEL.score(scores, labels, weights),
+                               weights @ right / weights.sum(axis=1))
+
+
+def _label_evidence(f, y):
+    """One 0/1 target's log evidence per image, from the SVD (test_logme_is_...'s check)."""
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    x2 = (u.T @ y) ** 2
+    return transferability._evidence(s ** 2, x2, float(y @ y - x2.sum()), *f.shape) / len(f)
+
+
+def test_scores_of_label_vectors_average_each_label_and_rank_informative_features():
+    from sklearn.metrics import average_precision_score
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(2)
+    labels = (rng.random((240, 3)) < 0.4).astype("float32")
+    informative = advise.standardise(np.concatenate(
+        [labels + 0.4 * rng.normal(size=labels.shape), rng.normal(size=(240, 5))], axis=1))
+    noise = advise.standardise(rng.normal(size=(240, 8)))
+    # LogME: the mean of each label's evidence (present / absent), as of one-hot classes.
+    assert transferability.logme(informative, labels) == pytest.approx(
+        np.mean([_label_evidence(informative, labels[:, c]) for c in range(3)]), abs=1e-9)
+    one_hot = np.eye(3)[np.arange(240) % 3]
+    assert transferability.logme(informative, one_hot) == transferability.logme(
+        informative, np.arange(240) % 3)
+    # k-NN: each image scored by the share of its 5 nearest others holding a label; mAP.
+    _, nearest = NearestNeighbors(n_neighbors=6).fit(informative).kneighbors(informative)
+    shares = labels[nearest[:, 1:]].mean(axis=1)  # column 0: the image itself
+    assert transferability.knn_score(informative, labels) == pytest.approx(
+        average_precision_score(labels, shares, average="macro"), abs=1e-9)
+    for score, margin in ((transferability.logme, 0.1), (transferability.h_score, 0.3),
+                          (transferability.knn_score, 0.3)):
+        assert score(informative, labels) > score(noise, labels) + margin
+
+
+def test_the_pilots_bootstrap_the_mean_average_precision_of_label_vectors():
+    rng = np.random.default_rng(3)
+    truth = (rng.random((150, 3)) < 0.4).astype("float32")
+    def pilot(probabilities):
+        return pilots_lib.Pilot("frozen", "top", probabilities, truth, tasks.MULTI_LABEL, 0.0)
+    guess = pilot(rng.random((150, 3)))
+    ranked = pilot(np.clip(truth * 0.6 + 0.5 * rng.random((150, 3)), 0, 1))
+    assert pilots_lib.lower_bound(guess, guess) == 0.0
+    assert ranked.score > guess.score + 0.3
+    assert pilots_lib.lower_bound(ranked, guess) > 0.2
+    assert pilots_lib.lower_bound(guess, ranked) < 0
+
+
+def _digit_labels(y):
+    """Labels a digit holds or not, one to three at once: even, below 5, drawn round
+    (0, 3, 5, 6, 8, 9), drawn straight (1, 4, 7)."""
+    return np.stack([y % 2 == 0, y < 5, np.isin(y, (0, 3, 5, 6, 8, 9)), np.isin(y, (1, 4, 7))],
+                    axis=1).astype("float32")
+
+
+DIGIT_LABELS = ["even", "small", "round", "straight"]
+
+
+@pytest.fixture(scope="module")
+def multi_label_advice(tmp_path_factory):
+    """The advisor, pilots included, on 200 digits with label vectors (seed_cnn pretrained)."""
+    from tl_keras import arrays
+
+    x, y, *_ = arrays.load_builtin("digits")
+    config = tiny_config(tmp_path_factory.mktemp("multi"), backbone="seed_cnn", image_size=28,
+                         weights=SEED_WEIGHTS, task="multi_label", pool_grid=1)
+    config.workdir = ""
+    plan = plan_lib.resolve(config)
+    examples = data.from_arrays(x[:150], _digit_labels(y[:150]), DIGIT_LABELS, seed=0)
+    datasets = data.make_datasets(examples, plan.config, plan.image_size)
+    with traced():
+        advice, sample = pilots_lib.advise(plan, datasets, verbose=0,
+                                           pilots=pilots_lib.PilotSettings(scratch="never"))
+    return plan, datasets, advice, sample
+
+
+def test_the_advisor_scores_and_pilots_label_vectors_by_map(multi_label_advice):
+    plan, datasets, advice, sample = multi_label_advice
+    # The sample keeps each image's label vector (flattened, they would be class indices).
+    read = np.concatenate([y for _, y in datasets.plain_train().as_numpy_iterator()])
+    np.testing.assert_array_equal(sample.labels, read)
+    assert sample.labels.shape == (datasets.train_examples, len(DIGIT_LABELS))
+    assert advice.per_class == dict(zip(DIGIT_LABELS, sample.labels.sum(axis=0).astype(int)))
+    for cut, row in advice.scores.items():
+        f = advise.standardise(sample.features[f"pretrained/{cut}"])
+        assert row["pretrained"] == round(np.mean(
+            [_label_evidence(f, sample.labels[:, c]) for c in range(len(DIGIT_LABELS))]), 4)
+        assert row["knn_pretrained"] == round(transferability.knn_map(f, sample.labels), 4)
+    # The pilots: scored by the run's metric, on held-out images holding every label.
+    assert advice.metric == "mAP" and advice.decided_by == "pilots"
+    trained = [name for name in advice.pilots if name.startswith("finetuned@")]
+    assert list(advice.pilots) == ["frozen@early", "frozen@middle", "frozen@late",
+                                   "frozen@top", *trained] and len(trained) == 1
+    assert all(set(row) == {"mAP", "seconds"} for row in advice.pilots.values())
+    assert advice.measure()[0] == "pilot_mAP"
+    _, held = pilots_lib.pilot_split(sample.labels, 0.3, plan.config.seed)
+    assert (sample.labels[held].sum(axis=0) > 0).all()
+    best = max(row["mAP"] for row in advice.pilots.values())
+    assert best > 0.8  # chance: each label's share of the images, 0.4-0.5
+    table = advise.format_table(advice)
+    assert f"Pilots ({len(sample.labels) - len(held)} images, scored by mAP on {len(held)}" in table
+
+
+@pytest.mark.slow  # ~20 s: 150 digits written as PNGs, the advisor with pilots, the run
+def test_finetune_auto_advises_and_trains_a_multi_label_table(run_tool, tmp_path):
+    import tensorflow as tf
+
+    from tl_keras import arrays
+
+    x, y, *_ = arrays.load_builtin("digits")
+    rows = ["image,labels"]
+    (tmp_path / "images").mkdir()
+    for i, (image, vector) in enumerate(zip(x[:150], _digit_labels(y[:150]))):
+        (tmp_path / "images" / f"{i}.png").write_bytes(tf.io.encode_png(image[..., None]).numpy())
+        rows.append(f"images/{i}.png,{'|'.join(n for n, v in zip(DIGIT_LABELS, vector) if v)}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    work = tmp_path / "run"
+    result = run_tool("finetune.py", "--regime=auto", "--config.task=multi_label",
+                      "--backbone=seed_cnn", "--image_size=28", f"--weights={SEED_WEIGHTS}",
+                      f"--dataset={tmp_path / 'labels.csv'}", "--epochs=2",
+                      "--config.verbose=0", f"--workdir={work}")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((work / "config.json").read_text())
+    metrics = json.loads((work / "metrics.json").read_text())
+    advice = config["advice"]
+    assert (config["regime"], config["cut"], config["task"]) == (
+        advice["regime"], advice["cut"], "multi_label")
+    assert metrics["advice"] == advice and "val_mAP" in metrics
+    assert advice["metric"] == "mAP" and advice["decided_by"] == "pilots"
+    assert f"Advice: --regime={advice['regime']} --cut={advice['cut']}" in result.stdout
+    if advice["regime"].startswith("small"):  # the advisor's features: the first view
+        assert "(the first from the advisor)" in result.stdout
+    report = (work / "report.html").read_text()
+    assert "held-out mAP" in report and all(f"<td>{n}</td>" in report for n in advice["pilots"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_image_folder
-from tl_keras import (api, augment, data, evaluate, export, litert, plan as plan_lib, predict,
+from tl_keras import (augment, data, evaluate, export, litert, plan as plan_lib, predict,
                       tables, tasks, train)
 
 
@@ -186,19 +186,6 @@ def test_multi_label_trains_sigmoids_on_cached_features_and_with_fit(multi_label
                              if p[c] >= cut[c]]
 
 
-def test_the_advisor_refuses_a_multi_label_run_in_one_line(multi_label_run, tmp_path):
-    # Its scores (LogME, H-score, k-NN) and pilots read one label per image.
-    config, _ = multi_label_run
-    with pytest.raises(ValueError) as e:
-        api.finetune(config.dataset, regime="auto", task="multi_label",
-                     workdir=str(tmp_path / "auto"))
-    assert str(e.value) == (
-        "regime=auto and tools/advise.py (the advisor's scores and pilots) reads one label "
-        "per image and is not built for task=multi_label yet; a multi-label run trains, "
-        "resumes, is evaluated, predicts and exports (docs/model.md)")
-    assert not os.path.exists(tmp_path / "auto")
-
-
 def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds(
         multi_label_run):
     from sklearn.metrics import average_precision_score, f1_score
@@ -237,6 +224,7 @@ def test_evaluate_scores_a_multi_label_run_and_predict_decides_by_its_thresholds
         f"mAP {result['mAP']:.4f} ({len(held)} labels), micro-F1 ")
 
 
+@pytest.mark.slow  # ~12 s: a SavedModel export (the single-label exports: fast)
 def test_a_multi_label_saved_model_answers_probabilities_and_the_labels_at_their_thresholds(
         multi_label_run, tmp_path):
     import tensorflow as tf
@@ -264,6 +252,7 @@ def test_a_multi_label_saved_model_answers_probabilities_and_the_labels_at_their
     assert found.task is tasks.MULTI_LABEL and found.thresholds == [0.3, 0.5, 0.7]
 
 
+@pytest.mark.slow  # ~20 s: an int8 conversion with calibration (the single-label ones: fast)
 def test_litert_holds_a_multi_label_model_to_its_label_decisions_and_map(multi_label_run,
                                                                         tmp_path):
     from sklearn.metrics import average_precision_score

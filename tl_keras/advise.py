@@ -8,11 +8,13 @@ pretraining data, picks the regime, the cut and the initialisation, and says why
           data a short run from scratch; scored on held-out images) --> `Advice`
 
 Similarity is measured, not guessed, with LogME (transferability.py): the evidence
-of a Bayesian linear model from the features to the one-hot labels -- no
-training, one eigendecomposition per cut. The features
+of a Bayesian linear model from the features to the 0/1 labels (one-hot classes, or
+each image's label vector with task=multi_label) -- no training, one
+eigendecomposition per cut. The features
 are scored as the new head would see them: pooled as the regime pools them (a
 3 x 3 grid of averages below `top`) and standardised. H-score (Bao et al.,
-ICIP 2019) and k-NN accuracy are printed beside it.
+ICIP 2019) and k-NN accuracy (mAP, with several labels per image) are printed
+beside it.
 
 How it decides (`decide`; the margins are `Thresholds`, justified in docs/advisor.md):
 
@@ -42,11 +44,12 @@ import time
 import keras
 import numpy as np
 
-from tl_keras import backbones, features as features_lib, folded, model as model_lib, run_folder
-from tl_keras.transferability import h_score, knn_accuracy, logme
+from tl_keras import (arrays, backbones, features as features_lib, folded, model as model_lib,
+                      run_folder)
+from tl_keras.transferability import h_score, knn_score, logme
 
 SAMPLE = 2000          # training images scored, by default
-MIN_PER_CLASS = 2      # fewer images of a class in the sample: it cannot be scored
+MIN_PER_CLASS = 2      # fewer images of a class (a label) in the sample: it cannot be scored
 GRID = 3               # pool_grid below `top`, as small_different
 
 
@@ -123,7 +126,7 @@ def cut_extractor(backbone_name, weights, image_size, channels, layers, name):
 class Sample:
     """Features of one pass over (up to `SAMPLE`) training images."""
     features: dict   # "pretrained/<cut>" | "random/<cut>" -> [N, D] float32
-    labels: np.ndarray
+    labels: np.ndarray  # class indices [N], or label vectors [N, classes] (multi_label)
     whole_view: bool  # every training image: a run can take it as a cached view
     seconds: float
     images: np.ndarray = None  # the sampled images [N, H, W, C] uint8, kept for pilot runs
@@ -158,16 +161,16 @@ def extract(data, backbone_name, weights, image_size, layers, sample=SAMPLE, see
     batch = features_lib.INFERENCE_BATCH
     if isinstance(source, tuple):
         x, y = source
-        source = (x[:n], np.asarray(y[:n]).reshape(-1).astype("int32"))
+        source = (x[:n], arrays.as_labels(y[:n]))
     else:  # a tf.data pipeline, used through its own API (no TensorFlow import here)
         source = source.unbatch().take(n).batch(batch)
         if keep_images:
             pairs = list(source.as_numpy_iterator())
             source = (np.concatenate([x for x, _ in pairs]),
-                      np.concatenate([y for _, y in pairs]).reshape(-1).astype("int32"))
+                      arrays.as_labels(np.concatenate([y for _, y in pairs])))
     out, labels = folded.predict(keras.Model(images, outputs), source, batch, verbose=verbose,
                                  total=n)
-    labels = np.asarray(labels).reshape(-1).astype("int32")
+    labels = arrays.as_labels(labels)
     whole = len(labels) == int(data.train_examples) and not getattr(data, "drop_remainder", False)
     return Sample({k: np.asarray(v, "float32") for k, v in out.items()}, labels, whole,
                   time.time() - start, images=source[0] if keep_images else None)
@@ -191,8 +194,9 @@ class Advice:
     thresholds: dict
     notes: list = dataclasses.field(default_factory=list)  # cuts not scored, and why
     seconds: float = 0.0
-    # Pilot runs (advisor.pilots): name -> {"accuracy" on the held-out images, "seconds"}
+    # Pilot runs (advisor.pilots): name -> {metric: score on the held-out images, "seconds"}
     pilots: dict = dataclasses.field(default_factory=dict)
+    metric: str = "accuracy"  # what the pilots are scored by: the task's (accuracy | mAP)
     pilot_images: dict = dataclasses.field(default_factory=dict)  # {"train", "held_out", "epochs"}
     decided_by: str = "scores"  # scores (LogME, today's rule) | pilots
     backbone: str = ""
@@ -206,10 +210,10 @@ class Advice:
 
     def measure(self):
         """(what, value) the advice is ranked by among backbones: its strategy's pilot
-        accuracy on the held-out images when the pilots ran, else LogME at its cut
-        (comparable across models: You et al. 2021)."""
+        score (accuracy, or mAP) on the held-out images when the pilots ran, else LogME
+        at its cut (comparable across models: You et al. 2021)."""
         if self.strategy() in self.pilots:
-            return "pilot_accuracy", self.pilots[self.strategy()]["accuracy"]
+            return f"pilot_{self.metric}", self.pilots[self.strategy()][self.metric]
         row = self.scores[self.cut]
         return "LogME", row.get("pretrained", row["random"])
 
@@ -233,8 +237,9 @@ class Advice:
 
 
 def score(sample):
-    """{cut: scores} of a `Sample`: LogME, H-score and k-NN accuracy of each cut's
-    standardised features, pretrained and random, and the gain (pretrained - random LogME)."""
+    """{cut: scores} of a `Sample`: LogME, H-score and k-NN (accuracy; mAP of label
+    vectors) of each cut's standardised features, pretrained and random, and the gain
+    (pretrained - random LogME)."""
     scores = {}
     for key in sample.features:
         init, cut = key.split("/")
@@ -242,7 +247,7 @@ def score(sample):
         row = scores.setdefault(cut, {})
         row[init] = round(logme(f, sample.labels), 4)
         row[f"h_{init}"] = round(h_score(f, sample.labels), 3)
-        row[f"knn_{init}"] = round(knn_accuracy(f, sample.labels), 4)
+        row[f"knn_{init}"] = round(knn_score(f, sample.labels), 4)
     for row in scores.values():
         if "pretrained" in row:
             row["gain"] = round(row["pretrained"] - row["random"], 4)
@@ -321,13 +326,14 @@ def measure(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.C
     measured = extract(data, config.backbone, scored_weights(plan), plan.image_size, layers,
                        sample=sample, seed=config.seed, verbose=verbose,
                        keep_images=keep_images)
-    counts = np.bincount(measured.labels, minlength=len(data.class_names))
+    counts = arrays.label_counts(measured.labels, len(data.class_names))
     few = [f"{data.class_names[i]} ({counts[i]})" for i in range(len(counts))
            if counts[i] < MIN_PER_CLASS]
     if few:
+        kind = "labels" if measured.labels.ndim == 2 else "classes"
         raise ValueError(f"too few images to score: the sample of "
                          f"{len(measured.labels)} images holds fewer than {MIN_PER_CLASS} of "
-                         f"{len(few)} classes: {', '.join(few[:5])}"
+                         f"{len(few)} {kind}: {', '.join(few[:5])}"
                          f"{' ...' if len(few) > 5 else ''}; give more images of "
                          f"{'them' if len(few) > 1 else 'it'} or a larger advisor.sample")
     scores = score(measured)
@@ -355,17 +361,17 @@ def format_table(advice):
         mark = "  <- " + advice.cut if cut == advice.cut and advice.init != "scratch" else ""
         pre = row.get("pretrained")
         knn = row.get("knn_pretrained", row.get("knn_random"))
-        pilot = pilots.get(f"frozen@{cut}", {}).get("accuracy")
+        pilot = pilots.get(f"frozen@{cut}", {}).get(advice.metric)
         lines.append(f"{cut:<{width}} {_num(pre):>8} {_num(row['random']):>8} "
                      f"{_num(row.get('gain')):>8} {_num(row.get('h_pretrained', row['h_random'])):>8} "
                      f"{_num(knn):>8}" + (f" {_num(pilot):>8}" if pilots else "") + mark)
     if pilots:
         images = advice.pilot_images
-        trained = ", ".join(f"{name} {p['accuracy']:.3f} ({p['seconds']:.0f} s)"
+        trained = ", ".join(f"{name} {p[advice.metric]:.3f} ({p['seconds']:.0f} s)"
                             for name, p in pilots.items() if not name.startswith("frozen@"))
-        lines.append(f"Pilots ({images['train']} images, scored on {images['held_out']} held "
-                     f"out; 'pilot' above: a frozen head there): {images['epochs']} epochs "
-                     f"{trained}")
+        lines.append(f"Pilots ({images['train']} images, scored by {advice.metric} on "
+                     f"{images['held_out']} held out; 'pilot' above: a frozen head there): "
+                     f"{images['epochs']} epochs {trained}")
     lines.append(f"Advice: --regime={advice.regime} --cut={advice.cut}"
                  f"{' --init=scratch' if advice.init == 'scratch' else ''} "
                  f"(sample of {advice.sample} images, {advice.seconds:.0f} s)")

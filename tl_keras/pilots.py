@@ -6,8 +6,10 @@ sample's features: no forward pass), then a short fine-tuned run at the frozen
 choice's cut and, on large data, a short run from scratch. Another strategy
 replaces the scores' and the table's choice only when its pilot beats that
 choice's pilot outside the held-out images' noise (a paired bootstrap's 95%
-lower bound above 0; `decide_by_pilots`). The trained pilots are real tl_keras
-runs (`train.finetune`), which is why this module sits above train.py.
+lower bound above 0; `decide_by_pilots`). Pilots are scored by the task's metric
+(`Task.score`: accuracy, or mAP with several labels per image). The trained
+pilots are real tl_keras runs (`train.finetune`), which is why this module sits
+above train.py.
 
 Example:
     advice, sample = advise(plan, datasets, pilots=PilotSettings())
@@ -49,12 +51,13 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
                             advice.cut, scratch=scratch)
     regime, cut, init, size, similarity, reasons = decide_by_pilots(
         ran, advice.cut, train_examples, sizes, thresholds, plan.config.seed)
+    metric = plan.task.metric
     return dataclasses.replace(
         advice, regime=regime, cut=cut, init=init, pool_grid=pool_grid_for(cut), size=size,
         similarity=similarity, reasons=reasons, seconds=round(time.time() - start, 2),
-        pilots={name: {"accuracy": round(p.accuracy, 4), "seconds": round(p.seconds, 1)}
+        pilots={name: {metric: round(p.score, 4), "seconds": round(p.seconds, 1)}
                 for name, p in ran.items()},
-        pilot_images=dict(sizes), decided_by="pilots"), measured
+        pilot_images=dict(sizes), decided_by="pilots", metric=metric), measured
 
 
 PILOT_BATCH = 16     # a pilot's batch at most: a short run on a sample takes enough steps
@@ -99,28 +102,39 @@ class PilotSettings:
 @dataclasses.dataclass
 class Pilot:
     """One pilot: a strategy trained on the pilot-train images, scored on the held-out ones."""
-    strategy: str          # frozen | finetuned | scratch
+    strategy: str               # frozen | finetuned | scratch
     cut: str
-    accuracy: float
-    correct: np.ndarray    # [held-out images] bool
+    probabilities: np.ndarray   # [held-out images, classes]: what the pilot predicts
+    labels: np.ndarray          # the held-out images' labels (class indices or vectors)
+    task: tasks.Task            # what scores it (`Task.score`: accuracy | mAP)
     seconds: float
-    head: list = None      # a frozen pilot's Dense weights: the fine-tuned pilot starts there
+    head: list = None           # a frozen pilot's Dense weights: the fine-tuned pilot starts there
 
     @property
     def name(self):
         return "scratch" if self.strategy == "scratch" else f"{self.strategy}@{self.cut}"
 
+    @property
+    def score(self):
+        """The task's metric on the held-out images."""
+        return self.task.score(self.probabilities, self.labels)
+
+    def scores(self, weights):
+        """The metric under each weighting of the held-out images, [R] for `weights` [R, N]."""
+        return self.task.score(self.probabilities, self.labels, weights)
+
 
 def pilot_split(labels, held_out, seed):
-    """(pilot-train, held-out) indices of the sample: stratified, seeded."""
-    return arrays.split_indices(labels, held_out, seed=seed)
+    """(pilot-train, held-out) indices of the sample: stratified (by class; by each
+    image's rarest label, of label vectors), seeded."""
+    return arrays.split_indices(arrays.strata(labels), held_out, seed=seed)
 
 
 def frozen_pilot(features, labels, split, config, num_classes):
     """A new head on a cut's frozen features (the sample's: no forward pass), trained as a
     run's head phase trains (standardised, dropout, AdamW at `learning_rate`; the run's
     `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs are few steps on a sample),
-    scored on the held-out images. Returns (accuracy, correct [held-out], Dense weights)."""
+    scored on the held-out images. Returns (probabilities [held-out], Dense weights)."""
     train, held = split
     task = tasks.get_task(config.task)
     mean, variance = features_lib.norm_statistics(features[train])
@@ -136,9 +150,8 @@ def frozen_pilot(features, labels, split, config, num_classes):
     head.fit(features[train], labels[train], batch_size=min(config.batch_size, PILOT_BATCH),
              epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)
     # A call, not `predict`: a new head per cut would retrace predict's function each time.
-    predicted = keras.ops.convert_to_numpy(head(features[held])).argmax(axis=-1)
-    correct = predicted == labels[held]
-    return float(correct.mean()), correct, head.layers[-1].get_weights()
+    probabilities = keras.ops.convert_to_numpy(head(features[held]))
+    return probabilities, head.layers[-1].get_weights()
 
 
 def pilot_config(config, strategy, cut, epochs):
@@ -161,7 +174,7 @@ def pilot_config(config, strategy, cut, epochs):
 def trained_pilot(config, sample, split, class_names, strategy, cut, epochs, head=None):
     """A real tl_keras run (`train.finetune`) of `strategy` on the pilot-train images, in a
     temporary folder, its head starting from `head` (Dense weights) when given; returns
-    (accuracy, correct [held-out]) on the held-out images."""
+    its probabilities on the held-out images."""
     from tl_keras import data as data_lib  # TensorFlow: only when a pilot trains
 
     config = pilot_config(config, strategy, cut, epochs)
@@ -181,8 +194,7 @@ def trained_pilot(config, sample, split, class_names, strategy, cut, epochs, hea
             train_lib.finetune(plan, datasets, model=model, save_models=False)
     probabilities, _ = folded.predict(model, (images[held], labels[held]),
                                       features_lib.INFERENCE_BATCH)
-    correct = np.asarray(probabilities).argmax(axis=-1) == labels[held]
-    return float(correct.mean()), correct
+    return np.asarray(probabilities)
 
 
 def run_pilots(config, sample, class_names, train_examples, settings, cuts, scored_cut,
@@ -193,6 +205,8 @@ def run_pilots(config, sample, class_names, train_examples, settings, cuts, scor
     `settings.epochs(...)` epochs. One progress line each. Returns (pilots by name,
     {"train", "held_out", "epochs"})."""
     split = pilot_split(sample.labels, settings.held_out, config.seed)
+    held_labels = sample.labels[split[1]]
+    task = tasks.get_task(config.task)
     epochs = settings.epochs(train_examples, len(split[0]))
     trained = [("finetuned", None)] + ([("scratch", "top")] if scratch else [])
     total = len(cuts) + len(trained)
@@ -201,39 +215,41 @@ def run_pilots(config, sample, class_names, train_examples, settings, cuts, scor
     def done(pilot):
         pilots[pilot.name] = pilot
         if verbose:
-            print(f"Pilot {len(pilots)}/{total}: {pilot.name:<18} held-out accuracy "
-                  f"{pilot.accuracy:.3f} ({pilot.seconds:.0f} s)", flush=True)
+            print(f"Pilot {len(pilots)}/{total}: {pilot.name:<18} held-out {task.metric} "
+                  f"{pilot.score:.3f} ({pilot.seconds:.0f} s)", flush=True)
 
     for cut in cuts:
         start = time.time()
-        accuracy, correct, head = frozen_pilot(sample.features[f"pretrained/{cut}"],
-                                               sample.labels, split, config, len(class_names))
-        done(Pilot("frozen", cut, accuracy, correct, time.time() - start, head))
+        probabilities, head = frozen_pilot(sample.features[f"pretrained/{cut}"],
+                                           sample.labels, split, config, len(class_names))
+        done(Pilot("frozen", cut, probabilities, held_labels, task, time.time() - start, head))
     frozen = frozen_choice(pilots, scored_cut, config.seed)
     for strategy, cut in trained:
         cut, head = (frozen.cut, frozen.head) if strategy == "finetuned" else (cut, None)
         start = time.time()
-        accuracy, correct = trained_pilot(config, sample, split, class_names, strategy, cut,
-                                          epochs, head)
-        done(Pilot(strategy, "" if strategy == "scratch" else cut, accuracy, correct,
-                   time.time() - start))
+        probabilities = trained_pilot(config, sample, split, class_names, strategy, cut,
+                                      epochs, head)
+        done(Pilot(strategy, "" if strategy == "scratch" else cut, probabilities, held_labels,
+                   task, time.time() - start))
     return pilots, {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
 
 
 def lower_bound(a, b, seed=0, resamples=BOOTSTRAP, confidence=CONFIDENCE):
-    """The one-sided `confidence` lower bound of pilot `a`'s accuracy minus pilot `b`'s:
-    a paired bootstrap over the held-out images both were scored on."""
-    gain = a.correct.astype("float64") - b.correct.astype("float64")
+    """The one-sided `confidence` lower bound of pilot `a`'s score minus pilot `b`'s:
+    a paired bootstrap over the held-out images both were scored on (each resample
+    scores both pilots on the same images, as resample counts: weights)."""
+    n = len(a.labels)
     rng = np.random.default_rng(seed)
-    means = gain[rng.integers(0, len(gain), (resamples, len(gain)))].mean(axis=1)
-    return float(np.quantile(means, 1 - confidence))
+    drawn = rng.integers(0, n, (resamples, n)) + n * np.arange(resamples)[:, None]
+    weights = np.bincount(drawn.ravel(), minlength=resamples * n).reshape(resamples, n)
+    return float(np.quantile(a.scores(weights) - b.scores(weights), 1 - confidence))
 
 
 def frozen_choice(pilots, scored_cut, seed=0):
     """The frozen pilot at the cut the scores chose (`decide`), unless the best frozen
     pilot beats it outside noise: a measurement overrides a prediction only then."""
     chosen = pilots[f"frozen@{scored_cut}"]
-    best = max((p for p in pilots.values() if p.strategy == "frozen"), key=lambda p: p.accuracy)
+    best = max((p for p in pilots.values() if p.strategy == "frozen"), key=lambda p: p.score)
     return best if lower_bound(best, chosen, seed) > 0 else chosen
 
 
@@ -251,7 +267,7 @@ def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed
         p for p in pilots.values() if p.strategy == "finetuned")
     bounds = {name: lower_bound(p, table, seed) for name, p in pilots.items() if p is not table}
     winners = [pilots[name] for name, bound in bounds.items() if bound > 0]
-    chosen = max(winners, key=lambda p: p.accuracy) if winners else table
+    chosen = max(winners, key=lambda p: p.score) if winners else table
     cut = "top" if chosen.strategy == "scratch" else chosen.cut
     similarity = "similar" if cut == "top" and chosen.strategy != "scratch" else "different"
     if chosen.strategy == "frozen":
@@ -266,15 +282,15 @@ def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed
                    f"{'at least' if size == 'large' else 'fewer than'} "
                    f"{thresholds.large_examples:,}, so the table says {table.name}")
     if chosen is table:
-        other = pilots[max(bounds, key=lambda n: pilots[n].accuracy)]
-        gap = round(100 * (other.accuracy - table.accuracy), 1)
+        other = pilots[max(bounds, key=lambda n: pilots[n].score)]
+        gap = round(100 * (other.score - table.score), 1)
         how = (f"{gap:.1f} points above it, within noise" if gap > 0 else
                f"{-gap:.1f} points below" if gap < 0 else "as accurate")
-        why = (f"{ran}{table.name} {table.accuracy:.3f}; no other pilot beat it outside noise "
-               f"(the next best, {other.name} {other.accuracy:.3f}, {how})")
+        why = (f"{ran}{table.name} {table.score:.3f}; no other pilot beat it outside noise "
+               f"(the next best, {other.name} {other.score:.3f}, {how})")
     else:
-        why = (f"{ran}{chosen.name} {chosen.accuracy:.3f} beat {table.name} "
-               f"{table.accuracy:.3f} by {100 * (chosen.accuracy - table.accuracy):.1f} points "
+        why = (f"{ran}{chosen.name} {chosen.score:.3f} beat {table.name} "
+               f"{table.score:.3f} by {100 * (chosen.score - table.score):.1f} points "
                f"(95% lower bound {100 * bounds[chosen.name]:+.1f}), so the measurement "
                "overrides the table")
     return regime, cut, init, size, similarity, f"{size_reason}; {why}"

@@ -22,7 +22,7 @@ import importlib
 import ml_collections
 
 import tl_keras
-from tl_keras import advise, backbones, plan as plan_lib, tasks, trainable
+from tl_keras import advise, backbones, plan as plan_lib, trainable
 
 AUTO = "auto"  # config.regime: the advisor decides
 REGIMES = (*trainable.REGIMES, AUTO)
@@ -83,8 +83,6 @@ def prepare(config, given=None, *, on_plan=None, before_data=None, cuts=None,
     plan = plan_lib.resolve(config)
     if not auto:
         plan_lib.refuse_unused_recipe(plan)
-    else:
-        tasks.refuse_single_label_only(plan.task, "advisor")
     strategy = make_strategy(plan)  # before any other TensorFlow work
     if on_plan and not auto:
         on_plan(plan, strategy)

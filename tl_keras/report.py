@@ -238,11 +238,12 @@ def summary_html(workdir, metrics):
                          for cut, row in advice["scores"].items()],
                         ["cut", "LogME", "random init", "gain"])]
         if advice.get("pilots"):
+            metric = advice.get("metric", "accuracy")
             parts += [f"<p>Pilot runs: trained on {advice['pilot_images']['train']} sampled "
                       f"images, scored on {advice['pilot_images']['held_out']} held out.</p>",
-                      table([(name, row["accuracy"], row["seconds"])
+                      table([(name, row[metric], row["seconds"])
                              for name, row in advice["pilots"].items()],
-                            ["pilot", "held-out accuracy", "seconds"])]
+                            ["pilot", f"held-out {metric}", "seconds"])]
     pictures = [("curves.png", "Training curves"), ("regime.png", "What the regime trained")]
     for file, title in pictures:
         path = os.path.join(workdir, file)

@@ -7,8 +7,7 @@
         the labels' form                    data.py (sources), features.py (the cache)
         decoding a prediction               predict.py, the SavedModel's outputs
         scoring a finished run              evaluate.py, litert.Judge (the int8 guard)
-    (The advisor is single-label code: `SINGLE_LABEL_ONLY` names it, and a
-    multi-label run refuses it in one line.)
+        scoring held-out predictions        the advisor's pilots (`score`, bootstrapped)
 
 Those modules read `plan.task` instead of assuming one label per image.
 
@@ -29,7 +28,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from tl_keras import losses
+from tl_keras import losses, transferability
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,17 @@ class Task:
         return [[(class_names[c], float(row[c])) for c in top]
                 for row, top in zip(probabilities, order)]
 
+    def score(self, probabilities, labels, weights=None):
+        """`metric` of `probabilities` [N, classes] against `labels`, in numpy: a float;
+        with `weights` [R, N] (R weightings of the images: a bootstrap's resample
+        counts), one per weighting, [R]. Accuracy: the (weighted) share of images whose
+        most probable class is their label."""
+        correct = np.argmax(probabilities, axis=1) == np.asarray(labels).reshape(-1)
+        if weights is None:
+            return float(correct.mean())
+        weights = np.asarray(weights, "float64")
+        return weights @ correct / weights.sum(axis=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class MultiLabel(Task):
@@ -96,6 +106,11 @@ class MultiLabel(Task):
         return [[(class_names[c], float(row[c])) for c in ranked if row[c] >= cut[c]]
                 for row, ranked in zip(probabilities, order)]
 
+    def score(self, probabilities, labels, weights=None):
+        """mAP: each label's average precision (scikit-learn's), averaged over the labels
+        the (weighted) images hold; see `Task.score`."""
+        return transferability.mean_average_precision(probabilities, labels, weights)
+
 
 THRESHOLD = 0.5  # a label is predicted at this probability unless thresholds say otherwise
 
@@ -118,23 +133,7 @@ def get_task(name):
     return TASKS[name]
 
 
-# What reads one label per image still (argmax, top-1 agreement, per-class accuracy):
-# a multi-label run refuses them in one line (`refuse_single_label_only`).
-SINGLE_LABEL_ONLY = {
-    "advisor": "regime=auto and tools/advise.py (the advisor's scores and pilots)",
-}
-
-
 def of_run(metrics):
     """The `Task` of a finished run, from its metrics.json dict (runs before tasks
     existed were single-label)."""
     return get_task(metrics.get("task", DEFAULT))
-
-
-def refuse_single_label_only(task, what):
-    """A one-line `ValueError` when `task` is not single-label and `what` (a key of
-    `SINGLE_LABEL_ONLY`) reads one label per image."""
-    if task.vector_labels:
-        raise ValueError(f"{SINGLE_LABEL_ONLY[what]} reads one label per image and is not "
-                         f"built for task={task.name} yet; a multi-label run trains, resumes, "
-                         "is evaluated, predicts and exports (docs/model.md)")

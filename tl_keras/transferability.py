@@ -1,15 +1,22 @@
 """How well a frozen feature set predicts the labels, without training: LogME,
-H-score and leave-one-out k-NN accuracy. Pure numpy; the regime advisor's scores
-(advise.py).
+H-score and leave-one-out k-NN. Pure numpy; the regime advisor's scores (advise.py).
 
 LogME (You et al., "LogME: Practical Assessment of Pre-trained Models for
 Transfer Learning", ICML 2021) is the evidence (marginal likelihood per example)
-of a Bayesian linear model from the features to the one-hot labels: one
+of a Bayesian linear model from the features to the 0/1 targets: one
 eigendecomposition per feature set. H-score (Bao et al., ICIP 2019) is the cheap
-cross-check; k-NN accuracy a plain, strong score of frozen features.
+cross-check; k-NN a plain, strong score of frozen features.
+
+Labels are class indices [N] (one per image) or 0/1 vectors [N, classes] (several per
+image, task=multi_label). The targets are the same kind of thing either way: one 0/1
+column per class (`targets`), so LogME -- the mean of each column's evidence -- reads
+the same on both (LogME's paper scores multi-target data this way). H-score is the
+mean of each label's own (present / absent) H-score, k-NN is scored by mAP
+(`mean_average_precision`, scikit-learn's average precision, with sample weights for
+a bootstrap) where an image has several labels.
 
 Example:
-    logme(features, labels), h_score(features, labels), knn_accuracy(features, labels)
+    logme(features, labels), h_score(features, labels), knn_score(features, labels)
 """
 
 import math
@@ -17,22 +24,31 @@ import math
 import numpy as np
 
 
-def logme(features, labels):
-    """LogME of `features` [N, D] for integer `labels` [N]: the log evidence per example.
+def targets(labels):
+    """The 0/1 columns the scores fit, [N, K]: of class indices, one per class present
+    (1 where the label is that class); of label vectors [N, classes], the vectors."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return (labels > 0.5).astype("float64")
+    labels = labels.reshape(-1)
+    return (labels[:, None] == np.unique(labels)[None, :]).astype("float64")
 
-    For each class c, the evidence of y_c (1 where the label is c, else 0)
-    under y = F w + noise, w ~ N(0, 1/alpha), noise ~ N(0, 1/beta), with
-    alpha and beta set to their maximum-evidence values by MacKay's
-    fixed-point updates; the mean over classes, divided by N. Higher is
-    better; comparable across feature sets of different dimension.
+
+def logme(features, labels):
+    """LogME of `features` [N, D] for `labels` (class indices [N] or 0/1 vectors
+    [N, classes]): the log evidence per example.
+
+    For each column y of `targets(labels)`, the evidence of y under
+    y = F w + noise, w ~ N(0, 1/alpha), noise ~ N(0, 1/beta), with alpha and
+    beta set to their maximum-evidence values by MacKay's fixed-point updates;
+    the mean over columns, divided by N. Higher is better; comparable across
+    feature sets of different dimension.
     """
     f = np.asarray(features, "float64")
-    labels = np.asarray(labels).reshape(-1)
     n, d = f.shape
     sigma, project = _spectrum(f)
     evidences = []
-    for c in np.unique(labels):
-        y = (labels == c).astype("float64")
+    for y in targets(labels).T:
         x2 = project(y) ** 2                         # y in the basis of F's left vectors
         outside = max(float(y @ y - x2.sum()), 0.0)  # the part of y no weights reach
         evidences.append(_evidence(sigma, x2, outside, n, d))
@@ -82,38 +98,104 @@ def _evidence(sigma, x2, outside, n, d):
 
 def h_score(features, labels, shrinkage=1e-3):
     """H-score (Bao et al. 2019): tr(cov(f)^-1 cov(E[f | y])), f standardised;
-    `shrinkage` x the mean variance is added to cov(f)'s diagonal for stability."""
+    `shrinkage` x the mean variance is added to cov(f)'s diagonal for stability. Of
+    label vectors: each label's H-score (y: present or absent), averaged over labels."""
     f = np.asarray(features, "float64")
-    labels = np.asarray(labels).reshape(-1)
     f = f - f.mean(axis=0)
     cov = f.T @ f / len(f)
     cov += shrinkage * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
-    means = np.zeros_like(f)
-    for c in np.unique(labels):
-        means[labels == c] = f[labels == c].mean(axis=0)
-    between = means.T @ means / len(f)
-    return float(np.trace(np.linalg.solve(cov, between)))
+    columns = targets(labels)
+    several = np.ndim(labels) == 2 and columns.shape[1] > 1
+    groups = np.concatenate([columns, 1 - columns], axis=1) if several else columns
+    counts = groups.sum(axis=0)
+    means = groups.T @ f / np.maximum(counts, 1)[:, None]  # E[f | group], one row each
+    # cov(E[f | y]) = sum over groups of (n_group / n) mean mean^T: its trace against
+    # cov^-1 is one solve for every group at once.
+    between = counts * np.einsum("gd,dg->g", means, np.linalg.solve(cov, means.T)) / len(f)
+    return float(between.sum() / (columns.shape[1] if several else 1))
+
+
+def knn_score(features, labels, k=5):
+    """Leave-one-out k-NN of `features`: accuracy of class indices (`knn_accuracy`);
+    of label vectors, mAP of each image's labels scored by the share of its `k` nearest
+    other images holding them (`knn_map`)."""
+    if np.ndim(labels) == 2 and np.shape(labels)[1] > 1:
+        return knn_map(features, labels, k)
+    return knn_accuracy(features, labels, k)
 
 
 def knn_accuracy(features, labels, k=5, chunk=1024):
     """Leave-one-out k-NN accuracy of `features` (each image classified by the majority of
     its `k` nearest other images, Euclidean; a tie goes to the lowest class): a plain,
     strong score of frozen features (arXiv 2503.18528), beside LogME and H-score."""
-    f = np.asarray(features, "float64")
     labels = np.asarray(labels).reshape(-1).astype(int)
-    n = len(f)
-    if n < 2:
+    if len(labels) < 2:
         return float("nan")
+    correct = 0
+    for rows, nearest in _neighbours(features, k, chunk):
+        votes = np.zeros((len(nearest), labels.max() + 1))
+        np.add.at(votes, (np.repeat(np.arange(len(nearest)), nearest.shape[1]),
+                          labels[nearest].ravel()), 1)
+        correct += int((votes.argmax(axis=1) == labels[rows]).sum())
+    return correct / len(labels)
+
+
+def knn_map(features, labels, k=5, chunk=1024):
+    """Leave-one-out k-NN mAP of `features` for label vectors [N, classes]: each image's
+    score for a label is the share of its `k` nearest other images holding it."""
+    truth = np.asarray(labels) > 0.5
+    if len(truth) < 2:
+        return float("nan")
+    shares = np.zeros(truth.shape)
+    for rows, nearest in _neighbours(features, k, chunk):
+        shares[rows] = truth[nearest].mean(axis=1)
+    return float(mean_average_precision(shares, truth))
+
+
+def _neighbours(features, k, chunk):
+    """(rows, their `k` nearest other rows [len(rows), k]) over `features`, `chunk` rows
+    at a time (Euclidean; a row is never its own neighbour)."""
+    f = np.asarray(features, "float64")
+    n = len(f)
     k = min(k, n - 1)
     squares = (f ** 2).sum(axis=1)
-    correct = 0
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         distance = squares[rows, None] - 2 * f[rows] @ f.T + squares[None, :]
         distance[np.arange(distance.shape[0]), np.arange(start, rows.stop)] = np.inf  # not itself
-        nearest = np.argpartition(distance, k - 1, axis=1)[:, :k]
-        votes = np.zeros((distance.shape[0], labels.max() + 1))
-        np.add.at(votes, (np.repeat(np.arange(distance.shape[0]), k), labels[nearest].ravel()), 1)
-        correct += int((votes.argmax(axis=1) == labels[rows]).sum())
-    return correct / n
+        yield rows, np.argpartition(distance, k - 1, axis=1)[:, :k]
 
+
+# --- Average precision, with sample weights --------------------------------------------
+
+def average_precisions(scores, truth, weights=None):
+    """Each label's average precision, as scikit-learn's `average_precision_score`
+    computes it (the sum over score thresholds of the recall gained there times the
+    precision there), of `scores` [N, classes] against 0/1 `truth` [N, classes].
+
+    `weights` [R, N]: R weightings of the images at once (a bootstrap's resample counts);
+    returns [R, classes], or [classes] without weights. NaN for a label no (weighted)
+    image holds.
+    """
+    scores = np.asarray(scores, "float64")
+    truth = np.asarray(truth) > 0.5
+    w = np.ones((1, len(scores))) if weights is None else np.asarray(weights, "float64")
+    out = np.full((len(w), scores.shape[1]), np.nan)
+    for c in range(scores.shape[1]):
+        order = np.argsort(-scores[:, c], kind="stable")
+        ranked = scores[order, c]
+        ends = np.append(np.flatnonzero(np.diff(ranked)), len(ranked) - 1)  # tied scores: one threshold
+        hits = np.cumsum(w[:, order] * truth[order, c], axis=1)[:, ends]
+        seen = np.cumsum(w[:, order], axis=1)[:, ends]
+        precision = np.divide(hits, seen, out=np.zeros_like(hits), where=seen > 0)
+        gained = np.diff(hits, axis=1, prepend=0)
+        held = hits[:, -1] > 0
+        out[held, c] = (gained * precision).sum(axis=1)[held] / hits[held, -1]
+    return out if weights is not None else out[0]
+
+
+def mean_average_precision(scores, truth, weights=None):
+    """mAP: `average_precisions` averaged over the labels the (weighted) images hold;
+    [R] with `weights` [R, N], else a float."""
+    ap = average_precisions(scores, truth, weights)
+    return np.nanmean(ap, axis=-1) if weights is not None else float(np.nanmean(ap))
