@@ -328,3 +328,25 @@ def test_a_failed_trial_is_reported_with_its_error(tmp_path, shared_images, monk
                                 "try a lower learning rate")
     assert "trial_id 0 FAILED: FloatingPointError: loss became NaN" in tune.format_table(rows)
     assert not os.path.exists(tmp_path / "sweep" / "best_config.py")  # no winner
+
+
+@pytest.mark.slow  # ~15 s: a sweep of 3 trials on a multi-label table, in this process
+def test_a_multi_label_sweep_ranks_its_trials_by_val_map(tmp_path, run_tool):
+    from test_tasks import write_multi_label_table
+
+    table, _ = write_multi_label_table(tmp_path / "images")
+    sweep = tmp_path / "sweep"
+    result = run_tool("tune.py", f"--config={SMOKE}", f"--dataset={table}",
+                      "--config.task=multi_label", "--config.augment=false",
+                      "--config.verbose=0", "--epochs=3", "--max_trials=3",
+                      f"--workdir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(sweep / "tuning.csv")
+    assert list(rows[0])[:3] == ["trial_id", "status", "val_mAP"]
+    scores = [float(r["val_mAP"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    for row in rows:  # every row is its trial's multi-label run
+        metrics = json.load(open(sweep / "trials" / row["trial_id"] / "metrics.json"))
+        assert (metrics["task"], metrics["val_mAP"]) == ("multi_label", float(row["val_mAP"]))
+        assert "val_accuracy" not in metrics
+    assert f"trial_id {rows[0]['trial_id']}" in (sweep / "best_config.py").read_text()

@@ -68,6 +68,19 @@ class Recipe:
     def mixes(self):
         return self.batch_augment != "none"
 
+    def describe(self):
+        """What a phase's recipe adds to its announcement: "" for a constant AdamW rate."""
+        parts = [f"{self.schedule} schedule" if self.schedule != "constant" else "",
+                 f"{self.warmup:.0%} warm-up" if self.warmup else "",
+                 "SGD" if self.optimizer == "sgd" else "",
+                 f"layer decay {self.layer_decay:g}" if self.layer_decay != 1 else "",
+                 f"clipnorm {self.clipnorm:g}" if self.clipnorm else "",
+                 f"EMA {self.ema:g}" if self.ema else "",
+                 f"early stopping after {self.early_stopping}" if self.early_stopping else "",
+                 f"{self.batch_augment} alpha {self.mix_alpha:g}" if self.mixes else ""]
+        parts = [p for p in parts if p]
+        return f" ({', '.join(parts)})" if parts else ""
+
 
 def for_phase(config, train):
     """The `Recipe` of a phase that trains `train` ("head" or "all") under `config`."""

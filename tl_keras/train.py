@@ -3,7 +3,8 @@
 No TensorFlow import here: given numpy arrays instead of tf.data pipelines,
 the same code runs with `KERAS_BACKEND=jax`. Given a tf.distribute strategy,
 models are built and compiled in its scope, and a multi-worker run trains
-through `distribute.fit` (distribute.py), its chief alone writing the run folder.
+through `distribute.fit` (distribute.py), its chief alone writing the run folder
+(devices.py: the one view of one device or a strategy).
 
 Everything reads the run's `Plan` (plan.py), resolved once. The run folder
 (`config.workdir`; run_folder.py says what it holds) is resumed when a killed
@@ -27,17 +28,10 @@ import time
 import keras
 import numpy as np
 
-from tl_keras import backbones, callbacks as callbacks_lib, features, keras_internals
+from tl_keras import backbones, callbacks as callbacks_lib, devices, features
 from tl_keras import model as model_lib
 from tl_keras import plan as plan_lib
 from tl_keras import recipe as recipe_lib, run_folder, tasks, trainable
-
-
-# Validation on cached features runs in batches this large: a feature vector is
-# small, and Keras' per-step overhead (~2 ms) dominated the validation of a
-# head at 32 per batch (10,000 vectors: 313 steps every epoch). Equal results
-# up to float rounding of the loss.
-FEATURE_BATCH = 1024
 
 
 def build(plan, num_classes, channels):
@@ -104,7 +98,7 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
         raise ValueError(f"initial_epoch must be in [0, epochs={config.epochs}), "
                          f"got {initial_epoch}")
     keras.utils.set_random_seed(config.seed)
-    dist = _Distribution(strategy)
+    dist = devices.Devices(strategy)
     with dtype_policy(plan):
         if model is None:
             # Built before the run folder exists, so a bad cut or weights file leaves nothing behind.
@@ -199,66 +193,6 @@ def _draw(workdir, model, plan, metrics):
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
 
 
-class _Distribution:
-    """`finetune`'s view of its strategy; one device when `strategy` is None.
-
-    distribute.py (TensorFlow) is imported only when there is a strategy, so
-    one-device runs need no TensorFlow (KERAS_BACKEND=jax).
-    """
-
-    def __init__(self, strategy):
-        self.strategy = strategy
-        self.lib = None
-        if strategy is not None:
-            from tl_keras import distribute
-            self.lib = distribute
-        self.loop = self.lib is not None and self.lib.uses_loop(strategy)
-        self.chief = self.lib is None or self.lib.writes(strategy)
-
-    def prepare(self, model):
-        """`model` ready for `fit` under the strategy (distribute.fix_symbolic_build)."""
-        if self.lib and not self.loop:
-            self.lib.fix_symbolic_build(model)
-        return model
-
-    def scope(self):
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
-
-    def batch_size(self, config):
-        return self.lib.global_batch(config, self.strategy) if self.lib else config.batch_size
-
-    def describe(self, config):
-        """The `distribution` entry of metrics.json."""
-        lib, strategy = self.lib, self.strategy
-        return {"strategy": lib.name_of(strategy) if lib else "none",
-                "replicas": lib.replicas(strategy) if lib else 1,
-                "workers": lib.workers() if self.loop else 1,
-                "batch_size_per_replica": int(config.batch_size),
-                "global_batch_size": int(self.batch_size(config))}
-
-    def fit(self, model, train_data, val_data, validation_freq=1, **kwargs):
-        if self.loop:  # validates every epoch
-            return self.lib.fit(model, self.strategy, train_data, val_data, **kwargs)
-        return model.fit(train_data, validation_data=val_data,
-                         # tf.data pipelines and PyDatasets shuffle themselves
-                         shuffle=isinstance(train_data, tuple),
-                         validation_freq=validation_freq, **kwargs)
-
-    def evaluate(self, model, val):
-        """`model`'s logs on `val`: {"loss": ..., the task's metric: ...}."""
-        if self.loop:
-            return self.lib.evaluate(model, self.strategy, val)
-        if isinstance(val, tuple):  # cached features in memory: few, large batches
-            return model.evaluate(*val, batch_size=FEATURE_BATCH, verbose=0, return_dict=True)
-        return model.evaluate(val, verbose=0, return_dict=True)
-
-    def backup(self, path):
-        """BackupAndRestore at `path`; restore-only on a worker that is not the chief."""
-        if self.chief:
-            return keras.callbacks.BackupAndRestore(path)
-        return keras_internals.ReadOnlyBackup(path)
-
-
 @dataclasses.dataclass
 class _Final:
     """What the phases leave for the final evaluation and metrics.json."""
@@ -318,10 +252,10 @@ def run_phases(model, plan, data, workdir, initial_epoch=0, feature_store=None,
     it holds them. A phase that finished in an earlier, interrupted attempt is
     not redone: its weights are loaded from `backup/<phase>.done.weights.h5`.
     Epochs before `initial_epoch` are not run: `model` comes with them done.
-    `dist` (finetune's `_Distribution`) says how to fit and who writes; by
+    `dist` (finetune's `devices.Devices`) says how to fit and who writes; by
     default one device. `first_view`: see `finetune`.
     """
-    run = _PhaseRun(model, plan, data, workdir, dist or _Distribution(None), feature_store,
+    run = _PhaseRun(model, plan, data, workdir, dist or devices.Devices(None), feature_store,
                     save_models, first_view, initial_epoch)
     final = _Final(class_weight=run.class_weight,
                    recipes={p.name: dataclasses.asdict(p.recipe) for p in run.phases})
@@ -482,22 +416,8 @@ def announce(run, phase, inputs):
     print(f"Phase {phase.name!r}: epochs {phase.first_epoch + 1}-{phase.last_epoch}, "
           f"training {'the head' if phase.train == 'head' else 'everything'}"
           f"{' on cached features' if inputs.cached else ''}, "
-          f"learning rate {phase.learning_rate:g}{describe(phase.recipe)}; "
+          f"learning rate {phase.learning_rate:g}{phase.recipe.describe()}; "
           f"trainable / frozen params: {trainable.count_params(run.model)}")
-
-
-def describe(recipe):
-    """What a phase's recipe adds to its announcement: "" for a constant AdamW rate."""
-    parts = [f"{recipe.schedule} schedule" if recipe.schedule != "constant" else "",
-             f"{recipe.warmup:.0%} warm-up" if recipe.warmup else "",
-             "SGD" if recipe.optimizer == "sgd" else "",
-             f"layer decay {recipe.layer_decay:g}" if recipe.layer_decay != 1 else "",
-             f"clipnorm {recipe.clipnorm:g}" if recipe.clipnorm else "",
-             f"EMA {recipe.ema:g}" if recipe.ema else "",
-             f"early stopping after {recipe.early_stopping}" if recipe.early_stopping else "",
-             f"{recipe.batch_augment} alpha {recipe.mix_alpha:g}" if recipe.mixes else ""]
-    parts = [p for p in parts if p]
-    return f" ({', '.join(parts)})" if parts else ""
 
 
 def phase_callbacks(run, phase, inputs):
@@ -539,7 +459,7 @@ def fit_phase(run, phase, inputs, callbacks):
                  verbose=run.verbose, callbacks=callbacks,
                  validation_freq=int(run.plan.config.validation_freq),
                  **({"class_weight": class_weight} if class_weight else {}),
-                 **({"validation_batch_size": FEATURE_BATCH} if inputs.cached else {}))
+                 **({"validation_batch_size": devices.FEATURE_BATCH} if inputs.cached else {}))
     return next((c for c in callbacks if isinstance(c, callbacks_lib.BestModel)), None)
 
 
