@@ -164,7 +164,7 @@ def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tm
     result = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28",
                       f"--weights={SEED_WEIGHTS}", "--dataset=digits", "--max_examples=200",
                       "--config.advisor.sample=150", "--cuts=early,late,top,conv2,nosuch",
-                      f"--workdir={out}")
+                      "--config.advisor.pilot_passes=0.5", f"--workdir={out}")
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "advice.json").read_text())
     assert list(saved["scores"]) == ["early", "late", "top", "conv2"]  # a layer name scores too
@@ -185,8 +185,9 @@ def test_advise_tool_prints_the_table_and_writes_advice_and_a_chart(run_tool, tm
         f"pilots on {images['train']} of the 150 sampled images" in saved["reasons"])
     for i, name in enumerate(saved["pilots"]):
         assert f"Pilot {i + 1}/5: {name}" in result.stdout
-    assert f"Pilots ({images['train']} images, scored by accuracy on {images['held_out']} held out" in (
-        result.stdout)
+    assert images["epochs"] == 1  # pilot_passes=0.5: half the training set's worth, at least 1
+    assert (f"Pilots ({images['train']} images, scored by accuracy on {images['held_out']} "
+            "held out") in result.stdout
     # Nothing is overwritten.
     again = run_tool("advise.py", "--backbone=seed_cnn", "--image_size=28", "--dataset=digits",
                      f"--workdir={out}")
@@ -546,8 +547,8 @@ def multi_label_advice(tmp_path_factory):
     examples = data.from_arrays(x[:150], _digit_labels(y[:150]), DIGIT_LABELS, seed=0)
     datasets = data.make_datasets(examples, plan.config, plan.image_size)
     with traced():
-        advice, sample = pilots_lib.advise(plan, datasets, verbose=0,
-                                           pilots=pilots_lib.PilotSettings(scratch="never"))
+        advice, sample = pilots_lib.advise(plan, datasets, verbose=0, pilots=pilots_lib.PilotSettings(
+            scratch="never", passes=0.5))  # the fine-tuned pilot: 1 epoch
     return plan, datasets, advice, sample
 
 
