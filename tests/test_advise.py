@@ -387,9 +387,11 @@ def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, pi
     config.finetune_learning_rate = 1e-12  # everything trains, but nothing moves
     same = pilots_lib.trained_pilot(config, sample, split, datasets.class_names, "finetuned",
                                     "late", 1, head)
-    np.testing.assert_array_equal(same.argmax(axis=1), frozen.argmax(axis=1))  # a new random head would not be
+    # The same predictions as the frozen head's: a new random head would not give them.
+    np.testing.assert_array_equal(same.argmax(axis=1), frozen.argmax(axis=1))
     np.testing.assert_allclose(same, frozen, atol=1e-4)
-    assert tasks.SINGLE_LABEL.score(frozen, sample.labels[split[1]]) > 0.5  # (10 classes: chance is 0.1)
+    held_labels = sample.labels[split[1]]
+    assert tasks.SINGLE_LABEL.score(frozen, held_labels) > 0.5  # 10 classes: chance is 0.1
 
 
 @pytest.mark.slow  # ~10 s: Fashion-MNIST read, the seed network's pilots
@@ -547,8 +549,9 @@ def multi_label_advice(tmp_path_factory):
     examples = data.from_arrays(x[:150], _digit_labels(y[:150]), DIGIT_LABELS, seed=0)
     datasets = data.make_datasets(examples, plan.config, plan.image_size)
     with traced():
-        advice, sample = pilots_lib.advise(plan, datasets, verbose=0, pilots=pilots_lib.PilotSettings(
-            scratch="never", passes=0.5))  # the fine-tuned pilot: 1 epoch
+        advice, sample = pilots_lib.advise(  # the fine-tuned pilot trains 1 epoch
+            plan, datasets, verbose=0,
+            pilots=pilots_lib.PilotSettings(scratch="never", passes=0.5))
     return plan, datasets, advice, sample
 
 

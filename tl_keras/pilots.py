@@ -285,7 +285,7 @@ def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed
         other = pilots[max(bounds, key=lambda n: pilots[n].score)]
         gap = round(100 * (other.score - table.score), 1)
         how = (f"{gap:.1f} points above it, within noise" if gap > 0 else
-               f"{-gap:.1f} points below" if gap < 0 else "as accurate")
+               f"{-gap:.1f} points below" if gap < 0 else "as good")
         why = (f"{ran}{table.name} {table.score:.3f}; no other pilot beat it outside noise "
                f"(the next best, {other.name} {other.score:.3f}, {how})")
     else:

@@ -184,7 +184,8 @@ def average_precisions(scores, truth, weights=None):
     for c in range(scores.shape[1]):
         order = np.argsort(-scores[:, c], kind="stable")
         ranked = scores[order, c]
-        ends = np.append(np.flatnonzero(np.diff(ranked)), len(ranked) - 1)  # tied scores: one threshold
+        # Tied scores are one threshold: the last image of each run of equal scores.
+        ends = np.append(np.flatnonzero(np.diff(ranked)), len(ranked) - 1)
         hits = np.cumsum(w[:, order] * truth[order, c], axis=1)[:, ends]
         seen = np.cumsum(w[:, order], axis=1)[:, ends]
         precision = np.divide(hits, seen, out=np.zeros_like(hits), where=seen > 0)
