@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from tl_keras import (data, features, folded, model as model_lib, plan as plan_lib, report, run_folder,
-                      tasks)
+from tl_keras import (data, features, folded, model as model_lib, plan as plan_lib, report,
+                      run_folder, tasks, transferability)
 
 BINS = 15           # calibration bins, equal width in confidence (Guo et al. 2017)
 MISTAKES = 16       # images in mistakes.png
@@ -371,13 +371,10 @@ def best_thresholds(probabilities, labels):
 
 
 def average_precisions(probabilities, labels):
-    """Each label's average precision (scikit-learn's), None for a label none of these
-    images holds."""
-    from sklearn import metrics as skm
-
-    truth = labels > 0.5
-    return [float(skm.average_precision_score(truth[:, c], probabilities[:, c]))
-            if truth[:, c].any() else None for c in range(labels.shape[1])]
+    """Each label's average precision (scikit-learn's, as `transferability` computes it),
+    None for a label none of these images holds."""
+    ap = transferability.average_precisions(probabilities, labels)
+    return [None if np.isnan(a) else float(a) for a in ap]
 
 
 def mean_average_precision(ap):

@@ -197,9 +197,9 @@ class Judge:
     (`thresholds`), mAP."""
 
     def __init__(self, task=tasks.SINGLE_LABEL, thresholds=None):
-        self.multi = task.vector_labels
+        self.task, self.multi = task, task.vector_labels
         self.thresholds = None if thresholds is None else np.asarray(thresholds, "float32")
-        self.score_key = "mAP" if self.multi else "accuracy"
+        self.score_key = task.metric  # accuracy | mAP
         self.agreement_key = "decision_agreement" if self.multi else "top1_agreement"
         self.agreement_words = ("agreement of the per-label decisions" if self.multi
                                 else "top-1 agreement")
@@ -212,10 +212,8 @@ class Judge:
         return float(((a >= self.thresholds) == (b >= self.thresholds)).mean())
 
     def score(self, probabilities, labels):
-        if not self.multi:
-            return float((probabilities.argmax(1) == labels).mean())
-        return evaluate.mean_average_precision(evaluate.average_precisions(probabilities,
-                                                                           labels))
+        """The task's score (`Task.score`): accuracy, or mAP."""
+        return self.task.score(probabilities, labels)
 
 
 def calibration_images(config, count=CALIBRATION):

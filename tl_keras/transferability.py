@@ -24,13 +24,17 @@ import math
 import numpy as np
 
 
+def _vectors(labels):
+    """Whether `labels` are 0/1 vectors [N, classes] (several per image), not indices."""
+    return np.ndim(labels) == 2 and np.shape(labels)[1] > 1
+
+
 def targets(labels):
     """The 0/1 columns the scores fit, [N, K]: of class indices, one per class present
     (1 where the label is that class); of label vectors [N, classes], the vectors."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        return (labels > 0.5).astype("float64")
-    labels = labels.reshape(-1)
+    if _vectors(labels):
+        return (np.asarray(labels) > 0.5).astype("float64")
+    labels = np.asarray(labels).reshape(-1)
     return (labels[:, None] == np.unique(labels)[None, :]).astype("float64")
 
 
@@ -105,7 +109,7 @@ def h_score(features, labels, shrinkage=1e-3):
     cov = f.T @ f / len(f)
     cov += shrinkage * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
     columns = targets(labels)
-    several = np.ndim(labels) == 2 and columns.shape[1] > 1
+    several = _vectors(labels)
     groups = np.concatenate([columns, 1 - columns], axis=1) if several else columns
     counts = groups.sum(axis=0)
     means = groups.T @ f / np.maximum(counts, 1)[:, None]  # E[f | group], one row each
@@ -119,7 +123,7 @@ def knn_score(features, labels, k=5):
     """Leave-one-out k-NN of `features`: accuracy of class indices (`knn_accuracy`);
     of label vectors, mAP of each image's labels scored by the share of its `k` nearest
     other images holding them (`knn_map`)."""
-    if np.ndim(labels) == 2 and np.shape(labels)[1] > 1:
+    if _vectors(labels):
         return knn_map(features, labels, k)
     return knn_accuracy(features, labels, k)
 
