@@ -71,8 +71,11 @@ def test_a_broken_calibration_is_refused_and_nothing_is_written(finished_run, tm
     with pytest.raises(ValueError, match=r"^the int8 model misses the bars \(at least 95.00% top-1 "
                                          r"agreement with the Keras model, at most 1.00 points "
                                          r"lost\) on 12 validation images: [\d.]+% agreement, "
-                                         r"-?[\d.]+ points lost with every layer int8; nothing was "
-                                         r"written \(--quantize=float16 or --quantize=dynamic"):
+                                         r"-?[\d.]+ points lost with every layer int8; the Keras "
+                                         r"model itself agrees [\d.]+% with itself under 0.5 grey "
+                                         r"levels of pixel noise; nothing was written "
+                                         r"\(--quantize=int16x8 or --quantize=float16 or "
+                                         r"--quantize=dynamic"):
         litert.export_run(str(finished_run), str(out), "int8", calibration_count=24,
                           calibration=broken, verbose=False, float_fallback=False)
     assert [p.name for p in out.iterdir()] == []
@@ -93,7 +96,8 @@ def test_int8_below_the_bar_keeps_its_most_sensitive_layers_in_float(finished_ru
     layers = litert.sensitive_layers(model, images)
     assert len(layers) == 14 and len(set(layers)) == len(layers)
     with pytest.raises(ValueError, match=r"on 12 validation images: 91.67% agreement, 8.33 points "
-                                         r"lost with every layer int8; nothing"):
+                                         r"lost with every layer int8; the Keras model itself "
+                                         r"agrees 100.00% with itself under 0.5 grey levels"):
         litert.export_run(str(finished_run), str(tmp_path / "lite"), "int8",
                           calibration=images, verbose=False, float_fallback=False)
     version, report = litert.export_run(str(finished_run), str(tmp_path / "lite"), "int8",
@@ -106,6 +110,38 @@ def test_int8_below_the_bar_keeps_its_most_sensitive_layers_in_float(finished_ru
     tflite = (tmp_path / "lite" / "1" / "model.tflite").read_bytes()
     reference = litert.Reference(model, datasets.val)
     assert litert.agreement(reference.keras, reference.litert(tflite)) == report["top1_agreement"]
+
+
+def test_int8_grown_past_its_size_bar_by_float_layers_is_refused(finished_run, tmp_path):
+    """The fallback's float layers make the file larger; past `max_size` of the float32
+    file the model is no longer int8's promise: refused, with its size, nothing written."""
+    model, config, _ = evaluate.load_run(str(finished_run))
+    images, _ = litert.calibration_images(config, 2)
+    out = tmp_path / "lite"
+    with pytest.raises(ValueError, match=r"with every layer int8; the 1 most sensitive of 14 "
+                                         r"layers in float: 29% of float32's size, over 25%; the "
+                                         r"Keras model itself agrees"):
+        litert.export_run(str(finished_run), str(out), "int8", calibration=images,
+                          verbose=False, max_size=0.25)
+    assert list(out.iterdir()) == []
+
+
+def test_int16x8_keeps_int8_weights_and_meets_the_bar_int8_misses(finished_run, tmp_path):
+    """Calibrated on the same 2 images that leave full int8 at 91.67% agreement, int8
+    weights with int16 activations agree on every validation image, at about int8's size."""
+    model, config, _ = evaluate.load_run(str(finished_run))
+    images, _ = litert.calibration_images(config, 2)
+    version, report = litert.export_run(str(finished_run), str(tmp_path / "lite"), "int16x8",
+                                        calibration=images, verbose=False,
+                                        float_fallback=False)
+    assert report["quantize"] == "int16x8" and report["calibration_images"] == 2
+    assert report["top1_agreement"] == 1.0 and report["float_layers"] == []
+    assert report["size_vs_float32"] < litert.MAX_SIZE
+    from ai_edge_litert.interpreter import Interpreter
+    tensors = Interpreter(model_content=(tmp_path / "lite" / "1" / "model.tflite").read_bytes()
+                          ).get_tensor_details()
+    kinds = {str(np.dtype(t["dtype"])) for t in tensors}
+    assert {"int8", "int16"} <= kinds  # weights int8, activations int16
 
 
 def test_the_agreement_bar_is_the_user_s(finished_run, run_tool, tmp_path):

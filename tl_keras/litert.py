@@ -6,11 +6,16 @@
       dynamic   int8 weights, activations quantized on the fly
       int8      full integer: int8 weights and activations, calibrated on a few
                 hundred images of the run's own training data (seeded, un-augmented)
+      int16x8   integer too: int8 weights, int16 activations (TFLite's 16x8
+                mode), calibrated as int8; about int8's size, 256 times finer
+                activations, slower kernels
     -> checked on the validation split: top-1 agreement with the Keras model
        (`AGREEMENT`) and accuracy lost (`MAX_DROP`); int8 that misses them is
-       converted again with its most sensitive layers in float
-       (`checked_conversion`), and what still misses is an error, nothing
-       written -- never a model that silently predicts one class
+       converted again with its most sensitive layers in float, as long as the
+       file stays within `MAX_SIZE` of float32's (`checked_conversion`), and
+       what still misses is an error with every measurement and the Keras
+       model's own agreement under invisible pixel noise (`noise_agreement`),
+       nothing written -- never a model that silently predicts one class
     -> measured on the validation split with the LiteRT interpreter
        (`ai-edge-litert`): accuracy, top-1 agreement with the Keras model, file
        size, single-thread latency per image
@@ -42,19 +47,22 @@ import numpy as np
 from tl_keras import data, evaluate, export, plan as plan_lib, run_folder, tasks
 from tl_keras.arrays import as_labels
 
-QUANTIZE = ("none", "float16", "dynamic", "int8")
+QUANTIZE = ("none", "float16", "dynamic", "int8", "int16x8")
+INTEGER = ("int8", "int16x8")  # calibrated: integer activations
 AGREEMENT = 0.95         # least top-1 agreement with the Keras model on the validation images
 CALIBRATION = 300        # calibration images (int8)
 FLOAT_SHARES = (0.05, 0.1, 0.2, 0.4)  # int8 that misses the bars: these shares of its
                          # layers, the most sensitive first, tried in float until one meets them
 MAX_DROP = 0.01          # most validation accuracy lost against the Keras model (1 point)
+MAX_SIZE = 0.35          # int8 with float layers: the largest file, as a share of float32's
+NOISE = 0.5              # grey levels: the pixel noise of `noise_agreement` (sd)
 SENSITIVITY_IMAGES = 100  # calibration images the layers' sensitivity is measured on
 LATENCY_IMAGES = 50      # images timed one at a time, one thread
 
 
 def convert(model, quantize, calibration=None, float_layers=()):
     """The `.tflite` bytes of `model` under `quantize`; `calibration` (uint8 images
-    [N, H, W, C]) for int8, `float_layers` (tensor names, `sensitive_layers`) the
+    [N, H, W, C]) for int8 and int16x8, `float_layers` (tensor names, `sensitive_layers`) the
     int8 layers kept in float. An op that cannot be converted raises a one-line
     ValueError."""
     import tensorflow as tf
@@ -73,7 +81,7 @@ def convert(model, quantize, calibration=None, float_layers=()):
         op = re.search(r"'([\w.]+)' op", message)
         raise ValueError(f"cannot convert to LiteRT {quantize}: "
                          f"{'op ' + op.group(1) + ' is not supported' if op else _first(message)}"
-                         f"{' (try --quantize=dynamic)' if quantize == 'int8' else ''}") from None
+                         f"{' (try --quantize=dynamic)' if quantize in INTEGER else ''}") from None
 
 
 @contextlib.contextmanager
@@ -97,11 +105,13 @@ def _converter(model, quantize, calibration, float_ok=False):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if quantize == "int8":
+    if quantize in INTEGER:
         if calibration is None or not len(calibration):
-            raise ValueError("int8 needs calibration images")
+            raise ValueError(f"{quantize} needs calibration images")
         converter.representative_dataset = _images(calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + (
+        integer = (tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if quantize == "int8" else
+                   tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)
+        converter.target_spec.supported_ops = [integer] + (
             [tf.lite.OpsSet.TFLITE_BUILTINS] if float_ok else [])
         converter.inference_input_type = tf.float32
         converter.inference_output_type = tf.float32
@@ -252,6 +262,18 @@ class Reference:
         runner = Runner(tflite, threads=threads)
         return np.concatenate([runner(np.asarray(x)) for x, _ in self.source])
 
+    def noise_agreement(self, model, noise=NOISE, seed=0):
+        """The Keras model's agreement with itself (`Judge.agreement`) when each
+        pixel gets Gaussian noise of `noise` grey levels (sd; half a level is
+        below what an 8-bit image can show): how far a bar of agreement can be met
+        at all by a model whose arithmetic differs from float32's."""
+        rng, noisy = np.random.default_rng(seed), []
+        for x, _ in self.source:
+            x = np.asarray(x, "float32")
+            noisy.append(np.asarray(model.predict_on_batch(
+                np.clip(x + rng.normal(0, noise, x.shape), 0, 255).astype("float32"))))
+        return self.judge.agreement(self.keras, np.concatenate(noisy))
+
     def first_images(self, count):
         images = []
         for x, _ in self.source:
@@ -275,18 +297,22 @@ def measure(tflite, reference, lite):
 
 
 def checked_conversion(model, quantize, calibration, reference, min_agreement=AGREEMENT,
-                       max_drop=MAX_DROP, float_fallback=True, verbose=False):
+                       max_drop=MAX_DROP, float_fallback=True, verbose=False,
+                       float32_bytes=None, max_size=MAX_SIZE):
     """(tflite bytes, the layers kept in float, its probabilities on the validation
-    images) of `convert`, when on the validation
-    images of `reference` (a `Reference`) its top-1 agreement with the Keras model
-    is at least `min_agreement` and its accuracy at most `max_drop` below the
-    Keras model's; else a one-line `ValueError` with what was measured.
+    images) of `convert`, when on the validation images of `reference` (a
+    `Reference`) its agreement with the Keras model is at least `min_agreement`
+    and its score at most `max_drop` below the Keras model's; else a one-line
+    `ValueError` with what was measured, and the Keras model's own agreement
+    under half a grey level of pixel noise (`Reference.noise_agreement`).
 
     An int8 model that misses the bars is converted again with the most
     sensitive of its layers in float (`sensitive_layers`): the shares
-    FLOAT_SHARES of them in turn, until one meets them. Such a model is int8
-    where that holds; its float layers need a float kernel (a CPU or GPU
-    delegate), not an integer-only accelerator.
+    FLOAT_SHARES of them in turn, until one meets them, as long as the file
+    stays within `max_size` of `float32_bytes` (the float32 conversion's size):
+    a larger one is no longer what int8 promises. Such a model is int8 where
+    that holds; its float layers need a float kernel (a CPU or GPU delegate),
+    not an integer-only accelerator.
     """
     judge = reference.judge
 
@@ -301,34 +327,55 @@ def checked_conversion(model, quantize, calibration, reference, min_agreement=AG
     tflite, float_layers = convert(model, quantize, calibration), []
     met, lite = check(tflite, "every layer int8" if quantize == "int8" else quantize)
     if not met and quantize == "int8" and float_fallback:
-        if verbose:
-            print(f"int8: {tried[-1].split(' with ')[0]} on the validation images: measuring "
-                  "each layer's int8 error ...")
-        layers = sensitive_layers(model, calibration)
-        for count in sorted({max(1, round(share * len(layers))) for share in FLOAT_SHARES}):
-            float_layers = layers[:count]
-            tflite = convert(model, quantize, calibration, float_layers)
-            met, lite = check(tflite, f"the {len(float_layers)} most sensitive of "
-                                      f"{len(layers)} layers in float")
-            if verbose:
-                print(f"  {tried[-1]}")
-            if met:
-                break
+        met, tflite, float_layers, lite = _float_fallback(
+            model, calibration, check, tried, float32_bytes or len(convert(model, "none")),
+            max_size, verbose)
     if not met:
-        others = " or ".join(f"--quantize={q}" for q in ("float16", "dynamic") if q != quantize)
+        others = " or ".join(f"--quantize={q}" for q in ("int16x8", "float16", "dynamic")
+                             if q != quantize)
         raise ValueError(f"the {quantize} model misses the bars (at least {min_agreement:.2%} "
                          f"{judge.agreement_words} with the Keras model, at most "
                          f"{100 * max_drop:.2f} points{' of mAP' if judge.multi else ''} lost) on "
                          f"{len(reference)} validation "
-                         f"images: {'; '.join(tried)}; nothing was written ({others} keeps "
-                         "more of the float model; --min_agreement and --max_accuracy_drop "
-                         "set the bars)")
+                         f"images: {'; '.join(tried)}; the Keras model itself agrees "
+                         f"{reference.noise_agreement(model):.2%} with itself under "
+                         f"{NOISE:g} grey levels of pixel noise; nothing was written ({others} "
+                         "keeps more of the float model; --min_agreement and "
+                         "--max_accuracy_drop set the bars)")
     return tflite, float_layers, lite
+
+
+def _float_fallback(model, calibration, check, tried, float32_bytes, max_size, verbose):
+    """`checked_conversion`'s int8 with its most sensitive layers in float, the
+    fewest that meet the bars (`check`) within `max_size` of float32's file:
+    (met, tflite, float layers, probabilities)."""
+    if verbose:
+        print(f"int8: {tried[-1].split(' with ')[0]} on the validation images: measuring "
+              "each layer's int8 error ...")
+    layers = sensitive_layers(model, calibration)
+    met = tflite = lite = None
+    float_layers = []
+    for count in sorted({max(1, round(share * len(layers))) for share in FLOAT_SHARES}):
+        candidate = convert(model, "int8", calibration, layers[:count])
+        what = f"the {count} most sensitive of {len(layers)} layers in float"
+        if len(candidate) > max_size * float32_bytes:
+            tried.append(f"{what}: {len(candidate) / float32_bytes:.0%} of float32's size, "
+                         f"over {max_size:.0%}")
+            if verbose:
+                print(f"  {tried[-1]}")
+            break
+        tflite, float_layers = candidate, layers[:count]
+        met, lite = check(tflite, what)
+        if verbose:
+            print(f"  {tried[-1]}")
+        if met:
+            break
+    return met, tflite, float_layers, lite
 
 
 def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATION,
                eval_images=0, calibration=None, verbose=True, min_agreement=AGREEMENT,
-               max_drop=MAX_DROP, float_fallback=True):
+               max_drop=MAX_DROP, float_fallback=True, max_size=MAX_SIZE):
     """Converts a finished run, checks and measures it, and writes EXPORT_DIR/<n>/.
 
     Args:
@@ -340,11 +387,13 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         measured; a model that misses either is not written.
       float_fallback: an int8 model that misses a bar tries again with its most
         sensitive layers in float (`checked_conversion`); False: refused.
+      max_size: the largest such model, as a share of the float32 file.
 
     Returns:
       (version_dir, the export.json dict).
     """
-    for name, bar in (("min_agreement", min_agreement), ("max_accuracy_drop", max_drop)):
+    for name, bar in (("min_agreement", min_agreement), ("max_accuracy_drop", max_drop),
+                      ("max_size", max_size)):
         if not 0 <= bar <= 1:  # before the conversion, not after it
             raise ValueError(f"{name} must be in [0, 1], got {bar}")
     model, config, metrics = evaluate.load_run(workdir)
@@ -359,17 +408,20 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
         print("Reading the validation split and the Keras model's predictions on it ...")
     reference = Reference(model, source, Judge(tasks.of_run(metrics), thresholds))
     if verbose:
-        print(f"Converting {workdir}/model.keras to LiteRT ({quantize}"
-              f"{f', calibrated on {len(calibration)} training images' if quantize == 'int8' else ''}) ...")
+        calibrated = (f", calibrated on {len(calibration)} training images"
+                      if quantize in INTEGER else "")
+        print(f"Converting {workdir}/model.keras to LiteRT ({quantize}{calibrated}) ...")
     tick = time.time()
+    float32_bytes = len(convert(model, "none"))
     tflite, float_layers, lite = checked_conversion(
         model, quantize, calibration, reference, min_agreement, max_drop, float_fallback,
-        verbose)
+        verbose, float32_bytes, max_size)
     seconds = time.time() - tick
     if verbose:
         print("Measuring against the Keras model on the validation split ...")
     measured = measure(tflite, reference, lite)  # the check's predictions: not run twice
-    result = {**_described(model, tflite, quantize, calibration, float_layers, measured),
+    result = {**_described(model, tflite, quantize, calibration, float_layers, measured,
+                           float32_bytes),
               "convert_seconds": round(seconds, 1), "run": os.path.abspath(workdir)}
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=export_dir)
     try:
@@ -386,12 +438,11 @@ def export_run(workdir, export_dir, quantize="int8", calibration_count=CALIBRATI
     return version_dir, result
 
 
-def _described(model, tflite, quantize, calibration, float_layers, measured):
+def _described(model, tflite, quantize, calibration, float_layers, measured, float32_bytes):
     """export.json's description of the converted model: its size against float32, its
     input and output, how it was calibrated, and what was `measured`."""
     input_type, output_type = Runner(tflite).types()
     score = _score_key(measured)
-    float32_bytes = len(tflite) if quantize == "none" else len(convert(model, "none"))
     return {
         "format": "litert", "quantize": quantize, "file": "model.tflite",
         "bytes": len(tflite), "float32_bytes": float32_bytes,
@@ -399,7 +450,7 @@ def _described(model, tflite, quantize, calibration, float_layers, measured):
         "input": {"dtype": input_type, "shape": [1, *model.input.shape[1:]],
                   "values": "raw pixels 0-255, as the Keras model takes"},
         "output": {"dtype": output_type, "values": "class probabilities"},
-        "calibration_images": len(calibration) if quantize == "int8" else 0,
+        "calibration_images": len(calibration) if quantize in INTEGER else 0,
         "float_layers": float_layers,
         **measured,
         f"{score}_difference_points": round(

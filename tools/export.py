@@ -3,7 +3,7 @@
 Usage:
     python tools/export.py --workdir=runs/small_similar_... --export_dir=exports/fashion
     python tools/export.py --workdir=RUN --export_dir=exports/fashion_lite --format=litert \
-        --quantize=int8          # none | float16 | dynamic | int8
+        --quantize=int8          # none | float16 | dynamic | int8 | int16x8
 
 Writes the next free version `export_dir/<n>/` (never overwriting one). A
 SavedModel has the signatures `serving_default` (float32 pixels) and
@@ -22,10 +22,12 @@ _common.require_backend()  # one line, not a traceback, without TensorFlow
 flags.DEFINE_string("workdir", None, "A finished run folder (holds model.keras and metrics.json).")
 flags.DEFINE_string("export_dir", None, "The model's base directory (TF Serving's, or any).")
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "litert"], "What to export.")
-flags.DEFINE_enum("quantize", "int8", ["none", "float16", "dynamic", "int8"],
-                  "LiteRT: float32, float16 weights, int8 weights, or full integer int8 "
-                  "(calibrated on the run's own training images).")
-flags.DEFINE_integer("calibration_images", 300, "LiteRT int8: training images to calibrate on.")
+flags.DEFINE_enum("quantize", "int8", ["none", "float16", "dynamic", "int8", "int16x8"],
+                  "LiteRT: float32, float16 weights, int8 weights, full integer int8, or "
+                  "int8 weights with int16 activations (int8 and int16x8 calibrated on the "
+                  "run's own training images).")
+flags.DEFINE_integer("calibration_images", 300, "LiteRT int8, int16x8: training images to "
+                     "calibrate on.")
 flags.DEFINE_integer("eval_images", 0, "LiteRT: validation images to measure on (0: all).")
 flags.DEFINE_float("min_agreement", 0.95, "LiteRT: the least top-1 agreement with the Keras "
                    "model on the validation images; below it nothing is written.")
@@ -35,6 +37,8 @@ flags.DEFINE_float("max_accuracy_drop", 0.01, "LiteRT: the most validation accur
 flags.DEFINE_bool("int8_float_fallback", True, "LiteRT int8 that misses the bars: convert "
                   "again with its most sensitive layers in float (false: refuse; for "
                   "integer-only accelerators).")
+flags.DEFINE_float("max_int8_size", 0.35, "LiteRT int8 with float layers: the largest file, "
+                   "as a share of the float32 conversion's; larger is refused.")
 FLAGS = flags.FLAGS
 
 
@@ -55,7 +59,7 @@ def main(argv):
         if getattr(FLAGS, name) < low:
             fail(f"--{name} must be {'at least 1' if low else '0 (all) or more'}, "
                  f"got {getattr(FLAGS, name)}")
-    for name in ("min_agreement", "max_accuracy_drop"):
+    for name in ("min_agreement", "max_accuracy_drop", "max_int8_size"):
         if not 0 <= getattr(FLAGS, name) <= 1:
             fail(f"--{name} must be in [0, 1], got {getattr(FLAGS, name)}")
     import tensorflow as tf
@@ -68,7 +72,8 @@ def main(argv):
                               calibration_count=FLAGS.calibration_images,
                               eval_images=FLAGS.eval_images, min_agreement=FLAGS.min_agreement,
                               max_drop=FLAGS.max_accuracy_drop,
-                              float_fallback=FLAGS.int8_float_fallback)
+                              float_fallback=FLAGS.int8_float_fallback,
+                              max_size=FLAGS.max_int8_size)
         else:
             export.export_run(FLAGS.workdir, FLAGS.export_dir)
     except (ValueError, OSError) as e:

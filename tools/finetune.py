@@ -29,7 +29,7 @@ flags.DEFINE_string("export_dir", None, "Also export the final model as "
                     "EXPORT_DIR/<next version>/ (see tools/export.py).")
 flags.DEFINE_enum("export_format", "saved_model", ["saved_model", "litert"],
                   "With --export_dir: a SavedModel for TF Serving, or LiteRT.")
-flags.DEFINE_enum("export_quantize", "int8", ["none", "float16", "dynamic", "int8"],
+flags.DEFINE_enum("export_quantize", "int8", ["none", "float16", "dynamic", "int8", "int16x8"],
                   "With --export_format=litert: see tools/export.py --quantize.")
 FLAGS = flags.FLAGS
 
