@@ -95,6 +95,7 @@ def get_config():
     config.advisor.pilot_passes = 2.0    # the fine-tuned pilot (and on large data the from-scratch one) trains on this many training sets' worth of images
     config.advisor.pilot_epochs = 10     # ... at most this many epochs of their pilot-train images
     config.advisor.pilot_held_out = 0.3  # of the sample, held out (stratified, seeded) to score the pilots on
+    config.advisor.costlier_margin = 0.005  # a pilot that trains more than the table's choice (fine-tuned or scratch over a frozen head) must beat it by this at its 95% lower bound: a tie goes to the cheaper
     config.advisor.scratch_pilot = "large"  # a from-scratch pilot too: large (on large data) | always | never
 
     # --- Where ---

@@ -4,6 +4,7 @@ to a run's, the first cached view reused, and the tools' output and errors."""
 import json
 import math
 import os
+import re
 import shutil
 import types
 
@@ -335,6 +336,70 @@ def test_the_pilots_override_the_scores_and_the_table_only_outside_their_noise()
 
 
 LARGE = advise.Thresholds(large_examples=100)  # 200 digits count as large: a scratch pilot too
+
+
+def test_a_costlier_choice_must_clear_a_margin_and_a_tie_goes_to_the_cheaper():
+    """The probe's digits: fine-tuning's pilot 0.5 points above the frozen head, outside
+    noise (lower bound above 0) yet within half a point: the cheaper frozen head is kept;
+    without the margin, fine-tuning would win."""
+    sizes = {"train": 1400, "held_out": 2000, "epochs": 3}
+    idx = np.arange(2000)
+    pilots = _pilots(frozen_top=idx < 1600, frozen_late=idx < 1700,
+                     finetuned_late=idx < 1710)
+    assert 0 < pilots_lib.lower_bound(pilots["finetuned@late"], pilots["frozen@late"]) < 0.005
+    regime, cut, *_, reasons = pilots_lib.decide_by_pilots(
+        pilots, "late", 500, sizes, advise.Thresholds(large_examples=1000))
+    assert (regime, cut) == ("small_different", "late")
+    assert re.search(r"the next best, finetuned@late 0.855, 0.5 points above it, 95% lower "
+                     r"bound \+0\.\d, under the 0.5 a choice that trains more must clear: "
+                     r"the cheaper is kept", reasons)
+    no_margin = advise.Thresholds(large_examples=1000, costlier_margin=0.0)
+    assert pilots_lib.decide_by_pilots(pilots, "late", 500, sizes, no_margin)[:2] == (
+        "large_different", "late")
+    # On large data the table's choice is fine-tuning: a frozen head must beat it outright.
+    assert pilots_lib.decide_by_pilots(pilots, "late", 5000, sizes, advise.Thresholds(
+        large_examples=1000))[:2] == ("large_different", "late")
+
+
+def test_a_pilot_that_cannot_change_the_decision_is_not_run(monkeypatch, tmp_path):
+    """A frozen head right on 299 of 300 held-out images: not even a perfect fine-tuned
+    pilot could beat it by half a point outside noise, so none trains; at 270 of 300 it
+    could, and it trains."""
+    idx = np.arange(300)
+    assert pilots_lib.cannot_change(_pilot("frozen", "top", idx < 299), 0.005)
+    assert not pilots_lib.cannot_change(_pilot("frozen", "top", idx < 270), 0.005)
+    vectors = np.array([[1, 0], [0, 1]] * 150, "float32")  # label vectors: mAP
+    near = pilots_lib.Pilot("frozen", "top", vectors * 0.9 + 0.05, vectors,
+                            tasks.get_task("multi_label"), 0.0)
+    assert pilots_lib.cannot_change(near, 0.005)  # already ranks every label right
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 100)
+    sample = types.SimpleNamespace(labels=labels, images=None, features={
+        "pretrained/top": (np.eye(2)[labels] * 4 + rng.normal(0, 0.1, (200, 2))).astype(
+            "float32")})
+    config = plan_lib.editable(tiny_config(tmp_path, epochs=1, learning_rate=0.05))
+    trained = []
+    monkeypatch.setattr(pilots_lib, "trained_pilot", lambda *a, **k: trained.append(a[4]) or (
+        np.full((60, 2), 0.5, "float32")))
+    ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
+                                       pilots_lib.PilotSettings(), ["top"], "top",
+                                       scratch=False, verbose=0, margin=0.005)
+    assert ran["frozen@top"].score == 1.0 and sizes["not_run"] == ["finetuned@top"]
+    assert trained == [] and list(ran) == ["frozen@top"]
+    regime, *_, reasons = pilots_lib.decide_by_pilots(ran, "top", 200, sizes, advise.Thresholds())
+    assert regime == "small_similar" and reasons.endswith(
+        "frozen@top 1.000, the only pilot run; not run: finetuned@top (a perfect score would "
+        "not have beaten frozen@top by 0.5 points outside noise)")
+    shown = advise.format_table(advise.Advice(
+        regime, "top", "pretrained", 1, "small", "similar", reasons,
+        {"top": {"pretrained": 0.5, "random": 0.1, "h_random": 1.0}}, 200, {}, 200, {},
+        pilots={"frozen@top": {"accuracy": 1.0, "seconds": 1.0}}, pilot_images=sizes))
+    assert "scored by accuracy on 60 held out; 'pilot' above: a frozen head there): " \
+           f"{sizes['epochs']} epochs finetuned@top not run" in shown
+    ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
+                                       pilots_lib.PilotSettings(), ["top"], "top",
+                                       scratch=False, verbose=0, margin=None)
+    assert trained == ["finetuned"] and "not_run" not in sizes
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,8 @@ from conftest import ROOT
      "'/nonexistent.flags'"),
     (["--regime=auto", "--config.advisor.scratch_margin=-1"],
      "finetune.py: error: advisor.scratch_margin must be 0 or more, got -1"),
+    (["--regime=auto", "--config.advisor.costlier_margin=-0.5"],
+     "finetune.py: error: advisor.costlier_margin must be 0 or more, got -0.5"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool, args, message):
     args = [a.replace("IMAGES", str(shared_images)) for a in args]

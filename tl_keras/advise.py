@@ -58,13 +58,16 @@ class Thresholds:
     large_examples: int = 10_000   # training images from which a dataset is "large"
     similar_margin: float = 0.02   # top's LogME within this of the best cut: similar
     scratch_margin: float = 0.10   # pretraining adds less than this at the best cut: scratch
+    costlier_margin: float = 0.005  # a pilot that trains more than the table's choice must
+                                    # beat it by this at its 95% lower bound (pilots.py)
 
     @classmethod
     def from_config(cls, advisor):
         """The thresholds `config.advisor` (configs/base.py) sets."""
         return cls(large_examples=advisor.large_examples,
                    similar_margin=advisor.similar_margin,
-                   scratch_margin=advisor.scratch_margin)
+                   scratch_margin=advisor.scratch_margin,
+                   costlier_margin=advisor.costlier_margin)
 
 
 
@@ -367,8 +370,9 @@ def format_table(advice):
                      f"{_num(knn):>8}" + (f" {_num(pilot):>8}" if pilots else "") + mark)
     if pilots:
         images = advice.pilot_images
-        trained = ", ".join(f"{name} {p[advice.metric]:.3f} ({p['seconds']:.0f} s)"
-                            for name, p in pilots.items() if not name.startswith("frozen@"))
+        trained = ", ".join([f"{name} {p[advice.metric]:.3f} ({p['seconds']:.0f} s)"
+                             for name, p in pilots.items() if not name.startswith("frozen@")]
+                            + [f"{name} not run" for name in images.get("not_run", ())])
         lines.append(f"Pilots ({images['train']} images, scored by {advice.metric} on "
                      f"{images['held_out']} held out; 'pilot' above: a frozen head there): "
                      f"{images['epochs']} epochs {trained}")

@@ -6,8 +6,11 @@ sample's features: no forward pass), then a short fine-tuned run at the frozen
 choice's cut and, on large data, a short run from scratch. Another strategy
 replaces the scores' and the table's choice only when its pilot beats that
 choice's pilot outside the held-out images' noise (a paired bootstrap's 95%
-lower bound above 0; `decide_by_pilots`). Pilots are scored by the task's metric
-(`Task.score`: accuracy, or mAP with several labels per image). The trained
+lower bound above 0, and above `Thresholds.costlier_margin` for a strategy that
+trains more: a tie goes to the cheaper; `decide_by_pilots`). A trained pilot
+that could not change the decision even with a perfect score is not run
+(`cannot_change`). Pilots are scored by the task's metric (`Task.score`:
+accuracy, or mAP with several labels per image). The trained
 pilots are real tl_keras runs (`train.finetune`), which is why this module sits
 above train.py.
 
@@ -48,7 +51,8 @@ def advise(plan, data, sample=SAMPLE, thresholds=Thresholds(), cuts=backbones.CU
     train_examples = int(data.train_examples)
     ran, sizes = run_pilots(plan.config, measured, data.class_names, train_examples, pilots,
                             [c for c in advice.scores if "pretrained" in advice.scores[c]],
-                            advice.cut, scratch=scratch)
+                            advice.cut, scratch=scratch,
+                            margin=thresholds.costlier_margin if advice.size == "small" else None)
     regime, cut, init, size, similarity, reasons = decide_by_pilots(
         ran, advice.cut, train_examples, sizes, thresholds, plan.config.seed)
     metric = plan.task.metric
@@ -64,6 +68,8 @@ PILOT_BATCH = 16     # a pilot's batch at most: a short run on a sample takes en
 HEAD_EPOCHS = 20     # a frozen pilot's head trains at least this long (configs/small_*.py's)
 BOOTSTRAP = 1000     # resamples of the held-out images for a pilot's noise
 CONFIDENCE = 0.95    # a pilot beats another when its gain's one-sided lower bound is above 0
+COST = {"frozen": 0, "finetuned": 1, "scratch": 1}  # what its full run trains: the head;
+                                                    # the backbone too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +204,16 @@ def trained_pilot(config, sample, split, class_names, strategy, cut, epochs, hea
 
 
 def run_pilots(config, sample, class_names, train_examples, settings, cuts, scored_cut,
-               scratch=True, verbose=1):
+               scratch=True, verbose=1, margin=None):
     """The pilots: a frozen head at every cut in `cuts` (cheap: the sample's features),
     then short runs fine-tuned at the frozen choice's cut (`frozen_choice`: the scores'
     `scored_cut` unless a pilot beats it) and, with `scratch`, from scratch, for
-    `settings.epochs(...)` epochs. One progress line each. Returns (pilots by name,
-    {"train", "held_out", "epochs"})."""
+    `settings.epochs(...)` epochs. One progress line each.
+
+    With `margin` (small data: the table's choice is the frozen head), a trained
+    pilot runs only if a perfect score could beat the frozen choice by `margin`
+    at the 95% lower bound (`cannot_change`); else it is named in "not_run".
+    Returns (pilots by name, {"train", "held_out", "epochs"[, "not_run"]})."""
     split = pilot_split(sample.labels, settings.held_out, config.seed)
     held_labels = sample.labels[split[1]]
     task = tasks.get_task(config.task)
@@ -224,14 +234,34 @@ def run_pilots(config, sample, class_names, train_examples, settings, cuts, scor
                                            sample.labels, split, config, len(class_names))
         done(Pilot("frozen", cut, probabilities, held_labels, task, time.time() - start, head))
     frozen = frozen_choice(pilots, scored_cut, config.seed)
+    sizes = {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
     for strategy, cut in trained:
         cut, head = (frozen.cut, frozen.head) if strategy == "finetuned" else (cut, None)
+        name = "scratch" if strategy == "scratch" else f"{strategy}@{cut}"
+        if margin is not None and cannot_change(frozen, margin, config.seed):
+            sizes.setdefault("not_run", []).append(name)
+            if verbose:
+                print(f"Pilot {len(pilots) + len(sizes['not_run'])}/{total}: {name:<18} not "
+                      f"run: a perfect score would not beat {frozen.name} "
+                      f"({frozen.score:.3f}) by {100 * margin:.1f} points outside noise",
+                      flush=True)
+            continue
         start = time.time()
         probabilities = trained_pilot(config, sample, split, class_names, strategy, cut,
                                       epochs, head)
         done(Pilot(strategy, "" if strategy == "scratch" else cut, probabilities, held_labels,
                    task, time.time() - start))
-    return pilots, {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
+    return pilots, sizes
+
+
+def cannot_change(choice, margin, seed=0):
+    """Whether no pilot could beat `choice` by `margin` at the 95% lower bound: not
+    even one that scores every held-out image perfectly (so training one would cost
+    time and change nothing)."""
+    perfect = (choice.labels.astype("float32") if choice.task.vector_labels else
+               np.eye(choice.probabilities.shape[1], dtype="float32")[choice.labels])
+    best = dataclasses.replace(choice, strategy="perfect", probabilities=perfect)
+    return lower_bound(best, choice, seed) <= margin
 
 
 def lower_bound(a, b, seed=0, resamples=BOOTSTRAP, confidence=CONFIDENCE):
@@ -258,15 +288,19 @@ def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed
 
     The table's choice for the data's size is kept -- small: the frozen head
     at `frozen_choice`'s cut; large: fine-tuned at that cut -- unless another
-    pilot beats it outside the held-out images' noise (`lower_bound` > 0); then
-    the best of those that do.
+    pilot beats it outside the held-out images' noise (`lower_bound` > 0; for a
+    pilot that trains more than the table's choice, `lower_bound` >
+    `thresholds.costlier_margin`: a tie goes to the cheaper); then the best of
+    those that do.
     """
     size = "large" if train_examples >= thresholds.large_examples else "small"
     frozen = frozen_choice(pilots, scored_cut, seed)
     table = frozen if size == "small" else next(
         p for p in pilots.values() if p.strategy == "finetuned")
     bounds = {name: lower_bound(p, table, seed) for name, p in pilots.items() if p is not table}
-    winners = [pilots[name] for name, bound in bounds.items() if bound > 0]
+    needed = {name: thresholds.costlier_margin if COST[pilots[name].strategy] > COST[
+        table.strategy] else 0.0 for name in bounds}
+    winners = [pilots[name] for name, bound in bounds.items() if bound > needed[name]]
     chosen = max(winners, key=lambda p: p.score) if winners else table
     cut = "top" if chosen.strategy == "scratch" else chosen.cut
     similarity = "similar" if cut == "top" and chosen.strategy != "scratch" else "different"
@@ -281,17 +315,29 @@ def decide_by_pilots(pilots, scored_cut, train_examples, sizes, thresholds, seed
     size_reason = (f"{train_examples:,} training images are "
                    f"{'at least' if size == 'large' else 'fewer than'} "
                    f"{thresholds.large_examples:,}, so the table says {table.name}")
-    if chosen is table:
+    if chosen is table and not bounds:
+        why = f"{ran}{table.name} {table.score:.3f}, the only pilot run"
+    elif chosen is table:
         other = pilots[max(bounds, key=lambda n: pilots[n].score)]
         gap = round(100 * (other.score - table.score), 1)
         how = (f"{gap:.1f} points above it, within noise" if gap > 0 else
                f"{-gap:.1f} points below" if gap < 0 else "as good")
-        why = (f"{ran}{table.name} {table.score:.3f}; no other pilot beat it outside noise "
+        verdict = "outside noise"
+        if bounds[other.name] > 0:  # outside noise, yet under what a costlier choice must clear
+            verdict = "by what it must"
+            how = (f"{gap:.1f} points above it, 95% lower bound "
+                   f"{100 * bounds[other.name]:+.1f}, under the {100 * needed[other.name]:.1f} "
+                   "a choice that trains more must clear: the cheaper is kept")
+        why = (f"{ran}{table.name} {table.score:.3f}; no other pilot beat it {verdict} "
                f"(the next best, {other.name} {other.score:.3f}, {how})")
     else:
         why = (f"{ran}{chosen.name} {chosen.score:.3f} beat {table.name} "
                f"{table.score:.3f} by {100 * (chosen.score - table.score):.1f} points "
                f"(95% lower bound {100 * bounds[chosen.name]:+.1f}), so the measurement "
                "overrides the table")
+    if sizes.get("not_run"):
+        why += (f"; not run: {', '.join(sizes['not_run'])} (a perfect score would not "
+                f"have beaten {table.name} by {100 * thresholds.costlier_margin:.1f} "
+                "points outside noise)")
     return regime, cut, init, size, similarity, f"{size_reason}; {why}"
 

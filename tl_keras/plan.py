@@ -139,7 +139,7 @@ def _check_numbers(config):
     if not 0 <= config.scratch_batchnorm_momentum < 1:
         raise ValueError("scratch_batchnorm_momentum must be in [0, 1), got "
                          f"{config.scratch_batchnorm_momentum}")
-    for key in ("similar_margin", "scratch_margin"):
+    for key in ("similar_margin", "scratch_margin", "costlier_margin"):
         if not config.advisor[key] >= 0:
             raise ValueError(f"advisor.{key} must be 0 or more, got {config.advisor[key]}")
     if not config.advisor.pilot_passes > 0:
