@@ -381,9 +381,10 @@ def test_a_pilot_that_cannot_change_the_decision_is_not_run(monkeypatch, tmp_pat
     trained = []
     monkeypatch.setattr(pilots_lib, "trained_pilot", lambda *a, **k: trained.append(a[4]) or (
         np.full((60, 2), 0.5, "float32")))
-    ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
-                                       pilots_lib.PilotSettings(), ["top"], "top",
-                                       scratch=False, verbose=0, margin=0.005)
+    with traced():  # 20 epochs of short steps: tracing them once is cheaper
+        ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
+                                           pilots_lib.PilotSettings(), ["top"], "top",
+                                           scratch=False, verbose=0, margin=0.005)
     assert ran["frozen@top"].score == 1.0 and sizes["not_run"] == ["finetuned@top"]
     assert trained == [] and list(ran) == ["frozen@top"]
     regime, *_, reasons = pilots_lib.decide_by_pilots(ran, "top", 200, sizes, advise.Thresholds())
@@ -396,9 +397,10 @@ def test_a_pilot_that_cannot_change_the_decision_is_not_run(monkeypatch, tmp_pat
         pilots={"frozen@top": {"accuracy": 1.0, "seconds": 1.0}}, pilot_images=sizes))
     assert "scored by accuracy on 60 held out; 'pilot' above: a frozen head there): " \
            f"{sizes['epochs']} epochs finetuned@top not run" in shown
-    ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
-                                       pilots_lib.PilotSettings(), ["top"], "top",
-                                       scratch=False, verbose=0, margin=None)
+    with traced():
+        ran, sizes = pilots_lib.run_pilots(config, sample, ["a", "b"], 200,
+                                           pilots_lib.PilotSettings(), ["top"], "top",
+                                           scratch=False, verbose=0, margin=None)
     assert trained == ["finetuned"] and "not_run" not in sizes
 
 

@@ -38,8 +38,11 @@ def test_float32_litert_gives_the_keras_models_outputs(finished_run):
 @pytest.mark.slow
 def test_int8_export_is_calibrated_measured_and_versioned(finished_run, run_tool, tmp_path):
     out = tmp_path / "lite"
+    # On 24 calibration images this tiny model meets the bars only with 6 of its 14 layers
+    # in float, a file of 76% of float32's: allowed here (the size bar has its own test).
     result = run_tool("export.py", f"--workdir={finished_run}", f"--export_dir={out}",
-                      "--format=litert", "--quantize=int8", "--calibration_images=24")
+                      "--format=litert", "--quantize=int8", "--calibration_images=24",
+                      "--max_int8_size=1")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "1" / "export.json").read_text())
     assert (out / "1" / "labels.txt").read_text() == "cat\ndog\nfox\n"

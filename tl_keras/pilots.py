@@ -137,27 +137,46 @@ def pilot_split(labels, held_out, seed):
 
 
 def frozen_pilot(features, labels, split, config, num_classes):
-    """A new head on a cut's frozen features (the sample's: no forward pass), trained as a
-    run's head phase trains (standardised, dropout, AdamW at `learning_rate`; the run's
-    `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs are few steps on a sample),
-    scored on the held-out images. Returns (probabilities [held-out], Dense weights)."""
+    """`frozen_pilots` of one cut's features: (probabilities [held-out], Dense weights)."""
+    return frozen_pilots({"cut": features}, labels, split, config, num_classes)["cut"]
+
+
+def frozen_pilots(features, labels, split, config, num_classes):
+    """A new head on each cut's frozen features ({cut: [N, D]}, the sample's: no forward
+    pass), trained as a run's head phase trains (standardised, dropout, AdamW at
+    `learning_rate`; the run's `epochs`, at least `HEAD_EPOCHS`: a large run's few epochs
+    are few steps on a sample), scored on the held-out images.
+
+    The heads train side by side in one Keras model, one `fit`: each has its own
+    weights and its own loss (their sum's gradient for a head is its loss's, and
+    AdamW steps each weight by its own moments), so each trains as it would alone,
+    on the same batches (but for its initial weights and dropout draws), while the
+    steps' fixed cost and the tracing are paid once.
+    Returns {cut: (probabilities [held-out], Dense weights)}."""
     train, held = split
     task = tasks.get_task(config.task)
-    mean, variance = features_lib.norm_statistics(features[train])
     keras.utils.set_random_seed(config.seed)
-    head = keras.Sequential([
-        keras.Input(features.shape[1:]),
-        keras.layers.Normalization(mean=mean, variance=variance),
-        keras.layers.Dropout(config.dropout, seed=config.seed),
-        keras.layers.Dense(num_classes, activation=task.activation)])
-    head.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-                 task.loss(),
-                 steps_per_execution=config.head_steps_per_execution)
-    head.fit(features[train], labels[train], batch_size=min(config.batch_size, PILOT_BATCH),
-             epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)
-    # A call, not `predict`: a new head per cut would retrace predict's function each time.
-    probabilities = keras.ops.convert_to_numpy(head(features[held]))
-    return probabilities, head.layers[-1].get_weights()
+    inputs, outputs = [], []
+    for i, values in enumerate(features.values()):
+        mean, variance = features_lib.norm_statistics(values[train])
+        inputs.append(keras.Input(values.shape[1:], name=f"features_{i}"))
+        x = keras.layers.Normalization(mean=mean, variance=variance)(inputs[-1])
+        x = keras.layers.Dropout(config.dropout, seed=config.seed)(x)
+        outputs.append(keras.layers.Dense(num_classes, activation=task.activation,
+                                          name=f"head_{i}")(x))
+    heads = keras.Model(inputs, outputs)
+    heads.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
+                  [task.loss()] * len(outputs),
+                  steps_per_execution=config.head_steps_per_execution)
+    heads.fit([values[train] for values in features.values()], [labels[train]] * len(outputs),
+              batch_size=min(config.batch_size, PILOT_BATCH),
+              epochs=max(config.epochs, HEAD_EPOCHS), verbose=0)
+    # A call, not `predict`: predict's function would be traced for this one use.
+    probabilities = heads([values[held] for values in features.values()])
+    if len(outputs) == 1:  # a one-output model gives its tensor, not a list of one
+        probabilities = [probabilities]
+    return {cut: (keras.ops.convert_to_numpy(p), heads.get_layer(f"head_{i}").get_weights())
+            for i, (cut, p) in enumerate(zip(features, probabilities))}
 
 
 def pilot_config(config, strategy, cut, epochs):
@@ -228,11 +247,12 @@ def run_pilots(config, sample, class_names, train_examples, settings, cuts, scor
             print(f"Pilot {len(pilots)}/{total}: {pilot.name:<18} held-out {task.metric} "
                   f"{pilot.score:.3f} ({pilot.seconds:.0f} s)", flush=True)
 
-    for cut in cuts:
-        start = time.time()
-        probabilities, head = frozen_pilot(sample.features[f"pretrained/{cut}"],
-                                           sample.labels, split, config, len(class_names))
-        done(Pilot("frozen", cut, probabilities, held_labels, task, time.time() - start, head))
+    start = time.time()
+    heads = frozen_pilots({cut: sample.features[f"pretrained/{cut}"] for cut in cuts},
+                          sample.labels, split, config, len(class_names))
+    share = (time.time() - start) / max(1, len(cuts))  # trained together: an equal share each
+    for cut, (probabilities, head) in heads.items():
+        done(Pilot("frozen", cut, probabilities, held_labels, task, share, head))
     frozen = frozen_choice(pilots, scored_cut, config.seed)
     sizes = {"train": len(split[0]), "held_out": len(split[1]), "epochs": epochs}
     for strategy, cut in trained:
