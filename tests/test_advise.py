@@ -361,6 +361,22 @@ def test_a_costlier_choice_must_clear_a_margin_and_a_tie_goes_to_the_cheaper():
         large_examples=1000))[:2] == ("large_different", "late")
 
 
+def test_the_frozen_pilots_epochs_are_one_fit_each_image_once_per_epoch():
+    x = np.arange(10, dtype="float32")[:, None]
+    batches = pilots_lib._Epochs([x, 2 * x], np.arange(10), batch_size=4, epochs=3, seed=0)
+    assert len(batches) == 9  # 3 epochs of 3 batches (4, 4, 2)
+    epochs = [np.concatenate([batches[i][1][0] for i in range(3 * e, 3 * e + 3)])
+              for e in range(3)]
+    for labels in epochs:  # every image once per epoch, in its own order
+        assert sorted(labels) == list(range(10))
+    assert len({tuple(labels) for labels in epochs}) == 3
+    for i in range(9):  # each head's inputs and labels are the same images'
+        (first, second), labels = batches[i]
+        assert len(labels) == 2 and np.array_equal(labels[0], labels[1])
+        np.testing.assert_array_equal(first[:, 0], labels[0])
+        np.testing.assert_array_equal(second, 2 * first)
+
+
 def test_a_pilot_that_cannot_change_the_decision_is_not_run(monkeypatch, tmp_path):
     """A frozen head right on 299 of 300 held-out images: not even a perfect fine-tuned
     pilot could beat it by half a point outside noise, so none trains; at 270 of 300 it
@@ -444,9 +460,12 @@ def test_pilots_give_the_same_result_with_the_same_seed(digits_setup, piloted):
 
 
 @pytest.mark.graph
-def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, piloted):
+def test_the_finetuned_pilot_starts_from_the_frozen_pilots_head(digits_setup, piloted,
+                                                                monkeypatch):
     plan, datasets = digits_setup
     _, sample = piloted
+    # feature_norm's statistics are the sample's features' at the cut: no second pass.
+    monkeypatch.setattr(features, "sample", lambda *a, **k: pytest.fail("a second pass"))
     split = pilots_lib.pilot_split(sample.labels, 0.3, plan.config.seed)
     features_late = sample.features["pretrained/late"]
     frozen, head = pilots_lib.frozen_pilot(features_late, sample.labels, split, plan.config, 10)

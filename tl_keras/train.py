@@ -86,7 +86,9 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
         chief writes the run folder.
       first_view: `(features, labels)` of the first read of `data.train` at
         the plan's cut, computed by the regime advisor (advise.py): the head
-        phase's cached features start from it instead of computing it again.
+        phase's cached features start from it instead of computing it again
+        (and without a cached phase, `feature_norm`'s statistics come from it:
+        the advisor's fine-tuned pilot).
 
     Returns:
       The metrics dict also written to `metrics.json`.
@@ -289,8 +291,10 @@ def run_phase(run, phase):
         # starting features are tiny (variance ~1e-25 for MobileNetV2), and
         # statistics frozen at that scale would blow its trained features
         # up by ~1e12 (losses in the millions).
-        features.adapt_feature_norm(run.model, run.cache.train[0] if inputs.cached
-                                    else features.sample(run.model, run.data))
+        # The features are the cache's, else the first view's (the advisor's), else a pass.
+        features.adapt_feature_norm(
+            run.model, run.cache.train[0] if inputs.cached else run.first_view[0]
+            if run.first_view is not None else features.sample(run.model, run.data))
     compile_phase(run, phase, inputs)
     if finished:
         run.model.load_weights(done)
