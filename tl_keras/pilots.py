@@ -182,9 +182,10 @@ def frozen_pilots(features, labels, split, config, num_classes):
 
 class _Epochs(keras.utils.PyDataset):
     """`epochs` passes over (inputs, labels) in batches, each pass in its own seeded
-    order, as one epoch of `fit`: the batches `fit(..., epochs=epochs, shuffle=True)`
-    would give, without its cost per epoch (a new iterator, callbacks), about 75 ms
-    on 2 cores: more than the pass itself for a head on a sample's features."""
+    order, as one epoch of `fit`: batches as `fit(..., epochs=epochs, shuffle=True)`
+    makes them (its last of each pass smaller), without `fit`'s cost per epoch (a new
+    iterator, callbacks: ~75 ms on 2 cores, more than a head's pass over a sample's
+    features)."""
 
     def __init__(self, inputs, labels, batch_size, epochs, seed):
         super().__init__()
