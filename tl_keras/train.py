@@ -87,8 +87,9 @@ def finetune(plan, data, model=None, initial_epoch=0, feature_store=None, save_m
       first_view: `(features, labels)` of the first read of `data.train` at
         the plan's cut, computed by the regime advisor (advise.py): the head
         phase's cached features start from it instead of computing it again
-        (and without a cached phase, `feature_norm`'s statistics come from it:
-        the advisor's fine-tuned pilot).
+        (and when the first phase trains on no cached features, `feature_norm`'s
+        statistics come from it: the advisor's fine-tuned pilot, a
+        `--regime=auto` run with `cache_features=False`).
 
     Returns:
       The metrics dict also written to `metrics.json`.
