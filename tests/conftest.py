@@ -140,7 +140,12 @@ def _functions_eager_unless_graph(request):
     eager_functions(True)
 
 
-eager_functions(True)  # shared fixtures too, unless they train inside `traced()`
+@pytest.fixture(scope="session", autouse=True)
+def _functions_eager_in_shared_fixtures():
+    """Shared fixtures too, unless they train inside `traced()`. (A fixture, not an
+    import-time call: pytest-xdist's controller, which runs no test, imports this file
+    and needs no TensorFlow.)"""
+    eager_functions(True)
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ class Devices:
     def fit(self, model, train_data, val_data, validation_freq=1, **kwargs):
         if self.loop:  # validates every epoch
             return self.lib.fit(model, self.strategy, train_data, val_data, **kwargs)
+        keras_internals.build_before_tracing(model, train_data)  # one trace of the step
         return model.fit(train_data, validation_data=val_data,
                          # tf.data pipelines and PyDatasets shuffle themselves
                          shuffle=isinstance(train_data, tuple),

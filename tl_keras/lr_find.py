@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from tl_keras import recipe as recipe_lib, trainable
+from tl_keras import keras_internals, recipe as recipe_lib, trainable
 
 
 @dataclasses.dataclass
@@ -86,6 +86,7 @@ def _run(model, phase, batches, loss, steps, min_rate, max_rate, smoothing, stop
     constant = dataclasses.replace(phase.recipe, schedule="constant", warmup=0.0, ema=0.0)
     optimizer = recipe_lib.optimizer(dataclasses.replace(phase, recipe=constant), 1, model)
     model.compile(optimizer=optimizer, loss=loss)
+    keras_internals.build_before_tracing(model, next(_forever(batches)))  # one trace
     rates = np.geomspace(min_rate, max_rate, steps)
     tried, losses, average, best = [], [], 0.0, math.inf
     for i, (rate, (x, y)) in enumerate(zip(rates, _forever(batches))):

@@ -35,6 +35,8 @@ import numpy as np
 
 from tl_keras import backbones, keras_internals
 
+keras_internals.cache_saving_skipsets()  # every save and load here, every epoch's backup
+
 # Rows: input channels; columns: R, G, B. Grey is copied to all three; an
 # alpha channel is dropped.
 _TO_RGB = {

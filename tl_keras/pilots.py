@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from tl_keras import (advise as advise_lib, arrays, backbones, features as features_lib,
-                      folded, plan as plan_lib, tasks, train as train_lib)
+                      folded, keras_internals, plan as plan_lib, tasks, train as train_lib)
 from tl_keras.advise import SAMPLE, Thresholds, pool_grid_for
 
 
@@ -169,9 +169,11 @@ def frozen_pilots(features, labels, split, config, num_classes):
     heads.compile(keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
                   [task.loss()] * len(outputs),
                   steps_per_execution=config.head_steps_per_execution)
-    heads.fit(_Epochs([values[train] for values in features.values()], labels[train],
-                      min(config.batch_size, PILOT_BATCH), max(config.epochs, HEAD_EPOCHS),
-                      config.seed), verbose=0)
+    epochs = _Epochs([values[train] for values in features.values()], labels[train],
+                     min(config.batch_size, PILOT_BATCH), max(config.epochs, HEAD_EPOCHS),
+                     config.seed)
+    keras_internals.build_before_tracing(heads, epochs)  # one trace of the step
+    heads.fit(epochs, verbose=0)
     # A call, not `predict`: predict's function would be traced for this one use.
     probabilities = heads([values[held] for values in features.values()])
     if len(outputs) == 1:  # a one-output model gives its tensor, not a list of one
