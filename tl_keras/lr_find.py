@@ -86,10 +86,11 @@ def _run(model, phase, batches, loss, steps, min_rate, max_rate, smoothing, stop
     constant = dataclasses.replace(phase.recipe, schedule="constant", warmup=0.0, ema=0.0)
     optimizer = recipe_lib.optimizer(dataclasses.replace(phase, recipe=constant), 1, model)
     model.compile(optimizer=optimizer, loss=loss)
-    keras_internals.build_before_tracing(model, next(_forever(batches)))  # one trace
     rates = np.geomspace(min_rate, max_rate, steps)
     tried, losses, average, best = [], [], 0.0, math.inf
     for i, (rate, (x, y)) in enumerate(zip(rates, _forever(batches))):
+        if i == 0:
+            keras_internals.build_before_tracing(model, (x, y))  # the step traced once
         optimizer.learning_rate.assign(float(rate))
         value = float(model.train_on_batch(x, y))
         if not math.isfinite(value):
