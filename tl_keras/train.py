@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -298,7 +299,9 @@ def run_phase(run, phase):
             if run.first_view is not None else features.sample(run.model, run.data))
     compile_phase(run, phase, inputs)
     if finished:
-        run.model.load_weights(done)
+        with warnings.catch_warnings():  # its optimizer's state is not trained on again
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            run.model.load_weights(done)
         print(f"Phase {phase.name!r} finished in an earlier attempt; weights restored.")
         return inputs, False
     announce(run, phase, inputs)
