@@ -43,7 +43,6 @@ def test_another_keras_is_one_clear_error_where_a_private_api_is_used(monkeypatc
         "(as setup.cfg pins it)")
 
 
-
 def test_saving_lists_the_attributes_it_skips_once_and_saves_the_same(tmp_path, monkeypatch):
     """Keras 3.15's saver builds a bare reference `Layer()` to list the attributes it
     skips; its cache of them is looked up under another key than it is stored, so
