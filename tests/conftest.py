@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from tl_keras.configs import smoke  # noqa: E402
 
-TINY_BACKBONE = "mobilenet_v3_small"
+TINY_BACKBONE = "mobilenet_v3_small_minimalistic"
 TINY_SIZE = 32
 
 

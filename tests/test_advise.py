@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, traced, write_image_folder
+from conftest import ROOT, TINY_BACKBONE, tiny_config, traced, write_image_folder
 
 from tl_keras import (advise, data, features, pilots as pilots_lib, plan as plan_lib, tasks,
                       train)
@@ -505,13 +505,13 @@ def test_the_advisor_calls_the_pretraining_task_itself_similar():
 
 def test_advise_tool_names_the_best_of_several_backbones(run_tool, tmp_path):
     out = tmp_path / "advice"
-    result = run_tool("advise.py", "--backbone=seed_cnn,mobilenet_v3_small", "--weights=none",
+    result = run_tool("advise.py", f"--backbone=seed_cnn,{TINY_BACKBONE}", "--weights=none",
                       "--image_size=32", "--dataset=digits", "--max_examples=100",
                       "--cuts=top", f"--workdir={out}")
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "advice.json").read_text())
     rows = saved["backbones"]
-    assert list(rows) == ["seed_cnn", "mobilenet_v3_small"]
+    assert list(rows) == ["seed_cnn", TINY_BACKBONE]
     logme = {name: row["measure"]["LogME"] for name, row in rows.items()}  # nothing pretrained
     assert saved["backbone"] == max(logme, key=logme.get)
     for name in rows:
@@ -531,14 +531,14 @@ def test_advise_tool_names_the_best_of_several_backbones(run_tool, tmp_path):
 
 def test_finetune_auto_trains_the_best_of_several_backbones(run_tool, tmp_path):
     work = tmp_path / "run"
-    result = run_tool("finetune.py", "--regime=auto", "--backbone=mobilenet_v3_small,seed_cnn",
+    result = run_tool("finetune.py", "--regime=auto", f"--backbone={TINY_BACKBONE},seed_cnn",
                       "--weights=none", "--image_size=32", "--dataset=digits",
                       "--max_examples=100", "--epochs=1", "--config.verbose=0",
                       f"--workdir={work}")
     assert result.returncode == 0, result.stderr
     config = json.loads((work / "config.json").read_text())
     advice = config["advice"]
-    assert list(advice["backbones"]) == ["mobilenet_v3_small", "seed_cnn"]
+    assert list(advice["backbones"]) == [TINY_BACKBONE, "seed_cnn"]
     assert config["backbone"] == advice["backbone"] == max(
         advice["backbones"], key=lambda n: advice["backbones"][n]["measure"]["LogME"])
     assert config["epochs"] == 1 and "<- best" in result.stdout

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_image_folder
+from conftest import ROOT, TINY_BACKBONE, write_image_folder
 
 import tl_keras
 from tl_keras import arrays, run_folder
 
-SMALL = dict(backbone="mobilenet_v3_small", weights="none", image_size=32, epochs=2,
+SMALL = dict(backbone=TINY_BACKBONE, weights="none", image_size=32, epochs=2,
              head_epochs=1, batch_size=16, verbose="0", augment=False)
 
 
@@ -129,10 +129,10 @@ def test_paths_dicts_and_comma_lists_are_taken_as_the_tools_take_them(monkeypatc
 
 def test_advise_regime_writes_an_advice_folder(images, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = tl_keras.advise_regime(str(images), backbone="mobilenet_v3_small",
+    result = tl_keras.advise_regime(str(images), backbone=TINY_BACKBONE,
                                     weights="none", image_size=32)
     assert os.path.dirname(result.workdir) == "runs"
-    assert os.path.basename(result.workdir).startswith("advice_mobilenet_v3_small_")
+    assert os.path.basename(result.workdir).startswith(f"advice_{TINY_BACKBONE}_")
     saved = run_folder.read_json(os.path.join(result.workdir, "advice.json"))
     assert saved["regime"] == result.advice.regime == "large_different"  # random weights
     assert "LogME per cut" in result._repr_html_()

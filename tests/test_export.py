@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import predict_request  # tools/ is on pytest's pythonpath (setup.cfg)
-from conftest import ROOT, TOOLS, TINY_SIZE, tiny_config, tool_in_process
+from conftest import ROOT, TOOLS, TINY_BACKBONE, TINY_SIZE, tiny_config, tool_in_process
 from tl_keras import data, export
 
 CLASSES = ["cat", "dog", "fox"]
@@ -66,7 +66,7 @@ def test_finetune_cli_runs_a_regime_on_a_folder(cli_run):
     root, result, _ = cli_run
     metrics = json.load(open(root / "run" / "metrics.json"))
     assert metrics["regime"] == "small_similar"
-    assert metrics["backbone"] == "mobilenet_v3_small"
+    assert metrics["backbone"] == TINY_BACKBONE
     assert metrics["class_names"] == ["cat", "dog", "fox"]
     assert metrics["epochs_run"] == 2
     assert metrics["train_examples"] + metrics["val_examples"] == 20
@@ -151,6 +151,7 @@ np.savez(sys.argv[3], **out)
 """
 
 
+@pytest.mark.slow  # a new Python without tl_keras or Keras (docs/testing.md)
 def test_loads_without_tl_keras_and_matches_the_keras_model(run, tmp_path):
     root, model = run
     pixels = images()

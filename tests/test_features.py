@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from tl_keras import data, features, plan as plan_lib, train, trainable
+from conftest import TINY_SIZE, tiny_arrays, tiny_config
+from tl_keras import backbones, data, features, plan as plan_lib, train, trainable
 
 
 def tiny_data(config):
@@ -113,6 +113,7 @@ def test_no_more_views_than_epochs_that_use_them(asked, epochs, augmented, want)
     assert features.views_to_cache(asked, epochs, augmented) == want
 
 
+@pytest.mark.graph  # folded where functions are traced, as in a user's run
 def test_folded_passes_in_large_batches_equal_keras_predict(tmp_path, shared_images):
     # The default path here (TensorFlow, no GPU): the extractor folded into one
     # constant graph, pipelines rebatched to `inference_batch`. Features must equal
@@ -155,6 +156,56 @@ def test_folded_passes_in_large_batches_equal_keras_predict(tmp_path, shared_ima
     alone, no_labels = folded.predict(two, pipeline.map(lambda images, _: images), fold_it=False)
     assert no_labels is None
     np.testing.assert_allclose(alone["pooled"], out["pooled"], rtol=1e-5, atol=1e-5)
+
+
+def test_folding_keeps_squeeze_excite_and_hard_swish():
+    # The smoke config's network (most tests') has neither; MobileNetV3-Small's
+    # blocks up to its `late` cut have both (six squeeze-excite blocks).
+    from tl_keras import folded
+
+    model = backbones.build_backbone("mobilenet_v3_small", weights="none", image_size=TINY_SIZE,
+                                     cut="late").model
+    assert any(op.activation.__name__ == "hard_silu" for op in model.operations  # hard-swish
+               if isinstance(op, keras.layers.Activation))
+    # Random weights leave every squeeze-excite gate at ~0.5; spread biases make
+    # them matter (one block's biases changed moves the features by ~100%).
+    gates = [op for op in model.operations if op.name.endswith("squeeze_excite_conv_1")]
+    assert len(gates) == 6
+    rng = np.random.default_rng(0)
+    for gate in gates:
+        kernel, bias = gate.get_weights()
+        gate.set_weights([kernel, rng.normal(0, 3, bias.shape).astype("float32")])
+    x, y = tiny_arrays(n=6)
+    out, labels = folded.predict(folded.fold(model), (x, y), batch_size=4)
+    np.testing.assert_array_equal(labels, y)
+    expected = model.predict(x, verbose=0)
+    scale = np.abs(expected).max()  # ~1e-7: random weights shrink them stage by stage
+    assert scale > 0 and np.abs(expected[0] - expected[1]).max() > 0.1 * scale
+    np.testing.assert_allclose(out / scale, expected / scale, atol=1e-5)
+
+
+def test_functions_run_eagerly_pass_through_keras_predict(tmp_path, shared_images, monkeypatch):
+    # tf.config.run_functions_eagerly(True) (debugging; this suite's default): every
+    # layer's Python runs, so no folded graph; traced functions fold again.
+    import tensorflow as tf
+
+    from conftest import traced
+    from tl_keras import folded
+
+    fold = folded.fold
+    monkeypatch.setattr(folded, "fold", lambda model: pytest.fail("folded while eager"))
+    tf.config.run_functions_eagerly(True)
+    config = tiny_config(tmp_path, "small_different", dataset=str(shared_images))
+    datasets = tiny_data(config)
+    model = built(config, datasets)
+    cache = features.compute(model, datasets, views=1, verbose=0)
+    assert len(cache.val) == datasets.val_examples
+    folds = []
+    monkeypatch.setattr(folded, "fold", lambda model: folds.append(1) or fold(model))
+    with traced():
+        again = features.compute(model, datasets, views=1, verbose=0)
+    assert folds == [1]
+    np.testing.assert_allclose(again.val, cache.val, rtol=1e-5, atol=1e-5)
 
 
 def test_with_a_gpu_visible_passes_go_through_keras_predict(tmp_path, shared_images,

@@ -24,8 +24,8 @@ from conftest import ROOT
      "finetune.py: error: unknown config key 'no_such_key' (every key is in configs/base.py)"),
     (["--regime=small_different", f"--config={ROOT}/configs/smoke.py", "--cut=conv9",
       "--dataset=IMAGES"],
-     "finetune.py: error: unknown cut 'conv9' for backbone 'mobilenet_v3_small'; named cut "
-     "points: early, middle, late, top; nearest layer names: "),
+     "finetune.py: error: unknown cut 'conv9' for backbone 'mobilenet_v3_small_minimalistic'; "
+     "named cut points: early, middle, late, top; nearest layer names: "),
     (["--regime=small_similar", "--batch_size=0"],
      "finetune.py: error: batch_size must be at least 1, got 0"),
     (["--regime=small_similar", "--config.early_stopping=1", "--config.layer_decay=0.5"],
@@ -131,10 +131,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_model(tmp_path, shar
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--cut=conv9"], "unknown cut 'conv9' for backbone 'mobilenet_v3_small'; named cut points: "),
-    (["--weights=OTHER"], "could not load weights 'OTHER' into 'mobilenet_v3_small' built with "
-                          "include_top=False: 81 layers do not match it; was it saved from "
-                          "another backbone?"),
+    (["--cut=conv9"], "unknown cut 'conv9' for backbone 'mobilenet_v3_small_minimalistic'; "
+                      "named cut points: "),
+    (["--weights=OTHER"], "could not load weights 'OTHER' into 'mobilenet_v3_small_minimalistic' "
+                          "built with include_top=False: 62 layers do not match it; was it "
+                          "saved from another backbone?"),
 ])
 def test_the_backbone_is_checked_before_the_data_is_read(tmp_path, run_tool, monkeypatch,
                                                         args, message):

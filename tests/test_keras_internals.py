@@ -123,3 +123,32 @@ def test_a_train_step_is_traced_once_when_built_first(data, monkeypatch):
             for i in (0, 4):
                 model.train_on_batch(x[i:i + 4], y[i:i + 4])
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("how", ["run_eagerly", "run_functions_eagerly"])
+def test_a_step_that_runs_eagerly_is_not_built_first(how, monkeypatch):
+    # Nothing is traced there: the symbolic pass over the model would be paid for nothing.
+    import numpy as np
+    import tensorflow as tf
+
+    from conftest import traced
+    from tl_keras import devices
+
+    built = []
+    symbolic = keras.Model._symbolic_build
+    monkeypatch.setattr(keras.Model, "_symbolic_build",
+                        lambda self, *a, **k: built.append(1) or symbolic(self, *a, **k))
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = np.arange(8) % 2
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  run_eagerly=how == "run_eagerly")
+    before = model.get_weights()
+    with traced():
+        tf.config.run_functions_eagerly(how == "run_functions_eagerly")
+        history = devices.Devices(None).fit(model, pipeline, pipeline, epochs=2, verbose=0)
+    assert built == []
+    assert len(history.history["accuracy"]) == 2 and len(model.optimizer.variables) > 1
+    assert not np.array_equal(model.get_weights()[0], before[0])

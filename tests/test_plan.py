@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import tiny_config
+from conftest import TINY_BACKBONE, tiny_config
 from tl_keras import plan as plan_lib
 
 
@@ -127,7 +127,7 @@ def test_every_default_has_one_home_in_base(tmp_path):
     defaults = base.get_config()
     for key in ("head_steps_per_execution", "distribution", "feature_cache_bytes"):
         assert merged[key] == defaults[key]
-    assert merged.epochs == 2 and merged.backbone == "mobilenet_v3_small"  # the given ones
+    assert merged.epochs == 2 and merged.backbone == TINY_BACKBONE  # the given ones
     plan = plan_lib.resolve(merged)
     assert (plan.config.head_steps_per_execution, plan.distribution) == (32, "auto")
     # No fallback default hides anywhere else in the package: config.get(KEY, DEFAULT).

@@ -93,6 +93,7 @@ def test_calibration_error_and_top_k_by_hand():
     assert list(evaluate.worst_mistakes(probabilities, labels)) == [1]
 
 
+@pytest.mark.graph  # folded where functions are traced, as in a user's run
 def test_evaluate_tool_matches_the_run_and_changes_nothing_else(finished_run, run_tool,
                                                                monkeypatch):
     from tl_keras import folded

@@ -91,7 +91,7 @@ def test_trials_train_as_finetune_does_and_share_features_per_cut(tmp_path, shar
     c_model, c, c_metrics = trial("c", cut="early")
 
     # A trial builds what its values say: the cut, the dropout.
-    assert b_metrics["cut_layer"] == "expanded_conv_2_add"  # mobilenet_v3_small's "middle"
+    assert b_metrics["cut_layer"] == "expanded_conv_2_add"  # the smoke config's backbone's "middle"
     assert b_model.get_layer("dropout").rate == 0.3
     assert c_metrics["cut_layer"] == "expanded_conv_project_bn"
     # Features are computed once per cut: b reuses a's, c has its own.
@@ -150,7 +150,7 @@ def test_sweep_writes_results_best_first_and_the_winner_retrains(tmp_path, share
         assert float(row["val_accuracy"]) == metrics["val_accuracy"]
         assert metrics["cut_layer"] == {
             "early": "expanded_conv_project_bn", "middle": "expanded_conv_2_add",
-            "late": "expanded_conv_7_add", "top": "activation_17"}[row["cut"]]
+            "late": "expanded_conv_7_add", "top": "re_lu_22"}[row["cut"]]
         assert float(row["dropout"]) == pytest.approx(
             json.load(open(sweep / "trials" / row["trial_id"] / "config.json"))["dropout"])
     # The table on stdout, best first.

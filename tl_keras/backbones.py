@@ -30,6 +30,7 @@ Example:
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import warnings
@@ -104,6 +105,12 @@ BACKBONES = {
         A.MobileNetV3Small, A.mobilenet_v3.preprocess_input, 224,
         _cuts("expanded_conv_project_bn", "expanded_conv_2_add",
               "expanded_conv_7_add", "activation_17")),
+    # Without squeeze-excite blocks or hard-swish (Keras' `minimalistic=True`): a
+    # third fewer layers, the same stages; the smoke config's network.
+    "mobilenet_v3_small_minimalistic": applications(
+        functools.partial(A.MobileNetV3Small, minimalistic=True), A.mobilenet_v3.preprocess_input,
+        224, _cuts("expanded_conv_project_bn", "expanded_conv_2_add",
+                   "expanded_conv_7_add", "re_lu_22")),
     "mobilenet_v3_large": applications(
         A.MobileNetV3Large, A.mobilenet_v3.preprocess_input, 224,
         _cuts("expanded_conv_2_add", "expanded_conv_5_add",

@@ -202,7 +202,8 @@ def compute(model, data, views=1, batch_size=32, max_bytes=2 << 30, spill_dir=No
         in their order); falsy: `batch_size`. Pipelines that drop remainders
         (distributed runs) and spilled passes keep their own batches.
       folded: run in-memory passes as a constant-folded graph (folded.py);
-        None: where `folded.usable()` (TensorFlow on a CPU); False: `predict`.
+        None: where `folded.usable()` (TensorFlow on a CPU, functions traced);
+        False: `predict`.
 
     Returns:
       `FeatureCache`.

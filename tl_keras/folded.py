@@ -13,7 +13,9 @@ through Keras' `predict`, with outputs equal within float32 rounding
 Used only where it is known to win: the TensorFlow backend with no GPU or TPU
 visible and no distribution strategy (`usable`). Elsewhere -- GPUs, JAX,
 tf.distribute -- `predict` runs Keras' `predict` as before, so those paths
-are unchanged. `config.folded_inference=False` turns it off.
+are unchanged. `config.folded_inference=False` turns it off, and so does
+`tf.config.run_functions_eagerly(True)` (debugging: a folded graph would run
+none of the layers' Python).
 
 Example:
     probabilities, labels = predict(model, pipeline)  # folded where usable()
@@ -30,12 +32,13 @@ from tl_keras.arrays import as_labels
 
 
 def usable():
-    """Whether folded passes apply here: TensorFlow backend, CPU only."""
+    """Whether folded passes apply here: TensorFlow backend, CPU only, functions traced."""
     if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
 
-    return not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
+    return not (tf.config.functions_run_eagerly() or tf.config.list_logical_devices("GPU")
+                or tf.config.list_logical_devices("TPU"))
 
 
 def fold(model):
