@@ -132,6 +132,7 @@ def test_one_label_per_cell_when_the_delimiter_is_none(image_folder):
     assert examples.class_names == ["big cat", "big dog", "big fox"]
 
 
+@pytest.mark.slow  # two whole runs of the tool (docs/testing.md)
 def test_the_tool_trains_on_a_table_as_on_its_folder(shared_images, tmp_path, run_tool):
     # The same files as class folders and as a CSV: the same metrics.json numbers.
     table = write_table(tmp_path / "labels.csv",

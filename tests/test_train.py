@@ -392,8 +392,8 @@ def test_label_smoothing_loss_equals_the_formula_and_saves(tmp_path, uncached_ru
     assert loaded.loss.label_smoothing == 0.2
 
 
-@pytest.mark.parametrize("regime", ["small_similar",
-                                    pytest.param("large_similar", marks=pytest.mark.slow)])
+@pytest.mark.slow  # three whole runs (docs/testing.md)
+@pytest.mark.parametrize("regime", ["small_similar", "large_similar"])
 def test_the_same_config_and_seed_give_the_same_run_with_augmentation(tmp_path, shared_images,
                                                                       regime):
     # small_similar: augmented views of cached features; large_similar's second phase:
