@@ -23,10 +23,14 @@ from conftest import TINY_SIZE, tiny_config  # this script's folder is sys.path[
 
 
 def config_for(out, **overrides):
+    # MobileNetV3-Small, not the smoke config's minimalistic variant: with the
+    # minimalistic one (random weights) one device and two replicas gave fine-tuning
+    # losses up to 5% apart (why is not established: its activations of random weights
+    # shrink towards zero); MobileNetV3-Small's agree to 7 digits.
     import pathlib
     return tiny_config(pathlib.Path(out), "large_similar", epochs=4, head_epochs=2,
                        learning_rate=1e-2, finetune_learning_rate=1e-3, dropout=0.0,
-                       **overrides)
+                       backbone="mobilenet_v3_small", **overrides)
 
 
 def train(config, strategy):

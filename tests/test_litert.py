@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, write_image_folder
+from conftest import ROOT, tiny_config, traced, write_image_folder
 
 from tl_keras import data, evaluate, litert, train
 
@@ -23,7 +23,8 @@ def finished_run(tmp_path_factory):
     config = tiny_config(root, dataset=str(root / "images"), epochs=30, val_fraction=0.3,
                          learning_rate=1e-2, backbone="seed_cnn", image_size=28,
                          weights=weights)
-    train.finetune(config, data.load(config, config.image_size))
+    with traced():  # 30 epochs: tracing each step once is cheaper than running them eagerly
+        train.finetune(config, data.load(config, config.image_size))
     return root / "run"
 
 
