@@ -80,6 +80,19 @@ def test_saving_lists_the_attributes_it_skips_once_and_saves_the_same(tmp_path, 
         np.testing.assert_array_equal(saved, kept)
 
 
+def _classifier(**compile_kwargs):
+    """A compiled one-Dense-layer classifier and 8 examples (x, y) for it."""
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = np.arange(8) % 2
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  **compile_kwargs)
+    return model, x, y
+
+
 class _Batches(keras.utils.PyDataset):
     def __init__(self, x, y):
         super().__init__()
@@ -96,7 +109,6 @@ class _Batches(keras.utils.PyDataset):
 def test_a_train_step_is_traced_once_when_built_first(data, monkeypatch):
     """Keras' TensorFlow trainer on one device creates the optimizer's and the metrics'
     variables inside the step's first trace, which tf.function then traces again."""
-    import numpy as np
     import tensorflow as tf
 
     from conftest import traced
@@ -106,11 +118,7 @@ def test_a_train_step_is_traced_once_when_built_first(data, monkeypatch):
     step = keras.Model.train_step
     monkeypatch.setattr(keras.Model, "train_step",
                         lambda self, batch: traces.append(1) or step(self, batch))
-    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
-    y = np.arange(8) % 2
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model, x, y = _classifier()
     with traced():
         if data == "pipeline":  # train.py's phases
             pipeline = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
@@ -138,13 +146,8 @@ def test_a_step_that_runs_eagerly_is_not_built_first(how, monkeypatch):
     symbolic = keras.Model._symbolic_build
     monkeypatch.setattr(keras.Model, "_symbolic_build",
                         lambda self, *a, **k: built.append(1) or symbolic(self, *a, **k))
-    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
-    y = np.arange(8) % 2
+    model, x, y = _classifier(run_eagerly=how == "run_eagerly")
     pipeline = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"],
-                  run_eagerly=how == "run_eagerly")
     before = model.get_weights()
     with traced():
         tf.config.run_functions_eagerly(how == "run_functions_eagerly")

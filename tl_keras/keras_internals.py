@@ -33,10 +33,15 @@ import keras
 TESTED = {"keras": "3.15", "keras_tuner": "1.4", "tensorflow": "2.21"}  # major.minor
 
 
+def is_tested(package, version):
+    """Whether `version` is the major.minor in `TESTED[package]`."""
+    return version.split(".")[:2] == TESTED[package].split(".")
+
+
 def check_version(package, version, what):
     """Raises `RuntimeError` unless `version` is the major.minor in `TESTED[package]`."""
     tested = TESTED[package]
-    if version.split(".")[:2] != tested.split("."):
+    if not is_tested(package, version):
         raise RuntimeError(
             f"tl_keras uses a private {package} API ({what}) tested with {package} "
             f"{tested}.x, and {package} {version} is installed; install "
@@ -231,7 +236,7 @@ def cache_saving_skipsets():
     with its global state (`clear_session`). On another Keras version it does
     nothing. Idempotent.
     """
-    if keras.__version__.split(".")[:2] != TESTED["keras"].split("."):
+    if not is_tested("keras", keras.__version__):
         return
     from keras.src.backend.common import global_state
     from keras.src.saving import saving_lib
