@@ -299,10 +299,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, shared_images, run_tool, mon
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", port)
     began = time.time()
-    result = run_tool("tune.py", *base, "--oracle_wait=2", cwd=tmp_path)
+    result = run_tool("tune.py", *base, "--oracle_wait=0.5", cwd=tmp_path)
     assert result.returncode == 2
     assert result.last_line() == (
-        f"tune.py: error: no Keras Tuner oracle answers at 127.0.0.1:{port} after 2 s; start "
+        f"tune.py: error: no Keras Tuner oracle answers at 127.0.0.1:{port} after 0.5 s; start "
         "the chief first (KERASTUNER_TUNER_ID=chief) or fix KERASTUNER_ORACLE_IP/PORT")
     assert time.time() - began < 60
     monkeypatch.delenv("KERASTUNER_ORACLE_PORT")
