@@ -148,6 +148,25 @@ def _functions_eager_in_shared_fixtures():
     eager_functions(True)
 
 
+# --- The two processes finish together -------------------------------------------------
+# pytest-xdist hands each process one test file at a time, in collection order
+# (setup.cfg: --no-loadscope-reorder; its default orders by number of tests), and a
+# process takes its next file before it has finished the last. The files that train
+# most (5-45 s each on 2 cores) go first, so that the last ones are short and
+# neither process waits long for the other at the end (docs/testing.md).
+LONGEST_FIRST = ("test_advise.py", "test_train.py", "test_litert.py", "test_hub_backbones.py",
+                 "test_export.py", "test_report.py", "test_tasks.py", "test_api.py",
+                 "test_tune.py", "test_efficientnet_lite.py", "test_features.py",
+                 "test_backbones.py", "test_data.py", "test_mobilenet_v2.py",
+                 "test_finetune_cli.py", "test_trainable.py", "test_model.py", "test_recipe.py",
+                 "test_lr_find.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture
 def keras_home(tmp_path, monkeypatch):
     """An empty Keras cache for the test: converted weights are written there."""

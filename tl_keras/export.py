@@ -154,7 +154,7 @@ def read_thresholds(version_dir):
 
 
 def serving_archive(model, class_names, thresholds=None):
-    """A `keras.export.ExportArchive` with the `serving_default` and `serve_bytes` endpoints
+    """A `ServingArchive` of `model` with the `serving_default` and `serve_bytes` endpoints
     (`thresholds`: a multi-label model's, `export`)."""
     import tensorflow as tf
 
@@ -186,15 +186,38 @@ def serving_archive(model, class_names, thresholds=None):
                            fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
         return classify(images)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default", serving_default,
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name="images")])
-    archive.add_endpoint(
-        "serve_bytes", serve_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    return archive
+    return ServingArchive(model, {
+        "serving_default": (serving_default,
+                            tf.TensorSpec([None, height, width, 3], tf.float32, name="images")),
+        "serve_bytes": (serve_bytes, tf.TensorSpec([None], tf.string, name="image_bytes"))})
+
+
+class ServingArchive:
+    """A model's variables and its endpoints, written as a SavedModel by
+    `tf.saved_model.save`: each endpoint a signature, and a function of the loaded object.
+
+    (Keras' `keras.export.ExportArchive` writes the same signatures, but traces every
+    endpoint twice, once outside the save, walks every layer for lookup tables, which a
+    classifier has none of, and stores every variable twice: its exports took 2.5 times
+    as long and twice the space, benchmarks/export_time.py, docs/serving.md.)
+    """
+
+    def __init__(self, model, endpoints):
+        import tensorflow as tf
+
+        self.module = tf.Module()
+        # The variables the endpoints read, as TensorFlow's (Keras' hold one each).
+        self.module.model_variables = [v.value for v in model.variables]
+        self.signatures = {}
+        for name, (fn, spec) in endpoints.items():
+            function = tf.function(fn, input_signature=[spec], autograph=False)
+            setattr(self.module, name, function)
+            self.signatures[name] = function
+
+    def write_out(self, path, verbose=False):
+        import tensorflow as tf
+
+        tf.saved_model.save(self.module, path, signatures=self.signatures)
 
 
 def decode_image(image_bytes, height, width):
