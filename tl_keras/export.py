@@ -117,7 +117,7 @@ def export(model, class_names, export_dir, verbose=True, thresholds=None):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would lock out a server running as another user
     try:
         with quiet_tensorflow_logs():  # INFO lines per renamed signature input, per shard
-            archive.write_out(tmp, verbose=False)
+            archive.write_out(tmp)
         write_labels(os.path.join(tmp, "assets.extra"), class_names, thresholds)
         version_dir = publish(tmp, export_dir)
     finally:
@@ -214,7 +214,7 @@ class ServingArchive:
             setattr(self.module, name, function)
             self.signatures[name] = function
 
-    def write_out(self, path, verbose=False):
+    def write_out(self, path):
         import tensorflow as tf
 
         tf.saved_model.save(self.module, path, signatures=self.signatures)
