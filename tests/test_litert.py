@@ -3,6 +3,7 @@ and measured, a broken calibration is refused, versions are never overwritten.""
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -28,12 +29,17 @@ def finished_run(tmp_path_factory):
     return root / "run"
 
 
-def test_float32_litert_gives_the_keras_models_outputs(finished_run):
+def test_float32_litert_gives_the_keras_models_outputs(finished_run, tmp_path, monkeypatch):
     model, config, _ = evaluate.load_run(str(finished_run))
     images, _ = litert.calibration_images(config, 20)
-    tflite = litert.convert(model, "none")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tflite = litert.convert(model, "none")  # the inference call: dropout off, as in predict
     np.testing.assert_allclose(litert.Runner(tflite)(images), model.predict(images, verbose=0),
                                atol=1e-5)
+    converted = [name for name in os.listdir(tmp_path) if name.startswith("tl_keras_litert_")]
+    assert converted == []  # the SavedModel it converted is gone
+    with pytest.raises(ValueError, match="^unknown quantize 'int4'; valid: none, float16, "):
+        litert.convert(model, "int4")
 
 
 @pytest.mark.slow
