@@ -105,7 +105,7 @@ def _converter(model, quantize, calibration, float_ok=False):
     would write it through `keras.export.ExportArchive` (the same function and input
     signature: the same .tflite bytes' outputs) but traced once and every variable
     stored once: a conversion takes about half as long
-    (benchmarks/litert_convert_time.py).
+    (benchmarks/litert_convert_time.py). A model it cannot write goes Keras' way.
     """
     import tensorflow as tf
 
@@ -119,9 +119,12 @@ def _converter(model, quantize, calibration, float_ok=False):
         lambda images: model(images, training=False), spec)})
     folder = tempfile.mkdtemp(prefix="tl_keras_litert_")
     try:
-        archive.write_out(folder)
-        yield _configured(tf.lite.TFLiteConverter.from_saved_model(folder), quantize,
-                          calibration, float_ok)
+        try:
+            archive.write_out(folder)
+            converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        except Exception:  # noqa: BLE001  a model the archive cannot write: Keras' way, which
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)  # falls back to freezing
+        yield _configured(converter, quantize, calibration, float_ok)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
