@@ -55,12 +55,16 @@ def classifier(name):
     return model_lib.build_classifier(built.model, backbone, num_classes=3)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc, results):
+    """--repeats and --out (default benchmarks/`results`) of a benchmark described by `doc`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks",
-                                                      "results_export_time.jsonl"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", results))
+    return parser.parse_args()
+
+
+def main():
+    args = arguments(__doc__, "results_export_time.jsonl")
 
     import numpy as np
     import tensorflow as tf

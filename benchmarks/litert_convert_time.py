@@ -20,7 +20,6 @@ default config's EfficientNet-Lite0 ImageNet at 96 px); quantize none and int8
 One JSON line per conversion to --out: model, quantize, converter, seconds.
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -44,15 +43,12 @@ def from_keras_model(model, quantize, calibration, float_ok=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks",
-                                                      "results_litert_convert_time.jsonl"))
-    args = parser.parse_args()
+    from export_time import MODELS, arguments, classifier
+
+    args = arguments(__doc__, "results_litert_convert_time.jsonl")
 
     import numpy as np
 
-    from export_time import MODELS, classifier
     from tl_keras import litert
 
     converters = {"keras_from_keras_model": from_keras_model,

@@ -113,14 +113,13 @@ def _converter(model, quantize, calibration, float_ok=False):
         raise ValueError(f"unknown quantize {quantize!r}; valid: {', '.join(QUANTIZE)}")
     if quantize in INTEGER and (calibration is None or not len(calibration)):
         raise ValueError(f"{quantize} needs calibration images")
-    (image,) = model.inputs
-    spec = tf.TensorSpec(image.shape, image.dtype, name=image.name)
-    archive = export.ServingArchive(model, {"serving_default": (
-        lambda images: model(images, training=False), spec)})
     folder = tempfile.mkdtemp(prefix="tl_keras_litert_")
     try:
         try:
-            archive.write_out(folder)
+            (image,) = model.inputs
+            spec = tf.TensorSpec(image.shape, image.dtype, name=image.name)
+            export.ServingArchive(model, {"serving_default": (
+                lambda images: model(images, training=False), spec)}).write_out(folder)
             converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         except Exception:  # noqa: BLE001  a model the archive cannot write: Keras' way, which
             converter = tf.lite.TFLiteConverter.from_keras_model(model)  # falls back to freezing
