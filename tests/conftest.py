@@ -1,13 +1,17 @@
 """Shared fixtures: tiny configs, tiny image folders, tiny pretend-pretrained weights."""
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Manifests of checked image folders (image_files.CheckedFiles) go here, not into ~/.cache.
-import tempfile  # noqa: E402
-
-os.environ.setdefault("TL_KERAS_CACHE", tempfile.mkdtemp(prefix="tl_keras_cache_"))
+# Manifests of checked image folders (image_files.CheckedFiles) go here, not into ~/.cache:
+# one folder per pytest call (its processes inherit it), removed when the call ends.
+if "TL_KERAS_CACHE" not in os.environ:
+    os.environ["TL_KERAS_CACHE"] = tempfile.mkdtemp(prefix="tl_keras_cache_")
+    atexit.register(shutil.rmtree, os.environ["TL_KERAS_CACHE"], ignore_errors=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 
@@ -146,6 +150,39 @@ def _functions_eager_in_shared_fixtures():
     import-time call: pytest-xdist's controller, which runs no test, imports this file
     and needs no TensorFlow.)"""
     eager_functions(True)
+
+
+# --- tf.data without its autotuning thread ----------------------------------------------
+# A tf.data iterator with autotuning on runs a model thread that sleeps between tuning
+# rounds, each twice as long as the last, up to 60 s. Deleting the iterator cancels the
+# thread and waits for it, but TensorFlow runs the cancel callback that wakes it before it
+# marks the cancellation done (tsl's CancellationManager::StartCancelWithStatus), and
+# Model::OptimizeLoop, woken too early, sees nothing cancelled and sleeps out the rest of
+# its round. Two processes on two cores hit that race often: a test waited, cores idle, for
+# up to a minute while an iterator Keras or a pipeline had left was collected
+# (docs/testing.md, "Stalls"). The fast suite's iterators run without autotuning: the same
+# elements in the same order, parallel maps on every core, prefetch buffers tuned the
+# older way (no thread). TL_KERAS_TEST_AUTOTUNE=1 keeps tf.data's autotuning, as users run.
+KEEP_AUTOTUNE = os.environ.get("TL_KERAS_TEST_AUTOTUNE") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _iterators_without_autotuning():
+    import tensorflow as tf
+    from tensorflow.python.data.ops import dataset_ops
+
+    dataset = dataset_ops.DatasetV2
+    # Every iterator (Python's, Keras', tf.distribute's) comes from a dataset passed
+    # through this hook; it is private, so a TensorFlow without it keeps autotuning.
+    if KEEP_AUTOTUNE or not hasattr(dataset, "_apply_debug_options"):
+        yield
+        return
+    original = dataset._apply_debug_options
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset._apply_debug_options = lambda self: original(self).with_options(options)
+    yield
+    dataset._apply_debug_options = original
 
 
 # --- The two processes finish together -------------------------------------------------

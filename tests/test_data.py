@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import tiny_arrays, tiny_config
+from conftest import KEEP_AUTOTUNE, tiny_arrays, tiny_config
 from tl_keras import arrays, augment as augment_lib, data, image_files
 
 
@@ -161,6 +161,17 @@ def test_pipeline_resizes_batches_and_augments_only_training(tmp_path):
     assert plain_x.dtype == tf.uint8
 
 
+
+@pytest.mark.skipif(KEEP_AUTOTUNE, reason="TL_KERAS_TEST_AUTOTUNE=1 keeps tf.data autotuning")
+def test_the_fast_suite_iterates_without_tf_data_autotuning(tmp_path):
+    """conftest's hook (a stall of up to a minute per deleted iterator otherwise): if a
+    TensorFlow release dropped it, this says so rather than the suite slowing silently."""
+    x = np.zeros((8, 20, 20), "uint8")
+    examples = data.from_arrays(x, np.arange(8) % 2, class_names=["a", "b"],
+                                val_fraction=0.5, seed=0)
+    train = data.make_datasets(examples, tiny_config(tmp_path), image_size=32).train
+    assert train.options().autotune.enabled is None  # the pipeline itself: as users get it
+    assert train._apply_debug_options().options().autotune.enabled is False  # its iterators
 def examples_val_indices(y):
     return arrays.split_indices(np.asarray(y), 0.5, seed=0)[1]
 
