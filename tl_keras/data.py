@@ -459,7 +459,7 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
     def pipeline(ds, n, training, augment=augment, plain=False):
         ds = ds.map(resize_example, num_parallel_calls=AUTOTUNE)
         if plain:  # the training images in the source's seeded order, as they are
-            return ds.batch(batch_size).prefetch(AUTOTUNE)
+            return without_tuning_thread(ds.batch(batch_size).prefetch(AUTOTUNE))
         if n * image_size * image_size * examples.channels <= cache_limit:
             ds = ds.cache()
         if training:
@@ -467,7 +467,7 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
         ds = ds.batch(batch_size, drop_remainder=training and drop_remainder)
         if training and augment is not None:
             ds = augment_lib.augment_batches(ds, augment, config.seed)
-        return ds.prefetch(AUTOTUNE)
+        return without_tuning_thread(ds.prefetch(AUTOTUNE))
 
     return Datasets(
         train=pipeline(examples.train, examples.train_examples, True),
@@ -478,6 +478,16 @@ def make_datasets(examples, config, image_size, batch_size=None, drop_remainder=
         train_label_counts=examples.train_label_counts, augmented=augment is not None, drop_remainder=drop_remainder,
         fresh=lambda: make_datasets(examples, config, image_size, batch_size, drop_remainder),
         plain_train=lambda: pipeline(examples.train, examples.train_examples, True, plain=True))
+
+
+def without_tuning_thread(ds):
+    """`ds` without tf.data's autotuning thread: parallel calls on every core, prefetch
+    buffers grown by tf.data's thread-free tuner. Keras drops its iterator every epoch,
+    and dropping an autotuned one can wait out the thread's tuning round (up to 60 s):
+    TensorFlow wakes the thread before it marks the cancellation (docs/data.md)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def resize(image, size):
