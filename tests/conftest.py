@@ -162,7 +162,9 @@ def _functions_eager_in_shared_fixtures():
 # up to a minute while an iterator Keras or a pipeline had left was collected
 # (docs/testing.md, "Stalls"). The fast suite's iterators run without autotuning: the same
 # elements in the same order, parallel maps on every core, prefetch buffers tuned the
-# older way (no thread). TL_KERAS_TEST_AUTOTUNE=1 keeps tf.data's autotuning, as users run.
+# older way (no thread), as tl_keras' own pipelines run for users too
+# (data.without_tuning_thread); this hook covers the pipelines Keras builds itself (arrays,
+# PyDatasets). TL_KERAS_TEST_AUTOTUNE=1 leaves those autotuned, as users get them.
 KEEP_AUTOTUNE = os.environ.get("TL_KERAS_TEST_AUTOTUNE") == "1"
 
 
