@@ -55,11 +55,14 @@ def classifier(name):
     return model_lib.build_classifier(built.model, backbone, num_classes=3)
 
 
-def arguments(doc, results):
-    """--repeats and --out (default benchmarks/`results`) of a benchmark described by `doc`."""
+def arguments(doc, results, repeats=3, **more):
+    """--repeats and --out (default benchmarks/`results`) of a benchmark described by `doc`,
+    and a flag for each of `more` (name=default; its type the default's)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", results))
+    for name, default in more.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
     return parser.parse_args()
 
 

@@ -13,61 +13,60 @@ main thread waits, cores idle (docs/testing.md, "Stalls").
 
 The same model, data and seed trained with `data.make_datasets`' pipelines as they are
 (`data.without_tuning_thread`: `options.autotune.enabled = False`) and with autotuning on
-again (as they were before), alternating, in one process,
-nothing else running: 4,000 random 64 px images (--images), batch 32, a small CNN, so that an epoch
-takes a few seconds and the map keeps both cores busy. Measured per epoch: the time from
+again (as they were before), alternating, in one process, nothing else running: 4,000
+random 64 px images (--images), batch 32, a small CNN, so that an epoch takes a few
+seconds and the map keeps both cores busy. Measured per epoch: the time from
 `on_epoch_begin` to the first batch (the old training iterator is dropped there), from
 `on_test_begin` to the first validation batch, and the epoch's whole time.
 
 One JSON line per run to --out: autotune, the per-epoch gaps and times, their sums.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
+import keras
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
-class Gaps:
-    """Keras callback: seconds from each epoch's (and evaluation's) start to its first batch."""
+class Gaps(keras.callbacks.Callback):
+    """Seconds from each epoch's (and evaluation's) start to its first batch, and each
+    epoch's whole time."""
 
     def __init__(self):
-        import keras
-
-        outer = self
-
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                outer.epoch_began = outer.mark = time.perf_counter()
-                outer.first_train = True
-
-            def on_train_batch_begin(self, batch, logs=None):
-                if outer.first_train:
-                    outer.train.append(time.perf_counter() - outer.mark)
-                    outer.first_train = False
-
-            def on_test_begin(self, logs=None):
-                outer.mark = time.perf_counter()
-                outer.first_test = True
-
-            def on_test_batch_begin(self, batch, logs=None):
-                if outer.first_test:
-                    outer.test.append(time.perf_counter() - outer.mark)
-                    outer.first_test = False
-
-            def on_epoch_end(self, epoch, logs=None):
-                outer.epochs.append(time.perf_counter() - outer.epoch_began)
-
-        self.callback = Callback()
+        super().__init__()
         self.train, self.test, self.epochs = [], [], []
+        self.first = None  # the list the next batch's wait goes to
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_began = self.mark = time.perf_counter()
+        self.first = self.train
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._first_batch(self.train)
+
+    def on_test_begin(self, logs=None):
+        self.mark = time.perf_counter()
+        self.first = self.test
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._first_batch(self.test)
+
+    def _first_batch(self, waits):
+        if self.first is waits:
+            waits.append(time.perf_counter() - self.mark)
+            self.first = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(time.perf_counter() - self.epoch_began)
 
 
 def run(autotune, epochs, images):
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -96,8 +95,9 @@ def run(autotune, epochs, images):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     gaps = Gaps()
     began = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[gaps.callback])
-    return {"autotune": autotune, "images": images, "seconds": round(time.perf_counter() - began, 2),
+    model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[gaps])
+    return {"autotune": autotune, "images": images,
+            "seconds": round(time.perf_counter() - began, 2),
             "train_gaps": [round(g, 2) for g in gaps.train],
             "val_gaps": [round(g, 2) for g in gaps.test],
             "epochs": [round(e, 2) for e in gaps.epochs],
@@ -105,13 +105,10 @@ def run(autotune, epochs, images):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks",
-                                                      "results_iterator_stall.jsonl"))
-    args = parser.parse_args()
+    from export_time import arguments
+
+    args = arguments(__doc__, "results_iterator_stall.jsonl", repeats=2, epochs=12,
+                     images=4000)
     order = [True, False]
     with open(args.out, "a") as out:
         for _ in range(args.repeats):

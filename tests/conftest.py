@@ -170,8 +170,9 @@ KEEP_AUTOTUNE = os.environ.get("TL_KERAS_TEST_AUTOTUNE") == "1"
 
 @pytest.fixture(scope="session", autouse=True)
 def _iterators_without_autotuning():
-    import tensorflow as tf
     from tensorflow.python.data.ops import dataset_ops
+
+    from tl_keras.data import without_tuning_thread
 
     dataset = dataset_ops.DatasetV2
     # Every iterator (Python's, Keras', tf.distribute's) comes from a dataset passed
@@ -180,9 +181,7 @@ def _iterators_without_autotuning():
         yield
         return
     original = dataset._apply_debug_options
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    dataset._apply_debug_options = lambda self: original(self).with_options(options)
+    dataset._apply_debug_options = lambda self: without_tuning_thread(original(self))
     yield
     dataset._apply_debug_options = original
 
